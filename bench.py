@@ -1,0 +1,268 @@
+"""
+Benchmarks, one function per name, each with its own flags:
+
+    python bench.py list
+    python bench.py grpo_loss [--device cuda|cpu] [--n-tokens 16384] [--vocab 151936] [--dtype bf16] ...
+
+grpo_loss: the GRPO loss from logits, forward + backward, and the log-probs alone (what the old and the reference
+policy cost). On CUDA: ours (grpo.loss_from_logits, Triton) against the eager PyTorch reference
+(policy_loss(token_logprobs(...))) and, when installed, Liger-Kernel's Triton GRPO loss; time, effective
+bandwidth over the roofline bytes (the logits read twice and their gradient written once: 3 N V elements, 6 N V
+bytes in bf16, REFERENCE.md sec 3), that as a share of the HBM peak, and peak memory above the inputs
+(torch.cuda.max_memory_allocated). On CPU (the kernel needs a GPU; its interpreter is for tests): the reference
+path token_logprobs (logsumexp) against a naive full log_softmax, at a small shape, same columns, peak memory
+counted by a dispatch-mode tracker.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from grpo import LOSS_TYPES, logprobs_from_logits, loss_from_logits, policy_loss, token_logprobs
+
+# HBM bandwidth from the vendor sheets, bytes/s, matched against torch.cuda.get_device_name() in this order
+HBM_PEAK = [('H100 PCIe', 2.0e12), ('H100', 3.35e12), ('H200', 4.8e12), ('A100', 2.0e12), ('L40S', 0.864e12),
+            ('4090', 1.008e12)]
+DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
+
+
+# -----------------------------------------------------------------------------
+# measuring
+
+
+def time_ms(fn, device, warmup, iters):
+    """Median wall time of fn() in ms, after warmup calls (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+class CPUPeakMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active (inputs made before do not count): every op's
+    outputs are added when they appear and removed when their storage is freed. CPU has no max_memory_allocated."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = set(), 0, 0
+
+    def _free(self, key, nbytes):
+        self.live.discard(key)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.live:  # a view shares its base's storage: count it once
+                    self.live.add(key)
+                    self.now += nbytes
+                    weakref.finalize(storage, self._free, key, nbytes)
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def peak_bytes(fn, device):
+    """Peak memory of one fn() call above what was allocated before it."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with CPUPeakMemory() as tracker:
+        fn()
+    return tracker.peak
+
+
+def hbm_peak(device, override_tbs):
+    if override_tbs:
+        return override_tbs * 1e12
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in HBM_PEAK if key in name), None)
+
+
+def print_table(rows, peak_bw):
+    """rows: (name, ms, roofline bytes, peak memory bytes)."""
+    print(f"{'':44s} {'ms':>9s} {'GB/s':>8s} {'% HBM':>6s} {'peak mem GB':>12s}")
+    for name, ms, nbytes, mem in rows:
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        share = f"{100 * gbs * 1e9 / peak_bw:5.1f}%" if peak_bw else '   n/a'
+        print(f"{name:44s} {ms:9.3f} {gbs:8.1f} {share:>6s} {mem / 1e9:12.3f}")
+
+
+# -----------------------------------------------------------------------------
+# benchmarks
+
+
+def naive_token_logprobs(logits, tokens):
+    """The textbook form: a full (B, T, V) fp32 log-softmax, then one entry per row."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def grpo_loss(argv):
+    """fused GRPO loss from logits (Triton) vs eager PyTorch vs Liger-Kernel: fwd+bwd ms, GB/s, memory"""
+    p = argparse.ArgumentParser(prog='bench.py grpo_loss', description=grpo_loss.__doc__)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda or cpu")
+    p.add_argument('--n-tokens', type=int, default=None, help="N = B*T token rows (default 16384, CPU 512)")
+    p.add_argument('--vocab', type=int, default=None, help="V (default 151936, Qwen2.5's; CPU 32768)")
+    p.add_argument('--batch', type=int, default=16, help="B sequences; T = n_tokens // B")
+    p.add_argument('--dtype', default='bf16', choices=DTYPES, help="logits dtype")
+    p.add_argument('--loss-type', default='grpo', choices=LOSS_TYPES, help="aggregation")
+    p.add_argument('--beta', type=float, default=0.04, help="KL weight (0: no reference model)")
+    p.add_argument('--warmup', type=int, default=None, help="untimed calls first (default 3, CPU 1)")
+    p.add_argument('--iters', type=int, default=None, help="timed calls, median reported (default 10, CPU 3)")
+    p.add_argument('--hbm-tbs', type=float, default=None, help="HBM peak in TB/s, if the device is not known")
+    p.add_argument('--seed', type=int, default=0, help="seed of the random inputs")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but CUDA is not available (try --device cpu)")
+    gpu = device.type == 'cuda'
+    N = args.n_tokens or (16384 if gpu else 512)
+    V = args.vocab or (151936 if gpu else 32768)
+    B = args.batch
+    T = N // B
+    if T < 1:
+        sys.exit(f"error: --n-tokens {N} is smaller than --batch {B}")
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    iters = args.iters or (10 if gpu else 3)
+    print(json.dumps(dict(vars(args), n_tokens=B * T, vocab=V, T=T, warmup=warmup, iters=iters)))
+
+    # inputs: logits as the usual strided view logits[:, :-1] of the model's (B, T+1, V) output; an all-ones mask
+    # so every row is read (masked rows would let a kernel skip work and blur the roofline)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    full = torch.randn(B, T + 1, V, generator=g, device=device, dtype=DTYPES[args.dtype])  # (B, T+1, V)
+    logits = full[:, :-1]                                                                    # (B, T, V)
+    tokens = torch.randint(0, V, (B, T), generator=g, device=device)                         # (B, T)
+    with torch.no_grad():
+        logp = logprobs_from_logits(logits, tokens)                                          # (B, T)
+    old = logp + 0.1 * torch.randn(B, T, generator=g, device=device)
+    ref = (logp + 0.1 * torch.randn(B, T, generator=g, device=device)) if args.beta else None
+    adv = torch.randn(B, generator=g, device=device)
+    mask = torch.ones(B, T, device=device)
+    kw = dict(loss_type=args.loss_type, beta=args.beta, max_len=T, global_tokens=B * T)
+    elem = full.element_size()
+
+    def train_step(loss_fn):
+        def step():
+            x = logits.detach().requires_grad_()
+            loss, _ = loss_fn(x)
+            loss.backward()
+        return step
+
+    def logp_step(logp_fn):
+        def step():
+            with torch.no_grad():
+                logp_fn(logits)
+        return step
+
+    # (name, fn, roofline bytes): fwd+bwd reads the logits twice and writes dlogits once; fwd-only reads once
+    cases = []
+    if gpu:
+        cases += [
+            ('loss fwd+bwd  ours (Triton)', train_step(
+                lambda x: loss_from_logits(x, tokens, old, ref, adv, mask, impl='triton', **kw)), 3),
+            ('loss fwd+bwd  torch eager (reference)', train_step(
+                lambda x: loss_from_logits(x, tokens, old, ref, adv, mask, impl='torch', **kw)), 3),
+            ('logprobs fwd  ours (Triton)', logp_step(lambda x: logprobs_from_logits(x, tokens, impl='triton')), 1),
+            ('logprobs fwd  torch eager (reference)', logp_step(lambda x: token_logprobs(x, tokens)), 1),
+        ]
+    else:
+        cases += [
+            ('loss fwd+bwd  torch logsumexp (reference)', train_step(
+                lambda x: policy_loss(token_logprobs(x, tokens), old, ref, adv, mask, **kw)), 3),
+            ('loss fwd+bwd  torch naive log_softmax', train_step(
+                lambda x: policy_loss(naive_token_logprobs(x, tokens), old, ref, adv, mask, **kw)), 3),
+            ('logprobs fwd  torch logsumexp (reference)', logp_step(lambda x: token_logprobs(x, tokens)), 1),
+            ('logprobs fwd  torch naive log_softmax', logp_step(lambda x: naive_token_logprobs(x, tokens)), 1),
+        ]
+    rows = [(name, time_ms(fn, device, warmup, iters), k * N * V * elem, peak_bytes(fn, device))
+            for name, fn, k in cases]
+
+    # the same loss by both paths, as a check that the timed code computes the same thing
+    loss_ref, _ = loss_from_logits(logits, tokens, old, ref, adv, mask, impl='torch', **kw)
+    print(f"loss: reference {loss_ref.item():.6f}", end='')
+    if gpu:
+        loss_ours, _ = loss_from_logits(logits, tokens, old, ref, adv, mask, impl='triton', **kw)
+        print(f", ours {loss_ours.item():.6f}", end='')
+        rows += liger_rows(full, tokens, old, ref, adv, mask, args, device, warmup, iters, N, V, elem)
+    print()
+    print(f"N = {N} tokens (B={B}, T={T}), V = {V}, {args.dtype} logits ({full.numel() * elem / 1e9:.2f} GB), "
+          f"loss_type={args.loss_type}, beta={args.beta}, device: "
+          f"{torch.cuda.get_device_name(device) if gpu else 'cpu'}; median of {iters}")
+    print_table(rows, hbm_peak(device, args.hbm_tbs))
+    if not gpu:
+        print("ours (Triton) needs a GPU: run `python bench.py grpo_loss` on one")
+
+
+def liger_rows(full, tokens, old, ref, adv, mask, args, device, warmup, iters, N, V, elem):
+    """Liger-Kernel's Triton GRPO loss on the same inputs, if installed. It takes the model's (B, T+1, V) logits
+    and by default writes the gradient into them (inplace=True); it returns per-token losses, reduced here with
+    bnpo (its per-token term is ours: clipped surrogate + beta * k3). Runs last since it overwrites `full`."""
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except ImportError:
+        print("\nliger_kernel not installed: its GRPO loss is skipped (pip install liger-kernel to compare)", end='')
+        return []
+    if args.loss_type != 'bnpo':
+        print(f"\n(liger row reduced with bnpo, not {args.loss_type}: same bytes)", end='')
+
+    def step():
+        x = full.detach().requires_grad_()
+        per_token = triton_grpo_loss(x, old, ref, tokens, adv, mask, temperature=1.0, beta=args.beta,
+                                     eps_low=0.2, eps_high=0.2, inplace=True)[0]   # (B, T)
+        ((per_token * mask).sum() / mask.sum()).backward()
+    try:
+        rows = [('loss fwd+bwd  liger_kernel triton_grpo_loss', time_ms(step, device, warmup, iters),
+                 3 * N * V * elem, peak_bytes(step, device))]
+    except Exception as e:  # an API change in the peer should not hide our own numbers
+        print(f"\nliger_kernel's GRPO loss failed, skipped: {type(e).__name__}: {e}", end='')
+        return []
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+BENCHMARKS = {'grpo_loss': grpo_loss}
+
+
+def main():
+    if len(sys.argv) < 2 or sys.argv[1] in ('-h', '--help'):
+        print(__doc__.strip())
+        return
+    name = sys.argv[1]
+    if name == 'list':
+        for key, fn in BENCHMARKS.items():
+            print(f"{key:16s} {fn.__doc__.strip()}")
+        return
+    if name not in BENCHMARKS:
+        sys.exit(f"error: unknown benchmark {name!r}, expected one of {sorted(BENCHMARKS)} (python bench.py list)")
+    BENCHMARKS[name](sys.argv[2:])
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,244 @@
+"""
+Hugging Face checkpoint I/O for model.GPT: config.json + *.safetensors in the layout transformers writes, with
+no transformers import (tests/test_hf.py checks against transformers itself).
+
+Reads LlamaForCausalLM, Qwen2ForCausalLM (the DeepSeek-R1-Distill bases), DeepseekV3ForCausalLM and
+DeepseekV2ForCausalLM; writes Llama (Qwen2 when attn_bias) for gqa + dense, DeepseekV3 for MLA/MoE
+(DeepseekV2 under softmax routing, since transformers' V3 router is sigmoid-only).
+
+- Names map one path component at a time (_HF_PARTS): our DeepSeek-reference names (wq_a, wkv_b, ...) are the
+  checkpoint's q_a_proj, kv_b_proj, ...; routed experts stay one SwiGLU per expert (mlp.experts.{i}.*_proj),
+  which is how DeepSeek's checkpoints store them and what transformers 4.x and 5.x both read and write.
+- MLA rope rows: checkpoints rotate interleaved pairs; we permute those rows to the rotate-half layout on load
+  and back on save (mla.py's docstring explains why the logits do not change).
+- MTP (DeepSeek-V3 layout): module k is stored as model.layers.{n_layer + k} with enorm, hnorm, eh_proj,
+  shared_head.norm, its block, and copies of the shared embed_tokens and shared_head.head; transformers skips
+  those layers, from_pretrained loads as many as the folder holds.
+- Unsupported things fail loudly: other architectures, non-silu MLPs, rope scaling other than YaRN on MLA,
+  Llama's attention_bias/mlp_bias, Qwen2 sliding windows.
+"""
+import json
+import os
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ModelConfig
+
+
+def load_pretrained(cls, path, **overrides):
+    """GPT.from_pretrained: a single model.safetensors or shards listed in model.safetensors.index.json.
+    The RoPE table covers block_size tokens, max_position_embeddings unless overridden."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such checkpoint folder: {path}")
+    cfg_path = os.path.join(path, 'config.json')
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    d = config_from_hf(hf)
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)['weight_map'].values()))
+    elif os.path.isfile(os.path.join(path, 'model.safetensors')):
+        files = ['model.safetensors']
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    # the tensors' names first: the MTP depth is however many MTP layers the checkpoint really stores
+    names = {}
+    for fn in files:
+        with safe_open(os.path.join(path, fn), framework='pt') as f:
+            names.update({k: fn for k in f.keys()})
+    n_mtp = hf.get('num_nextn_predict_layers', 0) or 0
+    d['mtp_depth'] = sum(f"model.layers.{d['n_layer'] + k}.eh_proj.weight" in names for k in range(n_mtp))
+    d.update(overrides)
+    config = ModelConfig(**d)
+    model = cls(config)
+    # DeepSeek checkpoints store rope rows interleaved (V2 always; V3 unless rope_interleave is false)
+    interleaved = config.attn == 'mla' and (hf['architectures'][0] == 'DeepseekV2ForCausalLM'
+                                             or hf.get('rope_interleave', True))
+    want = {_hf_name(n, config): n for n in model.state_dict()}
+    if config.tie_embeddings:
+        want.pop('lm_head.weight', None)
+    missing = [k for k in want if k not in names and not k.endswith('e_score_correction_bias')]
+    if missing:
+        raise KeyError(f"{len(missing)} weights missing from {path}, e.g. {missing[:5]}")
+    state = model.state_dict()
+    with torch.no_grad():
+        for fn in files:
+            with safe_open(os.path.join(path, fn), framework='pt') as f:
+                for key in f.keys():
+                    if key in want:
+                        t = f.get_tensor(key)
+                        perm = _rope_rows(config, want[key]) if interleaved else None
+                        state[want[key]].copy_(t if perm is None else t[perm])
+    return model
+
+
+def save_pretrained(model, path, dtype=None):
+    """GPT.save_pretrained: config.json + one model.safetensors that transformers and we load back:
+    gqa + dense -> LlamaForCausalLM (Qwen2ForCausalLM when attn_bias), mla/moe -> DeepseekV3ForCausalLM
+    (DeepseekV2ForCausalLM under softmax routing). MLA rope rows are written in DeepSeek's interleaved
+    layout; MTP modules as layers n_layer.. in DeepSeek-V3's layout."""
+    c = model.config
+    hf = config_to_hf(c)
+    if hf['architectures'][0] == 'DeepseekV2ForCausalLM':
+        biased = any(b.any() for n, b in model.named_buffers() if n.endswith('e_score_correction_bias'))
+        if c.norm_topk_prob or biased:
+            warnings.warn("transformers' DeepseekV2 router ignores norm_topk_prob and has no correction bias: "
+                          "it will not reproduce this model's routing (GPT.from_pretrained will)")
+    dtype = dtype or model.lm_head.weight.dtype
+    hf['torch_dtype'] = str(dtype).replace('torch.', '')
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if c.tie_embeddings and name == 'lm_head.weight':
+            continue
+        key = _hf_name(name, c)
+        perm = _rope_rows(c, name) if c.attn == 'mla' else None
+        t = t if perm is None else t[torch.argsort(perm)]
+        keep = name.endswith('e_score_correction_bias')  # HF keeps the balancing bias in fp32
+        tensors[key] = t.detach().to('cpu', t.dtype if keep else dtype).contiguous()
+    for k in range(c.mtp_depth):  # V3's MTP layers carry their own copies of the shared embedding and head
+        tensors[f'model.layers.{c.n_layer + k}.embed_tokens.weight'] = tensors['model.embed_tokens.weight']
+        tensors[f'model.layers.{c.n_layer + k}.shared_head.head.weight'] = \
+            tensors.get('lm_head.weight', tensors['model.embed_tokens.weight'])
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+        json.dump(hf, f, indent=2)
+    # safetensors refuses shared storage: give each name its own copy
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        out[k] = t.clone() if t.data_ptr() in seen else t
+        seen.add(t.data_ptr())
+    save_file(out, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+# our module names -> Hugging Face's, one path component at a time
+_HF_PARTS = {'attn': 'self_attn', 'wq': 'q_proj', 'wq_a': 'q_a_proj', 'q_norm': 'q_a_layernorm',
+             'wq_b': 'q_b_proj', 'wkv_a': 'kv_a_proj_with_mqa', 'kv_norm': 'kv_a_layernorm', 'wkv_b': 'kv_b_proj',
+             'wo': 'o_proj', 'e_score_correction_bias': 'gate.e_score_correction_bias'}
+
+
+def _hf_name(name, config):
+    """'layers.3.attn.wkv_a.weight' -> 'model.layers.3.self_attn.kv_a_proj_with_mqa.weight'; MTP module k
+    becomes 'model.layers.{n_layer + k}' with its block flattened in and its norm as shared_head.norm."""
+    parts = name.split('.')
+    if parts[0] == 'lm_head':
+        return name
+    if parts[0] == 'mtp':
+        rest = parts[2:]
+        rest = rest[1:] if rest[0] == 'block' else ['shared_head'] + rest if rest[0] == 'norm' else rest
+        parts = ['layers', str(config.n_layer + int(parts[1]))] + rest
+    return 'model.' + '.'.join(_HF_PARTS.get(p, p) for p in parts)
+
+
+def _rope_rows(config, name):
+    """Row permutation that takes an MLA weight from DeepSeek's interleaved rope layout to ours (mla.py), or
+    None for weights without rope rows; its argsort goes back."""
+    from mla import rope_deinterleave
+    dn, dr, dc, H = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank, config.n_head
+    if name.endswith(('attn.wq.weight', 'attn.wq_b.weight')):
+        rows = torch.arange(H * (dn + dr)).view(H, dn + dr)                    # (H, dn+dr)
+        rows[:, dn:] = rows[:, dn:][:, rope_deinterleave(dr)]
+        return rows.flatten()
+    if name.endswith('attn.wkv_a.weight'):
+        rows = torch.arange(dc + dr)
+        rows[dc:] = rows[dc:][rope_deinterleave(dr)]
+        return rows
+    return None
+
+
+_ARCHS = ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'DeepseekV3ForCausalLM', 'DeepseekV2ForCausalLM')
+
+
+def config_from_hf(hf):
+    """config.json (transformers 4.x or 5.x spelling) -> ModelConfig kwargs; refuses what we cannot run."""
+    arch = (hf.get('architectures') or ['?'])[0]
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; GPT.from_pretrained reads {', '.join(_ARCHS)}")
+    if hf.get('hidden_act', 'silu') != 'silu':
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} unsupported (SwiGLU with silu only)")
+    rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    n_head = hf['num_attention_heads']
+    d = dict(vocab_size=hf['vocab_size'], block_size=hf['max_position_embeddings'], n_layer=hf['num_hidden_layers'],
+             n_head=n_head, n_kv_head=hf.get('num_key_value_heads') or n_head, n_embd=hf['hidden_size'],
+             intermediate_size=hf['intermediate_size'], rope_theta=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
+             norm_eps=hf.get('rms_norm_eps', 1e-6), tie_embeddings=hf.get('tie_word_embeddings', False))
+    if arch in ('LlamaForCausalLM', 'Qwen2ForCausalLM'):
+        if rope_type != 'default':
+            raise NotImplementedError(f"rope type {rope_type!r} is not implemented for {arch} (plain RoPE only)")
+        if hf.get('attention_bias') or hf.get('mlp_bias'):
+            raise NotImplementedError("Llama attention_bias/mlp_bias (bias on o_proj or the MLP) is not supported")
+        if hf.get('use_sliding_window'):
+            raise NotImplementedError("Qwen2 sliding-window attention is not supported")
+        d.update(head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head, attn_bias=arch == 'Qwen2ForCausalLM')
+        return d
+    if hf.get('attention_bias'):
+        raise NotImplementedError("DeepSeek attention_bias is not supported")
+    d.update(attn='mla', n_kv_head=n_head, q_lora_rank=hf.get('q_lora_rank') or 0, kv_lora_rank=hf['kv_lora_rank'],
+             qk_nope_head_dim=hf['qk_nope_head_dim'], qk_rope_head_dim=hf['qk_rope_head_dim'],
+             v_head_dim=hf['v_head_dim'])
+    if rope_type == 'yarn':
+        orig = rope.get('original_max_position_embeddings', hf['max_position_embeddings'])
+        if rope.get('attention_factor') is not None or rope.get('truncate', True) is False:
+            raise NotImplementedError("YaRN attention_factor / truncate=False are not supported")
+        d.update(rope_factor=rope.get('factor') or hf['max_position_embeddings'] / orig, rope_original_max_pos=orig,
+                 rope_beta_fast=rope.get('beta_fast') or 32.0, rope_beta_slow=rope.get('beta_slow') or 1.0,
+                 rope_mscale=rope.get('mscale') or 0.0, rope_mscale_all_dim=rope.get('mscale_all_dim') or 0.0)
+    elif rope_type != 'default':
+        raise NotImplementedError(f"rope type {rope_type!r} is not implemented for {arch} (default or yarn)")
+    E = hf.get('n_routed_experts') or 0
+    if E:
+        v2 = arch == 'DeepseekV2ForCausalLM'
+        grouped = hf.get('topk_method', 'noaux_tc') != 'greedy' and (hf.get('n_group') or 1) > 1
+        d.update(ffn='moe', n_routed_experts=E, n_shared_experts=hf.get('n_shared_experts') or 0,
+                 moe_intermediate_size=hf['moe_intermediate_size'], num_experts_per_tok=hf['num_experts_per_tok'],
+                 n_group=hf['n_group'] if grouped else 1, topk_group=hf['topk_group'] if grouped else 1,
+                 scoring_func='softmax' if v2 else hf.get('scoring_func', 'sigmoid'),
+                 norm_topk_prob=bool(hf.get('norm_topk_prob', False)),
+                 routed_scaling_factor=hf.get('routed_scaling_factor', 1.0),
+                 first_k_dense_replace=hf.get('first_k_dense_replace', 0))
+    return d
+
+
+def config_to_hf(c):
+    """ModelConfig -> config.json in the form transformers writes (rope in the 4.x spelling 5.x also reads)."""
+    hf = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+              num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, max_position_embeddings=c.block_size,
+              rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+              hidden_act='silu', attention_bias=False)
+    if c.attn == 'gqa':
+        if c.ffn != 'dense' or c.mtp_depth:
+            raise ValueError("no Hugging Face architecture holds GQA with MoE or MTP; use attn='mla'")
+        arch = 'Qwen2ForCausalLM' if c.attn_bias else 'LlamaForCausalLM'
+        hf.update(architectures=[arch], model_type='qwen2' if c.attn_bias else 'llama',
+                  num_key_value_heads=c.n_kv_head, head_dim=c.head_dim)
+        if c.attn_bias:
+            del hf['attention_bias']  # Qwen2 always has q/k/v biases and never an o_proj one
+            hf['use_sliding_window'] = False
+        return hf
+    v2 = c.ffn == 'moe' and c.scoring_func == 'softmax'
+    E = c.n_routed_experts if c.ffn == 'moe' else 1
+    hf.update(architectures=['DeepseekV2ForCausalLM' if v2 else 'DeepseekV3ForCausalLM'],
+              model_type='deepseek_v2' if v2 else 'deepseek_v3', num_key_value_heads=c.n_head,
+              q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+              qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
+              n_routed_experts=E, n_shared_experts=c.n_shared_experts, moe_intermediate_size=c.moe_intermediate_size,
+              num_experts_per_tok=min(c.num_experts_per_tok, E), n_group=c.n_group, topk_group=c.topk_group,
+              norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor,
+              first_k_dense_replace=c.first_k_dense_replace if c.ffn == 'moe' else c.n_layer,
+              scoring_func=c.scoring_func, num_nextn_predict_layers=c.mtp_depth)
+    if v2:
+        hf['topk_method'] = 'group_limited_greedy' if c.n_group > 1 else 'greedy'
+    else:
+        hf.update(topk_method='noaux_tc', rope_interleave=True)
+    if c.rope_factor > 1:
+        hf['rope_scaling'] = dict(type='yarn', rope_type='yarn', factor=c.rope_factor,
+                                  original_max_position_embeddings=c.rope_original_max_pos,
+                                  beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow,
+                                  mscale=c.rope_mscale, mscale_all_dim=c.rope_mscale_all_dim)
+    return hf

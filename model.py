@@ -1,0 +1,425 @@
+"""
+A decoder-only transformer in the DeepSeek / Llama family, small enough to read in one sitting.
+
+What it implements
+- RMSNorm (Zhang & Sennrich 2019), pre-norm residual blocks.
+- Rotary position embeddings (RoFormer, Su et al. 2021, eq. 34) in the "rotate half" layout that
+  Hugging Face Llama/Qwen2 checkpoints use, so real weights load without a permutation.
+- Grouped-query attention (Ainslie et al. 2023) through F.scaled_dot_product_attention.
+- SwiGLU feed-forward (Shazeer 2020).
+- Seams for the DeepSeek-V2/V3 pieces: `attn='mla'` plugs in Multi-head Latent Attention (mla.py),
+  `ffn='moe'` plugs in DeepSeekMoE (moe.py). The block never needs to know which one it holds.
+
+The KV cache is explicit: `KVCache` is a list of per-layer dicts of preallocated buffers; an attention
+module writes its keys/values (or, for MLA, its latents) at [start, start + T) and reads [0, start + T).
+Ragged batches are left-padded by the sampler, which passes per-row positions `pos` (B, T) and a boolean
+attention mask (B, 1, T, Tk); training passes neither and gets the fast causal kernel.
+"""
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048          # tokenizer.n_vocab, rounded up by the caller if it likes
+    block_size: int = 256           # longest sequence (prompt + response) the RoPE table covers
+    n_layer: int = 4                # transformer blocks
+    n_head: int = 4                 # query heads
+    n_kv_head: int = 4              # key/value heads (GQA when < n_head)
+    n_embd: int = 128               # residual width
+    head_dim: int = 0               # 0 -> n_embd // n_head
+    intermediate_size: int = 0      # SwiGLU hidden width; 0 -> 8/3 n_embd rounded up to 32
+    rope_theta: float = 10000.0     # RoPE base
+    norm_eps: float = 1e-6          # RMSNorm epsilon
+    tie_embeddings: bool = True     # share the token embedding with the output head
+    attn_bias: bool = False         # biases on q/k/v projections (Qwen2 has them)
+    dropout: float = 0.0            # attention/residual dropout (0 for RL: logprobs must be deterministic)
+    attn: str = 'gqa'               # 'gqa' (also MHA/MQA) or 'mla' (mla.py)
+    ffn: str = 'dense'              # 'dense' SwiGLU or 'moe' (moe.py)
+    # Multi-head Latent Attention (mla.py), used when attn == 'mla'
+    q_lora_rank: int = 0            # query compression rank; 0 = one direct wq projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 64          # d_c: width of the compressed KV latent c_KV (what the absorbed path caches)
+    qk_nope_head_dim: int = 32      # per-head query/key width without RoPE
+    qk_rope_head_dim: int = 16      # d_R: decoupled RoPE width, one rope key per token shared by all heads
+    v_head_dim: int = 32            # per-head value width
+    mla_impl: str = 'naive'         # 'naive' caches per-head K/V; 'absorb' caches c_KV + k_R, folds W_UK/W_UV
+    rope_factor: float = 1.0        # YaRN context-extension factor for MLA; 1 = plain RoPE
+    rope_original_max_pos: int = 4096  # YaRN: context length of pretraining
+    rope_beta_fast: float = 32.0    # YaRN: dims rotating more often than this over that context keep their freq
+    rope_beta_slow: float = 1.0     # YaRN: dims rotating less often than this are fully interpolated
+    rope_mscale: float = 1.0        # YaRN: mscale of the cos/sin attention factor (DeepSeek-V3: 1.0)
+    rope_mscale_all_dim: float = 1.0  # YaRN: softmax scale times (0.1 * this * ln factor + 1)^2; 0 = off
+    # DeepSeekMoE (moe.py), used when ffn == 'moe'
+    n_routed_experts: int = 8       # fine-grained routed experts per MoE layer
+    n_shared_experts: int = 1       # always-on experts, stored as one SwiGLU of n_shared * moe_intermediate_size
+    moe_intermediate_size: int = 0  # width of one expert; 0 -> intermediate_size // num_experts_per_tok
+    num_experts_per_tok: int = 2    # K: routed experts per token
+    n_group: int = 1                # expert groups for group-limited routing (1 = off)
+    topk_group: int = 1             # groups a token may route into
+    scoring_func: str = 'sigmoid'   # 'sigmoid' (V3, with the correction bias) or 'softmax' (V2)
+    norm_topk_prob: bool = True     # renormalise the K chosen weights to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed output (V3: 2.5)
+    first_k_dense_replace: int = 0  # the first k layers keep a dense SwiGLU
+    bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing (MoE.update_bias after each step)
+    aux_loss_alpha: float = 0.0     # alpha of the sequence-wise balance loss (V3: 1e-4); 0 = off
+    # Multi-token prediction (DeepSeek-V3 section 2.2)
+    mtp_depth: int = 0              # D extra modules predicting tokens i+2 .. i+1+D; 0 = none
+    mtp_loss_weight: float = 0.3    # lambda: loss += lambda * mean over depths of the MTP cross-entropy
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size == 0:
+            self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.attn not in ('gqa', 'mla'):
+            raise ValueError(f"attn must be 'gqa' or 'mla', got {self.attn!r}")
+        if self.ffn not in ('dense', 'moe'):
+            raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.moe_intermediate_size == 0:
+            self.moe_intermediate_size = max(1, self.intermediate_size // self.num_experts_per_tok)
+        if self.attn == 'mla':
+            if self.mla_impl not in ('naive', 'absorb'):
+                raise ValueError(f"mla_impl must be 'naive' or 'absorb', got {self.mla_impl!r}")
+            if self.kv_lora_rank <= 0 or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+                raise ValueError("MLA needs kv_lora_rank > 0 and an even qk_rope_head_dim > 0")
+            if self.rope_factor > 1 and self.rope_original_max_pos <= 0:
+                raise ValueError("YaRN (rope_factor > 1) needs rope_original_max_pos > 0")
+        if self.ffn == 'moe':
+            E, G = self.n_routed_experts, self.n_group
+            if self.scoring_func not in ('sigmoid', 'softmax'):
+                raise ValueError(f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+            if G < 1 or E % G or not 1 <= self.topk_group <= G:
+                raise ValueError(f"need n_routed_experts={E} divisible by n_group={G} >= topk_group="
+                                 f"{self.topk_group} >= 1")
+            if not 1 <= self.num_experts_per_tok <= self.topk_group * (E // G):
+                raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                 f"[1, topk_group * experts per group = {self.topk_group * (E // G)}]")
+            if self.scoring_func == 'sigmoid' and G > 1 and E // G < 2:
+                raise ValueError("sigmoid routing ranks groups by their top-2 scores: need >= 2 experts per group")
+        if self.mtp_depth < 0:
+            raise ValueError(f"mtp_depth must be >= 0, got {self.mtp_depth}")
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a (possibly stored) dict, naming any field we do not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**d)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 squares lose precision), cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_table(dim, max_pos, theta):
+    """cos/sin of RoPE for positions [0, max_pos): each (max_pos, dim), halves duplicated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (dim/2,)
+    t = torch.arange(max_pos, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)                                                  # (max_pos, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                                           # (max_pos, dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D); cos/sin (B, T, D). Rotate-half layout (HF Llama): pairs are (i, i + D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    rot = torch.cat([-x2, x1], dim=-1)                            # (B, T, H, D)
+    return x * cos.unsqueeze(2) + rot * sin.unsqueeze(2)
+
+
+def resolve_mask(mask, T, start, device):
+    """
+    (mask, is_causal) for SDPA. Without a mask, queries [start, start+T) see keys [0, start+T); SDPA's
+    is_causal aligns its triangle top-left, which is only right when start == 0, so a chunked prefill
+    (start > 0, T > 1) gets an explicit offset mask instead.
+    """
+    if mask is not None or T == 1:
+        return mask, False
+    if start == 0:
+        return None, True
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start), False   # (T, Tk)
+
+
+class KVCache:
+    """Per-layer buffers for cached generation. `layers[i]` is a dict the i-th attention fills."""
+
+    def __init__(self, n_layer, batch_size, max_len):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.layers = [dict() for _ in range(n_layer)]
+
+    def write(self, i, name, x, start, dim=1):
+        """Store x (T along `dim`) at [start, start + T) of buffer `name` of layer i; return [0, start + T)."""
+        layer = self.layers[i]
+        T = x.shape[dim]
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache overflow: writing up to {start + T} > max_len {self.max_len}")
+        if name not in layer:
+            shape = list(x.shape)
+            shape[dim] = self.max_len
+            layer[name] = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        buf = layer[name]
+        buf.narrow(dim, start, T).copy_(x)
+        return buf.narrow(dim, 0, start + T)
+
+    def nbytes(self):
+        """Bytes held by all buffers (the tests read the cache footprint off this)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_head query heads share n_kv_head key/value heads."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.attn_bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.attn_bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.attn_bias)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)       # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)    # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)    # (B, T, Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # the cache stores the rotated keys, so past tokens never need re-rotating
+            k = cache.write(self.layer_id, 'k', k, start)                # (B, start+T, Hkv, D)
+            v = cache.write(self.layer_id, 'v', v, start)                # (B, start+T, Hkv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        mask, is_causal = resolve_mask(mask, T, start, x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)                      # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)   # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        if config.attn == 'mla':
+            from mla import MLA  # imported here so the dense model never needs mla.py
+            self.attn = MLA(config, layer_id)
+        else:
+            self.attn = Attention(config, layer_id)
+        if config.ffn == 'moe' and layer_id >= getattr(config, 'first_k_dense_replace', 0):
+            from moe import MoE
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config.n_embd, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
+        x = x + self.attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class MTP(nn.Module):
+    """One DeepSeek-V3 multi-token-prediction module (V3 section 2.2, eqs. 21-25).
+
+    h'_k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h_{k-1})], then one transformer block; the embedding and the
+    output head are the main model's, `norm` is this depth's final norm before that head. h_0 is the main
+    model's output after its final norm and h_k the block output of depth k. Deviation: the paper
+    writes [h; Emb] (eq. 21); we concatenate [Emb; h] because that is how DeepSeek-V3's released eh_proj
+    weights are laid out, so save_pretrained writes a checkpoint other MTP implementations read.
+    """
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.enorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.hnorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)  # M_k
+        self.block = Block(config, layer_id)
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, h, emb, cos, sin, mask=None):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # (B, T, C)
+        return self.block(x, cos, sin, mask)                                  # (B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # depth 0 allocates nothing: the module list is absent, not empty
+        self.mtp = nn.ModuleList([MTP(config, config.n_layer + k) for k in range(config.mtp_depth)]) \
+            if config.mtp_depth > 0 else None
+        rope_dim = getattr(config, 'qk_rope_head_dim', 0) if config.attn == 'mla' else config.head_dim
+        cos, sin = rope_table(rope_dim, config.block_size, config.rope_theta)
+        if config.attn == 'mla' and config.rope_factor > 1:
+            from mla import yarn_rope_table
+            cos, sin = yarn_rope_table(config)
+        self.aux_loss = self.mtp_loss = None  # the extra loss terms of the last forward (see forward)
+        # non-persistent: derived from the config, so checkpoints stay small and loadable elsewhere
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the residual-stream writes by 1/sqrt(2 n_layer) so the stream's
+        # variance does not grow with depth at init
+        for name, p in self.named_parameters():
+            if name.endswith(('o_proj.weight', 'down_proj.weight', 'wo.weight', 'w2.weight')):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def new_cache(self, batch_size, max_len):
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
+        return KVCache(self.config.n_layer, batch_size, max_len)
+
+    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, start=0):
+        """
+        idx (B, T) token ids; targets (B, T) with -1 where no loss is taken.
+        pos (B, T) positions for RoPE (default start + arange(T)); mask (B, 1, T, Tk) bool, True = attend
+        (default causal); cache a KVCache written at [start, start + T).
+        Returns (logits (B, T, V) fp32-castable, loss or None).
+        In training mode with targets, loss also holds mtp_loss_weight * the MTP loss and the MoE balance loss;
+        after every call `self.mtp_loss` and `self.aux_loss` hold those terms (tensors with grad, or None) so
+        the trainer can log them, or add `aux_loss` to an RL loss computed from the logits.
+        """
+        B, T = idx.shape
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            cos = self.rope_cos[start:start + T].unsqueeze(0).expand(B, -1, -1)  # (B, T, D)
+            sin = self.rope_sin[start:start + T].unsqueeze(0).expand(B, -1, -1)  # (B, T, D)
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]                    # (B, T, D)
+        emb = self.embed_tokens(idx)                                             # (B, T, C)
+        x = emb
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache, start)
+        x = self.norm(x)
+        logits = self.lm_head(x)                                                 # (B, T, V)
+        aux = [b.mlp.aux_loss for b in self.layers if getattr(b.mlp, 'aux_loss', None) is not None]
+        self.aux_loss = sum(aux) if aux else None
+        self.mtp_loss = None
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+            if self.training and self.mtp is not None and cache is None:
+                self.mtp_loss = self._mtp_loss(x, emb, targets, cos, sin, mask)
+                if self.mtp_loss is not None:
+                    loss = loss + self.config.mtp_loss_weight * self.mtp_loss
+            if self.training and self.aux_loss is not None:
+                loss = loss + self.aux_loss
+        return logits, loss
+
+    def _mtp_loss(self, h, emb, targets, cos, sin, mask):
+        """Mean over depths k of CE(predict t_{i+1+k} at position i) (V3 eqs. 24-25).
+
+        Depth k sees positions i < T - k: it combines h_{k-1} at i with the embedding of token t_{i+k}
+        (= idx[i + k]) and is scored against targets[i + k] (= t_{i+1+k}), so -1 targets stay ignored.
+        """
+        T, losses = h.shape[1], []
+        for k, module in enumerate(self.mtp, start=1):
+            S = T - k
+            if S <= 0:
+                break
+            m = mask[:, :, :S, :S] if mask is not None else None
+            h = module(h[:, :S], emb[:, k:], cos[:, :S], sin[:, :S], m)         # (B, S, C)
+            logits = self.lm_head(module.norm(h))                              # (B, S, V)
+            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                          targets[:, k:].reshape(-1), ignore_index=-1))
+            aux = getattr(module.block.mlp, 'aux_loss', None)
+            if aux is not None:
+                self.aux_loss = aux if self.aux_loss is None else self.aux_loss + aux
+        return torch.stack(losses).mean() if losses else None
+
+    def optim_groups(self, weight_decay):
+        """Decay matrices (weights, embeddings); never norms or biases."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for n, p in params.items() if p.dim() >= 2]
+        no_decay = [p for n, p in params.items() if p.dim() < 2]
+        return [{'params': decay, 'weight_decay': weight_decay},
+                {'params': no_decay, 'weight_decay': 0.0}]
+
+    def flops_per_token(self):
+        """6N + attention term (PaLM appendix B): used for MFU."""
+        c = self.config
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints (hf.py holds the name and config mapping)
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a local HF folder (config.json + safetensors) of LlamaForCausalLM, Qwen2ForCausalLM,
+        DeepseekV3ForCausalLM or DeepseekV2ForCausalLM; `overrides` replace ModelConfig fields
+        (e.g. block_size=4096, mla_impl='absorb'). Weights are fp32; cast the model afterwards."""
+        from hf import load_pretrained
+        return load_pretrained(cls, path, **overrides)
+
+    def save_pretrained(self, path, dtype=None):
+        """Write config.json + model.safetensors that transformers loads back (see hf.save_pretrained)."""
+        from hf import save_pretrained
+        save_pretrained(self, path, dtype)

@@ -1,0 +1,245 @@
+"""
+The tiny world: tasks with verifiable answers, their prompts, and the synthetic pretraining corpus.
+
+- Countdown (the TinyZero / nano-aha-moment replay task): reach a target from n numbers with + - * and exact /,
+  each number used once. Solvable by construction: we combine the numbers by a random sequence of valid moves
+  (Countdown's rules: subtraction only when positive, division only when exact) and take the value.
+  The known solution is kept for tests; it is never shown to the model.
+- Arithmetic: evaluate an expression step by step (same move kinds; `digits` sets the operand size).
+- Held-out splits are disjoint from train *by problem*: a problem's canonical key (sorted numbers and target,
+  or the expression) is hashed, and the hash decides its split, so no seed or sampling order can leak one.
+- Templates: the R1-Zero prompt (DeepSeek-R1, Table 1) and a short variant for tiny models, whose context and
+  compute cannot afford 80 tokens of preamble.
+- The corpus stands in for what R1-Zero's base got from the web. It teaches (1) arithmetic it can compute
+  (expressions with worked steps) and (2) the response format, with countdown "attempts" of mixed quality:
+  each attempt is a correctly computed sequence of moves followed by a check ("yes" when it reaches the target,
+  "no" otherwise), but the writer stops after a random number of attempts, whatever the check said, and answers
+  with its last attempt. The base therefore knows how to search, compute and verify, but not when to stop:
+  that is what RL has to learn (DESIGN note in EXPERIMENTS.md, and REFERENCE.md sec. 5 for why the naive
+  world does not learn). Held-out problems never appear in it.
+"""
+import hashlib
+import random
+from dataclasses import dataclass
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: {prompt}. Assistant:")
+SHORT_TEMPLATE = "User: {prompt}. Assistant:"
+TEMPLATES = {'r1zero': R1_ZERO_TEMPLATE, 'short': SHORT_TEMPLATE}
+
+
+def in_test_split(key, test_frac):
+    """Deterministic split by a problem's canonical key: the same problem always lands in the same split."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), 'little')
+    return (h % 1_000_000) < test_frac * 1_000_000
+
+
+def apply_move(a, op, b):
+    """Countdown's rules: None when the move is not allowed. Commutative moves are written larger-first
+    (`random_moves`), so the corpus holds each sum and product in one order only."""
+    if op == '+':
+        return a + b
+    if op == '-':
+        return a - b if a > b else None
+    if op == '*':
+        return a * b
+    if op == '/':
+        return a // b if b > 1 and a % b == 0 else None
+    raise ValueError(f"unknown op {op!r}")
+
+
+def random_moves(rng, numbers, ops):
+    """
+    Combine a pool of numbers into one by random valid moves. Returns (value, steps, expr) where steps are
+    (a, op, b, result) tuples and expr the infix expression (outer parentheses dropped), or None if the
+    random walk hits a dead end (rare; the caller resamples).
+    """
+    pool = [(n, str(n)) for n in numbers]
+    steps = []
+    while len(pool) > 1:
+        for _ in range(50):
+            i, j = rng.sample(range(len(pool)), 2)
+            op = rng.choice(ops)
+            if op in '+*' and pool[i][0] < pool[j][0]:
+                i, j = j, i  # commutative moves are written larger-first: half the facts to learn
+            r = apply_move(pool[i][0], op, pool[j][0])
+            if r is not None:
+                break
+        else:
+            return None
+        (a, ea), (b, eb) = pool[i], pool[j]
+        steps.append((a, op, b, r))
+        pool = [p for k, p in enumerate(pool) if k not in (i, j)] + [(r, f"({ea}{op}{eb})")]
+    value, expr = pool[0]
+    if expr.startswith('('):
+        expr = expr[1:-1]
+    return value, steps, expr
+
+
+def all_attempts(numbers, ops):
+    """Every sequence of valid moves (the search space of one attempt), as (value, steps, expr)."""
+    out = []
+
+    def rec(pool, steps):
+        if len(pool) == 1:
+            v, e = pool[0]
+            out.append((v, list(steps), e[1:-1] if e.startswith('(') else e))
+            return
+        for i in range(len(pool)):
+            for j in range(len(pool)):
+                if i == j:
+                    continue
+                for op in ops:
+                    r = apply_move(pool[i][0], op, pool[j][0])
+                    if r is None or (op in '+*' and pool[i][0] < pool[j][0]):
+                        continue
+                    (a, ea), (b, eb) = pool[i], pool[j]
+                    rest = [p for k, p in enumerate(pool) if k not in (i, j)]
+                    rec(rest + [(r, f"({ea}{op}{eb})")], steps + [(a, op, b, r)])
+    rec([(n, str(n)) for n in numbers], [])
+    return out
+
+
+@dataclass
+class Countdown:
+    numbers: list       # the given numbers, in prompt order
+    target: int         # reachable by construction
+    solution: str       # one expression that reaches it (for tests; never shown to the model)
+    solve_rate: float   # share of all valid move sequences that reach the target: the difficulty label
+
+    @property
+    def key(self):
+        return f"cd:{sorted(self.numbers)}:{self.target}"
+
+    def prompt(self):
+        return f"make {self.target} from {' '.join(map(str, self.numbers))}"
+
+
+@dataclass
+class Arithmetic:
+    expr: str           # e.g. "(3*4)-5"
+    result: int
+    steps: list         # (a, op, b, result) in evaluation order
+
+    @property
+    def key(self):
+        return f"ar:{self.expr}"
+
+    def prompt(self):
+        return f"compute {self.expr}"
+
+
+@dataclass
+class TaskConfig:
+    n_numbers: int = 3          # countdown: how many numbers
+    lo: int = 1                 # smallest number
+    hi: int = 9                 # largest number
+    ops: str = '+-*/'           # allowed operations
+    max_target: int = 999       # resample targets above this (keeps every value one token)
+    test_frac: float = 0.25     # share of the problem space held out
+    max_attempts: int = 8       # most attempts a corpus trace writes
+    template: str = 'short'     # 'short' or 'r1zero'
+
+
+def make_countdown(rng, cfg):
+    while True:
+        numbers = [rng.randint(cfg.lo, cfg.hi) for _ in range(cfg.n_numbers)]
+        res = random_moves(rng, numbers, cfg.ops)
+        if res is None or not (1 <= res[0] <= cfg.max_target):
+            continue
+        attempts = all_attempts(numbers, cfg.ops)
+        rate = sum(a[0] == res[0] for a in attempts) / len(attempts)
+        return Countdown(numbers, res[0], res[2], rate)
+
+
+def make_arithmetic(rng, cfg, digits=1):
+    """A random expression over n_numbers operands of `digits` digits, same move rules as countdown."""
+    lo, hi = (cfg.lo, cfg.hi) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
+    while True:
+        numbers = [rng.randint(lo, hi) for _ in range(cfg.n_numbers)]
+        res = random_moves(rng, numbers, cfg.ops)
+        if res is not None and res[0] <= cfg.max_target:
+            return Arithmetic(res[2], res[0], res[1])
+
+
+def problems(kind, split, n, seed, cfg, digits=1):
+    """n distinct problems of one split, deterministic in (seed, cfg). kind 'countdown' or 'arithmetic'."""
+    if split not in ('train', 'test'):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"{kind}:{split}:{seed}")
+    seen, out = set(), []
+    for _ in range(200 * n + 1000):
+        p = make_countdown(rng, cfg) if kind == 'countdown' else make_arithmetic(rng, cfg, digits)
+        if p.key in seen or in_test_split(p.key, cfg.test_frac) != (split == 'test'):
+            continue
+        if kind == 'arithmetic' and split == 'train' and _leaks_countdown(p, cfg):
+            continue
+        seen.add(p.key)
+        out.append(p)
+        if len(out) == n:
+            return out
+    raise ValueError(f"could only make {len(out)} distinct {split} {kind} problems of {n}: the space is too small")
+
+
+def _leaks_countdown(p, cfg):
+    """An arithmetic drill whose numbers and value form a held-out countdown problem would leak its answer."""
+    nums = [int(t) for t in _numbers_in(p.expr)]
+    return in_test_split(f"cd:{sorted(nums)}:{p.result}", cfg.test_frac)
+
+
+def _numbers_in(expr):
+    out, cur = [], ''
+    for ch in expr:
+        if ch.isdigit():
+            cur += ch
+        elif cur:
+            out.append(cur)
+            cur = ''
+    return out + ([cur] if cur else [])
+
+
+# -----------------------------------------------------------------------------
+# text: prompts, worked steps, responses
+
+def format_prompt(problem, template='short'):
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
+    return TEMPLATES[template].format(prompt=problem.prompt())
+
+
+def format_steps(steps):
+    return ' '.join(f"{a}{op}{b}={r}" for a, op, b, r in steps)
+
+
+def countdown_trace(rng, p, cfg):
+    """A mixed-quality response: random distinct attempts, each checked, stopping after a random count."""
+    k = rng.randint(1, cfg.max_attempts)
+    tried, parts, last = set(), [], None
+    for _ in range(20 * k):
+        res = random_moves(rng, p.numbers, cfg.ops)
+        if res is None or res[2] in tried:
+            continue
+        tried.add(res[2])
+        value, steps, expr = res
+        parts.append(f"{format_steps(steps)} {'yes' if value == p.target else 'no'}.")
+        last = expr
+        if len(parts) == k:
+            break
+    return f"<think>{''.join(parts)}</think><answer>{last}</answer>"
+
+
+def arithmetic_response(p):
+    return f"<think>{format_steps(p.steps)}</think><answer>{p.result}</answer>"
+
+
+def corpus_document(rng, cfg, cd_train, ar_train, arith_frac=0.5):
+    """One pretraining document (text, without bos/eos): a countdown trace or a worked arithmetic problem."""
+    if rng.random() >= arith_frac:
+        p = rng.choice(cd_train)
+        return format_prompt(p, cfg.template) + countdown_trace(rng, p, cfg)
+    p = rng.choice(ar_train)
+    return format_prompt(p, cfg.template) + arithmetic_response(p)

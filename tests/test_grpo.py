@@ -1,0 +1,333 @@
+"""
+Tests for grpo.py: advantages, per-token log-probs, every loss_type's value and gradient, clipping, the KL term,
+Kimi's gradient against the paper's formula, and the DAPO micro-batch identity. Every expected number is worked
+by hand in the comments and computed here with plain Python arithmetic, never through grpo.py's internals.
+
+Run:  python -m pytest tests/test_grpo.py -q      (CPU, about a second)
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grpo import (LOSS_NEAR_ZERO_NOTE, group_advantages, kl_k3, masked_entropy, policy_loss,  # noqa: E402
+                  token_logprobs, zero_variance_groups)
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
+                               atol=tol, rtol=tol)
+
+
+# -----------------------------------------------------------------------------
+# advantages
+
+# two groups of G=4: [1,0,0,0] (mean 0.25) and [1,1,1,1] (zero variance)
+REWARDS = torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.])
+
+
+def test_advantages_group():
+    # group 1: deviations [0.75, -0.25, -0.25, -0.25]; unbiased var = (0.5625 + 3 * 0.0625) / 3 = 0.25, std 0.5
+    # group 2: deviations 0 and std 0 -> 0 / (0 + eps) = 0, not NaN
+    eps = 1e-4
+    s = 0.5 + eps
+    expected = [0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s, 0., 0., 0., 0.]
+    close(group_advantages(REWARDS, 4, 'group', eps), expected)
+
+
+def test_advantages_batch():
+    # batch mean 5/8; squared deviations 5 * (3/8)^2 + 3 * (5/8)^2 = 120/64; unbiased var (120/64)/7 = 15/56
+    eps = 1e-4
+    s = math.sqrt(15 / 56) + eps
+    expected = [0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s, 0., 0., 0., 0.]
+    close(group_advantages(REWARDS, 4, 'batch', eps), expected)
+
+
+def test_advantages_none():
+    # Dr.GRPO / Kimi: r - group mean only
+    close(group_advantages(REWARDS, 4, 'none'), [0.75, -0.25, -0.25, -0.25, 0., 0., 0., 0.])
+
+
+def test_advantages_bad_inputs():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(torch.zeros(7), 4)
+    with pytest.raises(ValueError, match="unknown advantage scale"):
+        group_advantages(torch.zeros(8), 4, scale='rank')
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(torch.zeros(8), 1, scale='group')
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 4), 4)
+
+
+def test_zero_variance_groups():
+    close(zero_variance_groups(REWARDS, 4).float(), [0., 1.])
+    close(zero_variance_groups(torch.tensor([0., 0., 0.5, 0.5, 1., 0.]), 2).float(), [1., 1., 0.])
+    with pytest.raises(ValueError):
+        zero_variance_groups(torch.zeros(5), 2)
+
+
+# -----------------------------------------------------------------------------
+# per-token quantities
+
+def test_token_logprobs_by_hand_and_vs_log_softmax():
+    # logits [0, ln 3]: softmax = [1/4, 3/4]
+    logits = torch.tensor([[[0., math.log(3.)], [0., math.log(3.)]]])      # (1, 2, 2)
+    lp = token_logprobs(logits, torch.tensor([[1, 0]]))
+    close(lp, [[math.log(0.75), math.log(0.25)]])
+    # bf16 logits in, fp32 out, equal to the reference library's log_softmax on the fp32 cast
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 11, generator=g).to(torch.bfloat16)
+    tokens = torch.randint(0, 11, (2, 3), generator=g)
+    lp = token_logprobs(logits, tokens)
+    assert lp.dtype == torch.float32
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    close(lp, ref)
+
+
+def test_kl_k3_value_and_grad():
+    # d = ref - logp: k3 = e^d - d - 1, d k3 / d logp = 1 - e^d
+    d = [0.5, -0.5, 0.0]
+    logp = torch.tensor([-1., -2., -3.], requires_grad=True)
+    ref = logp.detach() + torch.tensor(d)
+    k = kl_k3(logp, ref)
+    close(k, [math.exp(x) - x - 1 for x in d])
+    assert (k >= 0).all()
+    k.sum().backward()
+    close(logp.grad, [1 - math.exp(x) for x in d])
+
+
+def test_masked_entropy():
+    # uniform over V=4 -> ln 4; a near one-hot row -> ~0; the masked third token is ignored
+    logits = torch.tensor([[[0., 0., 0., 0.], [50., 0., 0., 0.], [9., 1., 2., 3.]]])   # (1, 3, 4)
+    mask = torch.tensor([[1, 1, 0]])
+    close(masked_entropy(logits, mask), (math.log(4) + 0.0) / 2)
+    close(masked_entropy(logits, mask, chunk=1), masked_entropy(logits, mask, chunk=256))
+
+
+# -----------------------------------------------------------------------------
+# the loss at mu = 1 (old_logp = logp.detach(): rho == 1, every token unclipped)
+#
+# B=2, T=3, mask [[1,1,0],[1,1,1]] -> |o| = [2, 3], 5 tokens; A = [1, -2]
+# per token l_it = -rho * A_i = -A_i in value, d l_it / d logp_it = -rho * A_i = -A_i
+
+MASK = torch.tensor([[1., 1., 0.], [1., 1., 1.]])
+ADV = torch.tensor([1., -2.])
+LOGP = [[-1., -2., -3.], [-0.5, -1.5, -2.5]]
+
+
+def run_loss(loss_type, old_shift=None, **kw):
+    logp = torch.tensor(LOGP, requires_grad=True)
+    old = logp.detach() if old_shift is None else logp.detach() - torch.tensor(old_shift)
+    loss, metrics = policy_loss(logp, old, None, ADV, MASK, loss_type=loss_type, **kw)
+    loss.backward()
+    return loss, logp.grad, metrics
+
+
+def test_grpo_mu1():
+    # value: mean_i (sum_t l / |o_i|) = mean(-1*2/2, 2*3/3) = mean(-1, 2) = 0.5
+    # grad: -A_i / |o_i| / B: row 0 -1/2/2 = -0.25, row 1 2/3/2 = 1/3; 0 on the masked token
+    loss, grad, m = run_loss('grpo')
+    close(loss, 0.5)
+    close(grad, [[-0.25, -0.25, 0.], [1 / 3, 1 / 3, 1 / 3]])
+    close(m['ratio_mean'], 1.0)
+    close(m['clip_frac_low'], 0.)
+    close(m['clip_frac_high'], 0.)
+    close(m['pg_loss'], 0.5)
+    close(m['kl_loss'], 0.)
+    assert 'kl' not in m and not m['pg_loss'].requires_grad
+
+
+def test_bnpo_mu1():
+    # value: (-1*2 + 2*3) / 5 = 0.8; grad -A_i / 5: row 0 -0.2, row 1 0.4
+    loss, grad, _ = run_loss('bnpo')
+    close(loss, 0.8)
+    close(grad, [[-0.2, -0.2, 0.], [0.4, 0.4, 0.4]])
+
+
+def test_dapo_mu1():
+    # global batch of 20 tokens: 4 / 20 = 0.2; grad -A_i / 20
+    loss, grad, _ = run_loss('dapo', global_tokens=20)
+    close(loss, 0.2)
+    close(grad, [[-0.05, -0.05, 0.], [0.1, 0.1, 0.1]])
+
+
+def test_dr_grpo_mu1():
+    # budget max_len = 4: 4 / (B * max_len) = 4 / 8 = 0.5; grad -A_i / 8
+    loss, grad, _ = run_loss('dr_grpo', max_len=4)
+    close(loss, 0.5)
+    close(grad, [[-0.125, -0.125, 0.], [0.25, 0.25, 0.25]])
+
+
+# Kimi: log ratios logp - old = [[0.1, 0.2, 5.0 (masked)], [-0.1, 0.0, 0.3]] -> s = [0.3, 0.2]; tau = 0.25
+KIMI_SHIFT = [[0.1, 0.2, 5.0], [-0.1, 0.0, 0.3]]
+
+
+def test_kimi_value_and_grad_by_hand():
+    # A - tau s = [1 - 0.075, -2 - 0.05] = [0.925, -2.05]
+    # L = 1/(2 tau) mean_i (A_i - tau s_i)^2 = 2 * (0.925^2 + 2.05^2) / 2 = 0.855625 + 4.2025
+    # grad = -(A_i - tau s_i) * mask / B: row 0 -0.925/2 = -0.4625, row 1 2.05/2 = 1.025; masked token 0
+    loss, grad, _ = run_loss('kimi', old_shift=KIMI_SHIFT, tau=0.25)
+    close(loss, 0.925 ** 2 + 2.05 ** 2)
+    close(grad, [[-0.4625, -0.4625, 0.], [1.025, 1.025, 1.025]])
+
+
+def test_kimi_grad_is_minus_paper_formula():
+    # the paper's update direction 1/k sum_j [grad log pi(y_j) (r_j - rbar) - tau/2 grad (log pi/pi_i)(y_j)^2],
+    # built from sequence log-ratios with its own autograd graph: J = 1/k sum_j [A_j s_j - tau/2 s_j^2]
+    tau = 0.7
+    g = torch.Generator().manual_seed(1)
+    logp = torch.randn(4, 5, generator=g).requires_grad_()
+    old = logp.detach() + 0.1 * torch.randn(4, 5, generator=g)
+    mask = (torch.rand(4, 5, generator=g) > 0.3).float()
+    A = group_advantages(torch.tensor([1., 0., 0., 1.]), 2, scale='none')
+    loss, _ = policy_loss(logp, old, None, A, mask, loss_type='kimi', tau=tau)
+    ours = torch.autograd.grad(loss, logp)[0]
+    seq_logratio = [sum((logp[j, t] - old[j, t]) * mask[j, t] for t in range(5)) for j in range(4)]
+    J = sum(A[j] * seq_logratio[j] - tau / 2 * seq_logratio[j] ** 2 for j in range(4)) / 4
+    paper = torch.autograd.grad(J, logp)[0]
+    close(ours, -paper)
+
+
+# -----------------------------------------------------------------------------
+# clipping in both directions, mu > 1 (rho != 1), eps_low 0.2, eps_high 0.28 (clip-higher)
+#
+#   row 0, A = +1: rho [1.5, 1.1, 0.5]: 1.5 > 1.28 clipped high (l = -1.28, grad 0); 1.1 inside (l = -1.1);
+#                  0.5 below 0.8 but A > 0 so min picks rho*A (l = -0.5, not clipped)
+#   row 1, A = -1: rho [0.5, 0.9, 1.5]: 0.5 < 0.8 clipped low (l = +0.8, grad 0); 0.9 inside (l = 0.9);
+#                  1.5 above 1.28 but A < 0 so min picks rho*A = -1.5 (l = 1.5, not clipped)
+#   unclipped grad of l = -rho A per token; grpo scales by 1/(|o_i| B) = 1/6
+
+def test_clipping_both_directions():
+    rho = [[1.5, 1.1, 0.5], [0.5, 0.9, 1.5]]
+    A = torch.tensor([1., -1.])
+    logp = torch.tensor(LOGP, requires_grad=True)
+    old = logp.detach() - torch.log(torch.tensor(rho))
+    loss, m = policy_loss(logp, old, None, A, torch.ones(2, 3), 'grpo', eps_low=0.2, eps_high=0.28)
+    loss.backward()
+    # value: mean((-1.28 - 1.1 - 0.5) / 3, (0.8 + 0.9 + 1.5) / 3)
+    close(loss, ((-1.28 - 1.1 - 0.5) / 3 + (0.8 + 0.9 + 1.5) / 3) / 2)
+    close(logp.grad, [[0., -1.1 / 6, -0.5 / 6], [0., 0.9 / 6, 1.5 / 6]])
+    close(m['clip_frac_low'], 1 / 6)
+    close(m['clip_frac_high'], 1 / 6)
+    close(m['ratio_mean'], (1.5 + 1.1 + 0.5 + 0.5 + 0.9 + 1.5) / 6)
+
+
+# -----------------------------------------------------------------------------
+# the KL term, beta = 0.1, A = 0 so only KL contributes; grpo aggregation
+#   d = ref - logp = [[0.5, -0.5, (masked 2.0)], [1.0, 0.0, 0.2]]
+#   loss = beta * mean_i (sum_t k3(d_it) / |o_i|),  grad = beta * (1 - e^d) / (|o_i| B)
+
+def test_kl_term_value_and_grad():
+    beta = 0.1
+    d = [[0.5, -0.5, 2.0], [1.0, 0.0, 0.2]]
+    k3 = lambda x: math.exp(x) - x - 1
+    logp = torch.tensor(LOGP, requires_grad=True)
+    ref = logp.detach() + torch.tensor(d)
+    loss, m = policy_loss(logp, logp.detach(), ref, torch.zeros(2), MASK, 'grpo', beta=beta)
+    loss.backward()
+    row0 = (k3(0.5) + k3(-0.5)) / 2
+    row1 = (k3(1.0) + k3(0.0) + k3(0.2)) / 3
+    close(loss, beta * (row0 + row1) / 2)
+    close(m['kl_loss'], beta * (row0 + row1) / 2)
+    close(m['kl'], (k3(0.5) + k3(-0.5) + k3(1.0) + k3(0.0) + k3(0.2)) / 5)
+    g = [[beta * (1 - math.exp(d[0][t])) / 4 for t in range(2)] + [0.],
+         [beta * (1 - math.exp(d[1][t])) / 6 for t in range(3)]]
+    close(logp.grad, g)
+
+
+def test_kimi_with_kl():
+    # kimi adds beta * KL aggregated per sequence, the same number as grpo's KL term
+    d = [[0.5, -0.5, 2.0], [1.0, 0.0, 0.2]]
+    logp = torch.tensor(LOGP, requires_grad=True)
+    ref = logp.detach() + torch.tensor(d)
+    _, m_kimi = policy_loss(logp, logp.detach(), ref, torch.zeros(2), MASK, 'kimi', beta=0.1)
+    _, m_grpo = policy_loss(logp, logp.detach(), ref, torch.zeros(2), MASK, 'grpo', beta=0.1)
+    close(m_kimi['kl_loss'], m_grpo['kl_loss'])
+
+
+# -----------------------------------------------------------------------------
+# "the loss is 0, is it training?"
+
+def test_loss_near_zero_at_mu1_but_grad_is_not():
+    # group-normalised A sums to 0 in each group; grpo at rho == 1 gives -mean_i A_i = 0 whatever the lengths
+    A = group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 0., 0.]), 4)
+    g = torch.Generator().manual_seed(2)
+    logp = (-torch.rand(8, 5, generator=g)).requires_grad_()
+    mask = torch.ones(8, 5)
+    mask[0, 3:] = 0
+    mask[5, 1:] = 0
+    loss, _ = policy_loss(logp, logp.detach(), None, A, mask, 'grpo')
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert logp.grad.abs().sum() > 0.1
+    assert "mu=1" in LOSS_NEAR_ZERO_NOTE and "\n" not in LOSS_NEAR_ZERO_NOTE
+
+
+# -----------------------------------------------------------------------------
+# dapo: global normalisation makes micro-batches add up
+
+def _random_batch(seed, B=4, T=5):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, T, generator=g)).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(B, T, generator=g)    # far enough from 1 that some tokens clip
+    A = torch.randn(B, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3)                  # bool mask
+    mask[:, 0] = True
+    return logp, old, A, mask
+
+
+def test_dapo_equals_bnpo_with_local_count():
+    logp, old, A, mask = _random_batch(3)
+    l_bnpo, _ = policy_loss(logp, old, None, A, mask, 'bnpo')
+    g_bnpo = torch.autograd.grad(l_bnpo, logp)[0]
+    l_dapo, _ = policy_loss(logp, old, None, A, mask, 'dapo', global_tokens=int(mask.sum()))
+    g_dapo = torch.autograd.grad(l_dapo, logp)[0]
+    close(l_dapo, l_bnpo)
+    close(g_dapo, g_bnpo)
+
+
+def test_dapo_microbatches_sum_to_full_bnpo():
+    logp, old, A, mask = _random_batch(4)
+    full, _ = policy_loss(logp, old, None, A, mask, 'bnpo')
+    g_full = torch.autograd.grad(full, logp)[0]
+    n = mask.sum()                                               # tensor count, as after an all_reduce
+    parts = [policy_loss(logp[s], old[s], None, A[s], mask[s], 'dapo', global_tokens=n)[0]
+             for s in (slice(0, 1), slice(1, 4))]
+    total = parts[0] + parts[1]
+    g_total = torch.autograd.grad(total, logp)[0]
+    close(total, full)
+    close(g_total, g_full)
+
+
+# -----------------------------------------------------------------------------
+# bad inputs
+
+def test_policy_loss_bad_inputs():
+    logp = torch.zeros(2, 3)
+    A = torch.zeros(2)
+    ok = dict(old_logp=logp, ref_logp=None, advantages=A, mask=MASK)
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        policy_loss(logp, **ok, loss_type='ppo')
+    with pytest.raises(ValueError, match="global_tokens"):
+        policy_loss(logp, **ok, loss_type='dapo')
+    with pytest.raises(ValueError, match="global_tokens must be positive"):
+        policy_loss(logp, **ok, loss_type='dapo', global_tokens=0)
+    with pytest.raises(ValueError, match="max_len"):
+        policy_loss(logp, **ok, loss_type='dr_grpo')
+    with pytest.raises(ValueError, match="tau"):
+        policy_loss(logp, **ok, loss_type='kimi', tau=0.0)
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(logp, **ok, beta=0.1)
+    with pytest.raises(ValueError, match="advantages"):
+        policy_loss(logp, logp, None, torch.zeros(3), MASK)
+    with pytest.raises(ValueError, match="mask"):
+        policy_loss(logp, logp, None, A, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="old_logp"):
+        policy_loss(logp, torch.zeros(2, 4), None, A, MASK)
+    with pytest.raises(ValueError, match=r"logp must be \(B, T\)"):
+        policy_loss(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1), None, A, MASK)
+    with pytest.raises(ValueError, match="tokens"):
+        token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))

@@ -1,0 +1,116 @@
+"""Task generator tests: solvable by construction, deterministic, disjoint splits. Run: python -m pytest tests/test_tasks.py -q"""
+import random
+from fractions import Fraction
+
+import pytest
+
+from tasks import (TaskConfig, problems, make_countdown, all_attempts, countdown_trace, corpus_document,
+                   format_prompt, in_test_split, arithmetic_response, R1_ZERO_TEMPLATE)
+
+
+def eval_expr(s):
+    """Independent slow evaluator (shunting-yard over Fractions) for checking generated solutions."""
+    out, ops, num = [], [], ''
+    prec = {'+': 1, '-': 1, '*': 2, '/': 2}
+
+    def apply():
+        b, a, op = out.pop(), out.pop(), ops.pop()
+        out.append({'+': a + b, '-': a - b, '*': a * b, '/': a / b}[op])
+    for ch in s + ' ':
+        if ch.isdigit():
+            num += ch
+            continue
+        if num:
+            out.append(Fraction(int(num)))
+            num = ''
+        if ch in prec:
+            while ops and ops[-1] in prec and prec[ops[-1]] >= prec[ch]:
+                apply()
+            ops.append(ch)
+        elif ch == '(':
+            ops.append(ch)
+        elif ch == ')':
+            while ops[-1] != '(':
+                apply()
+            ops.pop()
+    while ops:
+        apply()
+    return out[0]
+
+
+def numbers_of(s):
+    return sorted(int(t) for t in ''.join(c if c.isdigit() else ' ' for c in s).split())
+
+
+@pytest.mark.parametrize('n', [3, 4])
+def test_countdown_solvable_by_construction(n):
+    cfg = TaskConfig(n_numbers=n)
+    rng = random.Random(0)
+    for _ in range(50):
+        p = make_countdown(rng, cfg)
+        assert eval_expr(p.solution) == p.target
+        assert numbers_of(p.solution) == sorted(p.numbers)
+        assert 0 < p.solve_rate <= 1
+
+
+def test_splits_disjoint_and_deterministic():
+    cfg = TaskConfig()
+    for kind in ('countdown', 'arithmetic'):
+        tr = problems(kind, 'train', 300, 0, cfg)
+        te = problems(kind, 'test', 100, 0, cfg)
+        assert not {p.key for p in tr} & {p.key for p in te}
+        assert all(in_test_split(p.key, cfg.test_frac) for p in te)
+        assert [p.key for p in problems(kind, 'test', 100, 0, cfg)] == [p.key for p in te]
+    # a different seed draws different train problems, never a test one
+    tr2 = problems('countdown', 'train', 300, 1, cfg)
+    assert not any(in_test_split(p.key, cfg.test_frac) for p in tr2)
+
+
+def test_corpus_never_holds_held_out_problems():
+    cfg = TaskConfig()
+    cd_tr, ar_tr = problems('countdown', 'train', 300, 0, cfg), problems('arithmetic', 'train', 300, 0, cfg)
+    test_prompts = {format_prompt(p) for p in problems('countdown', 'test', 300, 0, cfg)}
+    rng = random.Random(0)
+    for _ in range(500):
+        doc = corpus_document(rng, cfg, cd_tr, ar_tr)
+        assert doc.split('<think>')[0] not in test_prompts
+    for p in ar_tr:  # an arithmetic drill must not spell out a held-out countdown answer
+        assert not in_test_split(f"cd:{numbers_of(p.expr)}:{p.result}", cfg.test_frac)
+
+
+def test_trace_computes_correctly_and_answers_with_last_attempt():
+    cfg = TaskConfig()
+    rng = random.Random(3)
+    for p in problems('countdown', 'train', 40, 0, cfg):
+        trace = countdown_trace(rng, p, cfg)
+        think = trace.split('<think>')[1].split('</think>')[0]
+        attempts = [a for a in think.split('.') if a]
+        assert 1 <= len(attempts) <= cfg.max_attempts
+        for a in attempts:
+            *steps, verdict = a.split(' ')
+            for st in steps:
+                lhs, rhs = st.split('=')
+                assert eval_expr(lhs) == int(rhs)
+            assert verdict == ('yes' if int(steps[-1].split('=')[1]) == p.target else 'no')
+        answer = trace.split('<answer>')[1].split('</answer>')[0]
+        assert eval_expr(answer) == int(attempts[-1].split(' ')[-2].split('=')[1])
+        assert numbers_of(answer) == sorted(p.numbers)
+
+
+def test_arithmetic_response_and_templates():
+    cfg = TaskConfig()
+    p = problems('arithmetic', 'test', 5, 0, cfg)[0]
+    assert eval_expr(p.expr) == p.result
+    assert arithmetic_response(p).endswith(f"<answer>{p.result}</answer>")
+    assert format_prompt(p, 'r1zero').startswith(R1_ZERO_TEMPLATE[:40])
+    assert format_prompt(p, 'r1zero').endswith(f"User: {p.prompt()}. Assistant:")
+    with pytest.raises(ValueError, match='template'):
+        format_prompt(p, 'nope')
+
+
+def test_all_attempts_covers_the_known_solution():
+    cfg = TaskConfig()
+    p = problems('countdown', 'train', 1, 0, cfg)[0]
+    att = all_attempts(p.numbers, cfg.ops)
+    assert any(e == p.solution for _, _, e in att)
+    assert all(eval_expr(e) == v for v, _, e in att)

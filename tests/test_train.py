@@ -1,0 +1,99 @@
+"""
+End-to-end tests of train.py on the 'test' preset (seconds each): resume after a kill, DDP equivalence,
+clear errors. Run: python -m pytest tests/test_train.py -q
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+
+
+def run(args, check=True, torchrun=False):
+    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533']
+           if torchrun else [sys.executable]) + [os.path.join(ROOT, 'train.py')] + args
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses(out):
+    return [json.loads(l) for l in open(os.path.join(out, 'pretrain', 'metrics.jsonl'))]
+
+
+BASE = ['--preset', 'test', '--stage', 'pretrain', '--log-interval', '1', '--pt-steps', '6']
+
+
+def test_pretrain_writes_outputs(tmp_path):
+    out = str(tmp_path / 'run')
+    run(BASE + ['--out-dir', out])
+    s = json.load(open(os.path.join(out, 'pretrain', 'summary.json')))
+    for k in ('params', 'wall_seconds', 'final_train_loss', 'final_val_loss', 'base_arith_acc', 'base_countdown_pass@1'):
+        assert k in s, k
+    assert os.path.isfile(os.path.join(out, 'pretrain', 'ckpt.pt'))
+    assert os.path.isfile(os.path.join(out, 'pretrain', 'loss.png'))
+    rows = losses(out)
+    assert [r['step'] for r in rows] == list(range(6))
+    assert rows[-1]['loss'] < rows[0]['loss']
+
+
+def test_killed_run_resumes_to_the_same_loss(tmp_path):
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    run(BASE + ['--out-dir', a])
+    p = run(BASE + ['--out-dir', b, '--exit-after', '3'], check=False)   # dies right after the step-3 checkpoint
+    assert p.returncode == 3 and not os.path.exists(os.path.join(b, 'pretrain', 'summary.json'))
+    run(BASE + ['--out-dir', b, '--resume'])
+    la, lb = losses(a), losses(b)
+    assert [r['step'] for r in lb] == list(range(6))        # the log continues where it stopped
+    for ra, rb in zip(la, lb):
+        assert abs(ra['loss'] - rb['loss']) < 1e-4
+    sa = json.load(open(os.path.join(a, 'pretrain', 'summary.json')))
+    sb = json.load(open(os.path.join(b, 'pretrain', 'summary.json')))
+    assert abs(sa['final_train_loss'] - sb['final_train_loss']) < 1e-4
+    assert abs(sa['final_val_loss'] - sb['final_val_loss']) < 1e-4
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    # same global batch: 1 process x 2 micro-batches of 2 == 2 ranks x 1 micro-batch of 2
+    run(BASE + ['--out-dir', one, '--pt-batch-size', '2', '--pt-grad-accum', '2', '--pt-steps', '4'])
+    run(BASE + ['--out-dir', two, '--pt-batch-size', '2', '--pt-grad-accum', '1', '--pt-steps', '4'], torchrun=True)
+    l1, l2 = losses(one), losses(two)
+    assert len(l1) == len(l2) == 4
+    for r1, r2 in zip(l1, l2):
+        assert abs(r1['loss'] - r2['loss']) < 1e-4, (r1, r2)
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--preset', 'nope'], "unknown preset 'nope'"),
+    (['--preset', 'test', '--no-such-flag', '1'], 'unrecognized arguments: --no-such-flag'),
+    (['--preset', 'test', '--stage', 'dance'], "unknown stage 'dance'"),
+    (['--preset', 'test', '--n-head', '3', '--n-kv-head', '2'], 'must be a multiple of n_kv_head'),
+])
+def test_bad_input_gives_one_line_error(args, needle):
+    p = run(args, check=False)
+    assert p.returncode != 0
+    err = p.stderr.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    f = tmp_path / 'afile'
+    f.write_text('x')
+    p = run(['--preset', 'test', '--out-dir', str(f)], check=False)
+    assert p.returncode != 0 and 'is a file' in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_incompatible_checkpoint_and_missing_checkpoint(tmp_path):
+    out = str(tmp_path / 'run')
+    run(BASE + ['--out-dir', out, '--pt-steps', '3', '--ckpt-interval', '3'])
+    p = run(BASE + ['--out-dir', out, '--resume', '--n-embd', '48'], check=False)
+    assert p.returncode != 0 and 'incompatible model config' in p.stderr and 'n_embd' in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    p = run(['--preset', 'test', '--stage', 'grpo', '--out-dir', str(tmp_path / 'empty')], check=False)
+    assert p.returncode != 0 and 'no checkpoint at' in p.stderr

@@ -1,0 +1,716 @@
+"""
+nanoR1's one entry point: presets, stages, checkpoints, distributed setup.
+
+    python train.py --preset tiny                      # the whole tiny pipeline: pretrain -> grpo -> eval
+    python train.py --preset tiny --stage pretrain     # one stage
+    torchrun --nproc_per_node=2 train.py --preset tiny --stage pretrain
+
+Stages
+- pretrain: next-token prediction on the synthetic corpus (tasks.py), standing in for the web-scale base model
+  that R1-Zero starts from (DeepSeek-R1 sec. 2.2: "RL directly on the base model").
+- grpo: R1-Zero's RL on the pretrained base with rule rewards (rl.py holds the loop).
+- all: the stages in order.
+
+Everything a run learns goes under --out-dir (default out/<preset>): <stage>/ckpt.pt (atomic), metrics.jsonl,
+summary.json, plots. --resume continues a killed run from its last checkpoint, bit-for-bit on CPU.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import GPT, ModelConfig
+from tasks import TaskConfig, problems, corpus_document, format_prompt, arithmetic_response
+from tokenizer import Tokenizer, train_bpe
+
+
+@dataclass
+class TrainConfig:
+    preset: str = 'tiny'              # a key of PRESETS; flags override its values
+    stage: str = 'all'                # pretrain | grpo | all
+    out_dir: str = ''                 # default out/<preset>
+    device: str = ''                  # cuda | cpu (default: cuda when available)
+    seed: int = 1337                  # every random choice derives from it
+    resume: bool = False              # continue the stage from <out_dir>/<stage>/ckpt.pt
+    compile: bool = False             # torch.compile the model
+    threads: int = 0                  # torch CPU threads (0: leave torch's default)
+    # tokenizer and corpus
+    bpe_merges: int = 100             # BPE merges learned on the corpus (beyond bytes and number tokens)
+    corpus_arith_frac: float = 0.5    # share of corpus documents that are worked arithmetic
+    n_train_problems: int = 1500      # countdown problems in the train split the corpus and RL draw from
+    n_eval: int = 500                 # held-out problems per evaluation
+    number_init: bool = True          # seed number-token embeddings with Fourier features of their value
+    # pretraining
+    pt_steps: int = 1000              # optimizer steps
+    pt_batch_size: int = 32           # sequences per micro-batch per rank
+    pt_grad_accum: int = 1            # micro-batches per step per rank
+    pt_lr: float = 3e-3               # peak learning rate
+    pt_min_lr_frac: float = 0.1       # cosine floor as a fraction of the peak
+    pt_warmup: int = 50               # linear warmup steps
+    pt_weight_decay: float = 0.1      # AdamW decay on matrices
+    pt_grad_clip: float = 1.0         # global grad-norm clip (0: off)
+    pt_eval_interval: int = 250       # steps between val-loss evaluations
+    ckpt_interval: int = 250          # steps between checkpoints
+    log_interval: int = 10            # steps between metrics lines (each costs one device sync)
+    exit_after: int = 0               # testing aid: hard-exit (as a kill would) after this many steps; 0 = off
+    # grpo (R1-Zero RL)
+    init_from: str = ''               # checkpoint to start RL from (default <out_dir>/pretrain/ckpt.pt)
+    rl_steps: int = 200               # RL iterations (one batch of rollouts each)
+    rl_prompts: int = 16              # prompts per iteration
+    rl_group: int = 8                 # samples per prompt (G)
+    rl_lr: float = 3e-4               # AdamW learning rate (constant after warmup)
+    rl_warmup: int = 10               # linear warmup iterations
+    rl_mu: int = 1                    # optimisation epochs over each batch (1: on-policy, loss ~ 0)
+    rl_micro: int = 64                # rows per forward/backward micro-batch
+    loss_type: str = 'grpo'           # grpo | bnpo | dapo | dr_grpo | kimi
+    adv_scale: str = 'group'          # group | batch | none (dr_grpo and kimi want none)
+    beta: float = 0.0                 # k3 KL weight to the frozen base (0: no reference model loaded)
+    eps_low: float = 0.2              # clip range below 1
+    eps_high: float = 0.28            # clip range above 1 (DAPO clip-higher)
+    tau: float = 1.0                  # Kimi's KL temperature (loss_type kimi)
+    temperature: float = 1.0          # rollout temperature
+    max_new_tokens: int = 150         # response budget per rollout
+    format_weight: float = 0.1        # weight of the strict format reward added to the accuracy reward
+    dynamic_sampling: bool = False    # DAPO: drop zero-variance groups and refill the batch
+    rl_grad_clip: float = 1.0         # grad-norm clip
+    rl_eval_interval: int = 50        # iterations between held-out greedy evaluations
+    pass_k: int = 8                   # k of the final sampled pass@k
+
+
+PRESETS = {
+    # ~1M params, learns countdown by RL on a 2-core CPU in ~15 minutes (README, EXPERIMENTS.md)
+    'tiny': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
+                 pt_steps=1000, pt_batch_size=32, pt_lr=3e-3),
+    # the CPU test suite's preset: seconds, learns nothing
+    'test': dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=192, bpe_merges=20,
+                 pt_steps=6, pt_batch_size=4, pt_eval_interval=3, ckpt_interval=3, n_eval=8,
+                 n_train_problems=200),
+    # one GPU: a wider, deeper model, same world
+    'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384, block_size=192,
+                  pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
+}
+
+
+# -----------------------------------------------------------------------------
+# config plumbing: dataclass fields -> argparse flags -> resolved config
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one clear line instead of argparse's usage dump
+        sys.exit(f"train.py: error: {message}")
+
+
+def _flag_type(f):
+    t = f.type if not isinstance(f.type, str) else {'int': int, 'float': float, 'str': str, 'bool': bool}[f.type]
+    if t is bool:
+        return lambda s: {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}[s.lower()]
+    return t
+
+
+CONFIG_CLASSES = (TrainConfig, TaskConfig, ModelConfig)
+
+
+def parse_args(argv=None):
+    p = Parser(description="nanoR1: R1-Zero / Kimi k1.5 reasoning RL on a tiny DeepSeek-style model")
+    seen = set()
+    for cls in CONFIG_CLASSES:
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            flag = '--' + f.name.replace('_', '-')
+            if f.type in (bool, 'bool'):
+                p.add_argument(flag, nargs='?', const=True, default=None, type=_flag_type(f),
+                               help=f"{cls.__name__}.{f.name} (bool)")
+            else:
+                p.add_argument(flag, default=None, type=_flag_type(f), help=f"{cls.__name__}.{f.name}")
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.get('preset', TrainConfig.preset)
+    if preset not in PRESETS:
+        sys.exit(f"train.py: error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **given}
+    return resolve(values)
+
+
+def resolve(values):
+    """dict of overrides -> (TrainConfig, TaskConfig, ModelConfig); each class takes its own fields."""
+    out = []
+    for cls in CONFIG_CLASSES:
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            out.append(cls(**{k: v for k, v in values.items() if k in names}))
+        except (ValueError, TypeError) as e:
+            sys.exit(f"train.py: error: bad {cls.__name__}: {e}")
+    tc = out[0]
+    if tc.stage not in STAGES:
+        sys.exit(f"train.py: error: unknown stage {tc.stage!r}; choose from {list(STAGES)}")
+    tc.out_dir = tc.out_dir or os.path.join('out', tc.preset)
+    if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
+        sys.exit(f"train.py: error: --out-dir {tc.out_dir} exists and is a file, not a directory")
+    return tuple(out)
+
+
+# -----------------------------------------------------------------------------
+# distributed, devices, checkpoints
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    if 'RANK' not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    dist.init_process_group(backend)
+    if backend == 'nccl':
+        torch.cuda.set_device(local)
+    return rank, world, local
+
+
+def print0(*a, **kw):
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+def pick_device(tc, local_rank=0):
+    if tc.device:
+        if tc.device.startswith('cuda') and not torch.cuda.is_available():
+            sys.exit("train.py: error: --device cuda but CUDA is not available here")
+        return tc.device
+    return f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
+
+
+def save_checkpoint(path, obj):
+    """Write to a temp file, then rename: a kill mid-write never leaves a torn checkpoint."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, mc=None):
+    if not os.path.isfile(path):
+        sys.exit(f"train.py: error: no checkpoint at {path}")
+    ck = torch.load(path, map_location='cpu', weights_only=True)
+    if mc is not None:
+        stored = ck['model_config']
+        diff = {k: (stored.get(k), v) for k, v in mc.to_dict().items() if stored.get(k) != v}
+        if diff:
+            sys.exit(f"train.py: error: checkpoint {path} has an incompatible model config "
+                     f"(field: stored vs requested): {diff}")
+    return ck
+
+
+def rng_state():
+    return {'python': list(random.getstate()[1]), 'python_pos': random.getstate()[2],
+            'numpy': np.random.get_state()[1].tolist(), 'torch': torch.get_rng_state()}
+
+
+def set_rng_state(s):
+    random.setstate((3, tuple(s['python']), s['python_pos']))
+    st = np.random.get_state()
+    np.random.set_state((st[0], np.array(s['numpy'], dtype=np.uint32), *st[2:]))
+    torch.set_rng_state(s['torch'])
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed at once so a killed run keeps what it logged."""
+
+    def __init__(self, path, resume):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.f = open(path, 'a' if resume else 'w')
+
+    def log(self, **kv):
+        self.f.write(json.dumps(kv) + '\n')
+        self.f.flush()
+
+
+def plot_curves(path, rows, keys, title):
+    """One PNG, one panel per key, against step. Quietly skipped when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r['step'], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='.' if len(pts) < 30 else None)
+        ax.set_title(k)
+        ax.set_xlabel('step')
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def build_world(tc, task_cfg):
+    """Problems, tokenizer and corpus generator, all a pure function of (seed, configs)."""
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    ar_train = problems('arithmetic', 'train', 2000, tc.seed, task_cfg)
+    rng = random.Random(tc.seed)
+    sample_docs = [corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac) for _ in range(1000)]
+    tok = Tokenizer(train_bpe(sample_docs, tc.bpe_merges))
+    return cd_train, ar_train, tok
+
+
+def fourier_number_init(emb, number_ids, periods=(2, 5, 10, 20, 50, 100, 200, 500, 1000), scale=0.05):
+    """
+    Seed the embedding of each number token n with cos/sin(2 pi n / P) for a few periods P (the Fourier
+    number features of FoNE, Zhou et al. 2025), on top of the random init. Transformers trained on
+    arithmetic end up with such features anyway (Nanda et al. 2023); starting from them is what lets a
+    1M-parameter model learn sums like 56+7=63 exactly within minutes (EXPERIMENTS.md: 51% -> see there).
+    With tied embeddings the same features decode the result.
+    """
+    with torch.no_grad():
+        ids = torch.tensor(list(number_ids.values()))
+        n = torch.tensor(list(number_ids.keys()), dtype=torch.float32)
+        ang = 2 * math.pi * n[:, None] / torch.tensor(periods, dtype=torch.float32)[None]  # (N, F)
+        feats = torch.cat([ang.cos(), ang.sin()], 1) * scale                              # (N, 2F)
+        emb.weight[ids, :feats.shape[1]] += feats.to(emb.weight.dtype)
+
+
+def pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, n_seqs, T, seed):
+    """(n_seqs, T + 1) packed token rows: <|bos|> doc <|eos|> <|bos|> doc ..., documents cut at row ends."""
+    rng = random.Random(seed)
+    need = n_seqs * (T + 1)
+    buf = []
+    while len(buf) < need:
+        doc = corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac)
+        buf.extend([tok.bos] + tok.encode(doc) + [tok.eos])
+    return torch.tensor(buf[:need], dtype=torch.long).view(n_seqs, T + 1)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy and sampled pass@k on held-out problems
+
+def score(kind, text, p):
+    from rewards import countdown_reward, arithmetic_reward
+    if kind == 'countdown':
+        return countdown_reward(text, p.numbers, p.target)
+    return arithmetic_reward(text, p.result)
+
+
+@torch.no_grad()
+def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, k=1, temperature=0.0, seed=0):
+    """
+    Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean
+    response length in tokens. pass@k uses the unbiased estimator of Chen et al. 2021 with n = k samples.
+    """
+    from sample import generate
+    model.eval()
+    prompts = [[tok.bos] + tok.encode(format_prompt(p, template)) for p in probs]
+    correct, lengths = [], []
+    g = torch.Generator(device=next(model.parameters()).device)
+    g.manual_seed(seed)
+    rows = [(i, pr) for i, pr in enumerate(prompts) for _ in range(k)]
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, {tok.eos}, tok.pad,
+                       temperature=temperature, generator=g)
+        for r, (i, _) in enumerate(chunk):
+            n = int(gen.lengths[r])
+            text = tok.decode(gen.tokens[r, :n].tolist())
+            correct.append(score(kind, text, probs[i]))
+            lengths.append(n)
+    c = np.array(correct).reshape(len(probs), k)
+    model.train()
+    return float((c.max(1) > 0).mean()), float(np.mean(lengths))
+
+
+# -----------------------------------------------------------------------------
+# stage: pretrain
+
+def lr_at(step, total, warmup, peak, min_frac):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def pretrain(tc, task_cfg, mc, rank, world, device):
+    from tqdm import tqdm
+    t0 = time.time()
+    stage_dir = os.path.join(tc.out_dir, 'pretrain')
+    ckpt_path = os.path.join(stage_dir, 'ckpt.pt')
+    cd_train, ar_train, tok = build_world(tc, task_cfg)
+    mc = dataclasses.replace(mc, vocab_size=tok.n_vocab)
+    torch.manual_seed(tc.seed)
+    model = GPT(mc)
+    if tc.number_init:
+        fourier_number_init(model.embed_tokens, tok.number_ids())
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.optim_groups(tc.pt_weight_decay), lr=tc.pt_lr, betas=(0.9, 0.95),
+                            fused=device.startswith('cuda'))
+    start_step = 0
+    if tc.resume and os.path.isfile(ckpt_path):
+        ck = load_checkpoint(ckpt_path, mc)
+        model.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+        start_step = ck['step']
+        set_rng_state(ck['rng'])
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+    elif tc.resume:
+        print0(f"--resume: no checkpoint at {ckpt_path} yet, starting fresh")
+    raw = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    fwd = torch.compile(model) if tc.compile else model
+    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else _nullctx()
+
+    T = mc.block_size
+    micro = tc.pt_batch_size
+    per_step = micro * tc.pt_grad_accum * world   # sequences in one global batch
+    # the whole run's data is a pure function of the seed, so a resumed run sees exactly the same batches
+    data = pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, per_step * tc.pt_steps, T, tc.seed + 1)
+    val = pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, 64, T, tc.seed + 2)
+    log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), tc.resume and start_step > 0) if rank == 0 else None
+    print0(f"pretrain: {raw.num_params():,} params, vocab {tok.n_vocab}, {tc.pt_steps} steps x "
+           f"{per_step} x {T} tokens, device {device}, world {world}")
+    rows, loss_f = [], float('nan')
+    bar = tqdm(range(start_step, tc.pt_steps), initial=start_step, total=tc.pt_steps, desc='pretrain',
+               disable=rank != 0, mininterval=2)
+    tstep = time.time()
+    for step in bar:
+        lr = lr_at(step, tc.pt_steps, tc.pt_warmup, tc.pt_lr, tc.pt_min_lr_frac)
+        for g in opt.param_groups:
+            g['lr'] = lr
+        batch = data[step * per_step:(step + 1) * per_step]
+        loss_acc = torch.zeros((), device=device)
+        for m in range(tc.pt_grad_accum):
+            # rank r takes micro-batches [r*A, (r+1)*A) of the global batch: the union over ranks is the
+            # same global batch a single process with A*world micro-batches would see
+            j = rank * tc.pt_grad_accum + m
+            xy = batch[j * micro:(j + 1) * micro].to(device)
+            sync = m == tc.pt_grad_accum - 1
+            ctx = model.no_sync() if world > 1 and not sync else _nullctx()
+            with ctx, amp:
+                _, loss = fwd(xy[:, :-1], xy[:, 1:])
+                (loss / tc.pt_grad_accum).backward()
+            loss_acc += loss.detach() / tc.pt_grad_accum
+        if tc.pt_grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.pt_grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
+        if step % tc.log_interval == 0 or step == tc.pt_steps - 1:
+            loss_f = loss_acc.item()   # one sync per log line, not per step
+            dt = (time.time() - tstep) / (tc.log_interval if step else 1)
+            tstep = time.time()
+            row = {'step': step, 'loss': loss_f, 'lr': lr, 'tok_per_s': per_step * T / max(dt, 1e-9)}
+            if tc.pt_grad_clip > 0:
+                row['grad_norm'] = float(gnorm)
+            if (step % tc.pt_eval_interval == 0 or step == tc.pt_steps - 1):
+                row['val_loss'] = val_loss(raw, val, device)
+            rows.append(row)
+            if log:
+                log.log(**row)
+            bar.set_postfix(loss=f"{loss_f:.3f}")
+        if rank == 0 and ((step + 1) % tc.ckpt_interval == 0 or step == tc.pt_steps - 1):
+            save_checkpoint(ckpt_path, {'model': raw.state_dict(), 'optimizer': opt.state_dict(),
+                                        'step': step + 1, 'rng': rng_state(), 'model_config': mc.to_dict(),
+                                        'train_config': dataclasses.asdict(tc),
+                                        'task_config': dataclasses.asdict(task_cfg), 'tokenizer': tok.to_dict()})
+        if tc.exit_after and step + 1 == tc.exit_after:
+            os._exit(3)
+    bar.close()
+    final_val = val_loss(raw, val, device)
+    summary = {'params': raw.num_params(), 'final_train_loss': loss_f, 'final_val_loss': final_val}
+    if rank == 0:
+        summary.update(base_evals(raw, tok, tc, task_cfg, mc))
+        summary['wall_seconds'] = round(time.time() - t0, 1)
+        all_rows = [json.loads(l) for l in open(os.path.join(stage_dir, 'metrics.jsonl'))]
+        plot_curves(os.path.join(stage_dir, 'loss.png'), all_rows, ['loss', 'val_loss'], 'pretrain')
+        with open(os.path.join(stage_dir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+        print0(json.dumps(summary, indent=2))
+    return raw, tok, summary
+
+
+def base_evals(model, tok, tc, task_cfg, mc):
+    """Greedy held-out accuracy of a model on worked arithmetic and on countdown (R1-Zero template)."""
+    ar_test = problems('arithmetic', 'test', tc.n_eval, tc.seed, task_cfg)
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    max_new = mc.block_size - 40
+    arith, _ = evaluate(model, tok, ar_test, 'arithmetic', task_cfg.template, 40)
+    cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, max_new)
+    return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}
+
+
+@torch.no_grad()
+def val_loss(model, val, device):
+    model.eval()
+    losses = [model(val[i:i + 16, :-1].to(device), val[i:i + 16, 1:].to(device))[1] for i in range(0, len(val), 16)]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# -----------------------------------------------------------------------------
+# stage: grpo (R1-Zero: RL straight on the base with rule rewards)
+
+def load_policy(path, device, mc=None):
+    ck = load_checkpoint(path, mc)
+    mcfg = ModelConfig.from_dict(ck['model_config'])
+    model = GPT(mcfg).to(device)
+    model.load_state_dict(ck['model'])
+    return model, Tokenizer.from_dict(ck['tokenizer']), ck
+
+
+def rl_rewards(texts, probs, tc):
+    """Accuracy (countdown rule check) + format_weight * strict format, per response; both kept for metrics."""
+    from rewards import countdown_reward, format_reward
+    acc = torch.tensor([countdown_reward(t, p.numbers, p.target) for t, p in zip(texts, probs)])
+    fmt = torch.tensor([format_reward(t) for t in texts])
+    return acc + tc.format_weight * fmt, acc, fmt
+
+
+def sequences_for_training(prompts, gen, pad_id, device):
+    """
+    Prompt (left-padded) + response as one (B, P + L) batch with positions and the attention mask, and the
+    index of the logit that predicts each response token: logits[:, P - 1 + t] predicts response token t.
+    """
+    from sample import left_pad, attention_mask
+    idx, pos, valid = left_pad(prompts, pad_id, device)                        # (B, P)
+    P = idx.shape[1]
+    resp = gen.tokens.to(device)                                               # (B, L)
+    idx = torch.cat([idx, resp], 1)                                            # (B, P+L)
+    pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(resp.shape[1], device=device)], 1)
+    valid = torch.cat([valid, torch.ones_like(resp, dtype=torch.bool)], 1)    # pads after a stop are never read
+    return idx, pos, attention_mask(valid, valid, 0), P
+
+
+def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
+    from tqdm import tqdm
+    import grpo
+    from sample import group_rollouts
+    if world > 1:
+        sys.exit("train.py: error: --stage grpo runs in one process for now (rollouts are not sharded)")
+    t0 = time.time()
+    stage_dir = os.path.join(tc.out_dir, 'grpo')
+    ckpt_path = os.path.join(stage_dir, 'ckpt.pt')
+    init = tc.init_from or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')
+    model, tok, ck0 = load_policy(init, device)
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    ref = None
+    if tc.beta > 0:
+        ref, _, _ = load_policy(init, device)
+        ref.requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.optim_groups(0.0), lr=tc.rl_lr, betas=(0.9, 0.99))
+    start, rows = 0, []
+    if tc.resume and os.path.isfile(ckpt_path):
+        ck = load_checkpoint(ckpt_path, model.config)
+        model.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+        start, rows = ck['step'], ck['rows']
+        set_rng_state(ck['rng'])
+        print0(f"resumed grpo from {ckpt_path} at step {start}")
+    log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), tc.resume and start > 0)
+    gen_rng = torch.Generator(device=device)
+    gen_rng.manual_seed(tc.seed + 7)
+    prob_rng = random.Random(tc.seed + 11)
+    for _ in range(start):  # replay the prompt draws so a resumed run sees the same prompts
+        prob_rng.sample(range(len(cd_train)), tc.rl_prompts)
+    tmpl, G = task_cfg.template, tc.rl_group
+    print0(f"grpo: {tc.rl_steps} steps x {tc.rl_prompts} prompts x G={G}, loss {tc.loss_type}, beta {tc.beta}")
+    print0(grpo.LOSS_NEAR_ZERO_NOTE)
+
+    base_cd = None
+    if start == 0:
+        base_cd, base_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
+        row = {'step': 0, 'eval_pass@1': base_cd, 'eval_mean_tokens': base_len}
+        rows.append(row)
+        log.log(**row)
+        print0(f"step 0: held-out greedy pass@1 {base_cd:.3f}, mean tokens {base_len:.1f}")
+    bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc='grpo', mininterval=2)
+    for step in bar:
+        ts = time.time()
+        lr = tc.rl_lr * min(1.0, (step + 1) / max(1, tc.rl_warmup))
+        for g in opt.param_groups:
+            g['lr'] = lr
+        # 1. rollouts: G samples per prompt from the current (= old) policy
+        picks = prob_rng.sample(range(len(cd_train)), tc.rl_prompts)
+        probs = [cd_train[i] for i in picks]
+        prompts = [[tok.bos] + tok.encode(format_prompt(p, tmpl)) for p in probs]
+        gen = group_rollouts(model, prompts, G, tc.max_new_tokens, {tok.eos}, tok.pad,
+                             temperature=tc.temperature, generator=gen_rng)
+        rprobs = [p for p in probs for _ in range(G)]
+        rprompts = [p for p in prompts for _ in range(G)]
+        texts = [tok.decode(gen.tokens[r, :int(gen.lengths[r])].tolist()) for r in range(len(rprobs))]
+        reward, acc, fmt = rl_rewards(texts, rprobs, tc)
+        # 2. advantages: the group is the baseline (no critic)
+        adv = grpo.group_advantages(reward, G, tc.adv_scale)
+        zero_var = grpo.zero_variance_groups(reward, G)
+        keep = torch.ones(len(rprobs), dtype=torch.bool)
+        if tc.dynamic_sampling and not bool(zero_var.all()):
+            # DAPO: groups whose rewards are all equal have A = 0 and only cost compute; drop them
+            keep = (~zero_var).repeat_interleave(G)
+        rows_idx = keep.nonzero().squeeze(1).tolist()
+        # 3. policy update: mu epochs over the batch, old logprobs stored before the first one
+        idx, pos, mask, P = sequences_for_training([rprompts[i] for i in rows_idx],
+                                                   _select(gen, rows_idx), tok.pad, device)
+        resp_mask = gen.mask[rows_idx].to(device)
+        resp_tok = gen.tokens[rows_idx].to(device)
+        L = resp_tok.shape[1]
+        A = adv[rows_idx].to(device)
+        n_tok = resp_mask.sum()
+
+        def logps(m, sl):
+            logits, _ = m(idx[sl], pos=pos[sl], mask=mask[sl])
+            logits = logits[:, P - 1:P - 1 + L]                                    # (b, L, V)
+            return grpo.token_logprobs(logits, resp_tok[sl]), logits
+
+        slices = [slice(i, i + tc.rl_micro) for i in range(0, len(rows_idx), tc.rl_micro)]
+        with torch.no_grad():
+            old = torch.cat([logps(model, sl)[0] for sl in slices]) if tc.rl_mu > 1 else None
+            refl = torch.cat([logps(ref, sl)[0] for sl in slices]) if ref is not None else None
+        stats = {}
+        for epoch in range(tc.rl_mu):
+            for sl in slices:
+                lp, logits = logps(model, sl)
+                old_sl = old[sl] if old is not None else lp.detach()
+                loss, met = grpo.policy_loss(
+                    lp, old_sl, refl[sl] if refl is not None else None, A[sl], resp_mask[sl],
+                    loss_type=tc.loss_type, beta=tc.beta, eps_low=tc.eps_low, eps_high=tc.eps_high, tau=tc.tau,
+                    max_len=tc.max_new_tokens, global_tokens=n_tok)
+                # grpo/bnpo/dr_grpo return a micro-batch mean: weight by the micro-batch's share of rows;
+                # dapo is already normalised by the whole batch's token count
+                w = 1.0 if tc.loss_type == 'dapo' else (sl.stop - sl.start if sl.stop <= len(rows_idx)
+                                                         else len(rows_idx) - sl.start) / len(rows_idx)
+                (loss * w).backward()
+                if epoch == tc.rl_mu - 1:
+                    met['entropy'] = grpo.masked_entropy(logits.detach(), resp_mask[sl])
+                    met['loss'] = loss.detach()
+                    for k, v in met.items():
+                        stats[k] = stats.get(k, 0.0) + v.detach() * w
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.rl_grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        # 4. metrics (one sync for all of them)
+        lens = gen.lengths.float()
+        correct = acc > 0
+        row = {'step': step + 1, 'reward': float(reward.mean()), 'reward_std': float(reward.std()),
+               'acc_reward': float(acc.mean()), 'format_reward': float(fmt.mean()), 'accuracy': float(correct.float().mean()),
+               'response_len': float(lens.mean()),
+               'response_len_correct': float(lens[correct].mean()) if correct.any() else None,
+               'response_len_wrong': float(lens[~correct].mean()) if (~correct).any() else None,
+               'zero_var_frac': float(zero_var.float().mean()), 'truncated_frac': float((~gen.finished).float().mean()),
+               'grad_norm': float(gnorm), 'lr': lr, 'step_seconds': round(time.time() - ts, 3)}
+        row.update({k: float(v) for k, v in stats.items()})
+        if (step + 1) % tc.rl_eval_interval == 0 or step + 1 == tc.rl_steps:
+            row['eval_pass@1'], row['eval_mean_tokens'] = evaluate(model, tok, cd_test, 'countdown', tmpl,
+                                                                   tc.max_new_tokens)
+        rows.append(row)
+        log.log(**row)
+        bar.set_postfix(acc=f"{row['accuracy']:.2f}", len=f"{row['response_len']:.0f}",
+                        eval=row.get('eval_pass@1', ''))
+        if (step + 1) % tc.ckpt_interval == 0 or step + 1 == tc.rl_steps:
+            save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'step': step + 1,
+                                        'rng': rng_state(), 'rows': rows, 'model_config': model.config.to_dict(),
+                                        'train_config': dataclasses.asdict(tc), 'tokenizer': tok.to_dict(),
+                                        'task_config': dataclasses.asdict(task_cfg)})
+    bar.close()
+    finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0, t_start, base_cd)
+
+
+def _select(gen, rows_idx):
+    from sample import Generation
+    return Generation(gen.tokens[rows_idx], gen.logprobs[rows_idx], gen.mask[rows_idx], gen.lengths[rows_idx],
+                      gen.finished[rows_idx])
+
+
+def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0, t_start, base_cd):
+    """Final evaluation, summary.json (stage and run level), plots and report.md."""
+    tmpl = task_cfg.template
+    base_cd = rows[0]['eval_pass@1'] if base_cd is None else base_cd
+    rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
+    sampled, _ = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, temperature=1.0, seed=1)
+    pass_k, _ = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, k=tc.pass_k,
+                         temperature=1.0, seed=2)
+    summary = {'base_countdown_pass@1': base_cd, 'rl_countdown_pass@1': rl_cd,
+               'rl_countdown_pass@1_sampled': sampled, f'rl_countdown_pass@{tc.pass_k}': pass_k,
+               'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': rows[0].get('eval_mean_tokens'),
+               'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
+    pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
+    if os.path.isfile(pre):
+        summary['base_arith_acc'] = json.load(open(pre)).get('base_arith_acc')
+    summary['wall_seconds'] = round(time.time() - t_start, 1)
+    with open(os.path.join(stage_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(tc.out_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    plots = {'reward': ['reward', 'accuracy', 'eval_pass@1'], 'length': ['response_len', 'response_len_correct',
+             'response_len_wrong'], 'stability': ['kl', 'entropy', 'clip_frac_low', 'clip_frac_high', 'grad_norm']}
+    for name, keys in plots.items():
+        plot_curves(os.path.join(stage_dir, f'{name}.png'), rows, keys, f'grpo: {name}')
+    write_report(tc, task_cfg, model, summary, rows, stage_dir)
+    print0(json.dumps(summary, indent=2))
+
+
+def write_report(tc, task_cfg, model, summary, rows, stage_dir):
+    first = next((r for r in rows if 'accuracy' in r), {})
+    last = rows[-1] if rows else {}
+    lines = ['# nanoR1 grpo report', '', f"preset `{tc.preset}`, {model.num_params():,} parameters, "
+             f"{tc.rl_steps} RL steps, wall {summary['wall_seconds']} s", '', '## Before / after (held-out, greedy)', '',
+             '| metric | base | after RL |', '|---|---|---|',
+             f"| countdown pass@1 | {summary['base_countdown_pass@1']:.3f} | {summary['rl_countdown_pass@1']:.3f} |",
+             f"| mean response tokens | {summary['base_mean_response_tokens']:.1f} | {summary['rl_mean_response_tokens']:.1f} |",
+             f"| train accuracy (first / last step) | {first.get('accuracy', float('nan')):.3f} | {last.get('accuracy', float('nan')):.3f} |",
+             '', f"sampled pass@1 {summary['rl_countdown_pass@1_sampled']:.3f}, pass@{tc.pass_k} "
+             f"{summary[f'rl_countdown_pass@{tc.pass_k}']:.3f}", '', '## Plots', '',
+             '![reward](reward.png)', '', '![length](length.png)', '', '![stability](stability.png)', '',
+             '## Config', '', '```json', json.dumps({**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg),
+                                                    **model.config.to_dict()}, indent=1), '```', '']
+    with open(os.path.join(stage_dir, 'report.md'), 'w') as f:
+        f.write('\n'.join(lines))
+
+
+# -----------------------------------------------------------------------------
+
+STAGES = ('pretrain', 'grpo', 'all')
+
+
+def main(argv=None):
+    tc, task_cfg, mc = parse_args(argv)
+    rank, world, local = setup_distributed()
+    device = pick_device(tc, local)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    cfg = {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()}
+    print0(json.dumps(cfg))
+    t0 = time.time()
+    if tc.stage in ('pretrain', 'all'):
+        pretrain(tc, task_cfg, mc, rank, world, device)
+    if tc.stage in ('grpo', 'all'):
+        grpo_stage(tc, task_cfg, mc, rank, world, device, t0)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
