@@ -112,7 +112,8 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, 
     cache = model.new_cache(B, P + max_new_tokens)
     gens = _generators(B, seeds, generator, device)
     stop = torch.tensor(sorted(stop_ids), device=device)
-    logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0), cache=cache, start=0)
+    ragged = not bool(valid.all())  # equal-length prompts need no mask: the fast causal kernel applies
+    logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0) if ragged else None, cache=cache, start=0)
     logits = logits[:, -1].float()                                   # (B, V)
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((B, max_new_tokens), device=device)
@@ -126,8 +127,10 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, 
         done = done | torch.isin(tok, stop)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)  # (B, P+t+1)
-        mask = attention_mask(valid[:, -1:], valid, P + t)            # (B, 1, 1, P+t+1)
+        mask = None
+        if ragged:
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)  # (B, P+t+1)
+            mask = attention_mask(valid[:, -1:], valid, P + t)        # (B, 1, 1, P+t+1)
         logits, _ = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache, start=P + t)
         logits = logits[:, -1].float()
         next_pos = next_pos + 1

@@ -500,6 +500,10 @@ def sequences_for_training(prompts, gen, pad_id, device):
     resp = gen.tokens.to(device)                                               # (B, L)
     idx = torch.cat([idx, resp], 1)                                            # (B, P+L)
     pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(resp.shape[1], device=device)], 1)
+    if bool(valid.all()):
+        # equal-length prompts (every countdown prompt is: numbers are single tokens): plain causal attention,
+        # the fast kernel; pads after a stop token sit at the end where no trained token can see them
+        return idx, None, None, P
     valid = torch.cat([valid, torch.ones_like(resp, dtype=torch.bool)], 1)    # pads after a stop are never read
     return idx, pos, attention_mask(valid, valid, 0), P
 
@@ -581,7 +585,7 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
         n_tok = resp_mask.sum()
 
         def logps(m, sl):
-            logits, _ = m(idx[sl], pos=pos[sl], mask=mask[sl])
+            logits, _ = m(idx[sl], pos=None if pos is None else pos[sl], mask=None if mask is None else mask[sl])
             logits = logits[:, P - 1:P - 1 + L]                                    # (b, L, V)
             return grpo.token_logprobs(logits, resp_tok[sl]), logits
 

@@ -235,3 +235,14 @@ def test_errors():
         call(loss_type='dapo')
     with pytest.raises(ValueError, match='block_v'):
         call(block_v=48)
+
+
+def test_out_of_range_id_reads_nan():
+    # the kernel does not sync to check ids on the host; a bad id must poison its row, not read out of bounds
+    logits, tokens, *_ = make_batch(37)
+    tokens = tokens.clone()
+    tokens[1, 2], tokens[2, 3] = 37, -1
+    logp = logprobs_from_logits(logits, tokens, impl='triton', block_v=block(37))
+    bad = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    bad[1, 2] = bad[2, 3] = True
+    assert logp[bad].isnan().all() and logp[~bad].isfinite().all()

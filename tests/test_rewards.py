@@ -1,0 +1,551 @@
+"""
+Tests of rewards.py against worked examples (values derived by hand in the comments), hypothesis properties
+(never raises, stays in range, under 10 ms a call) and adversarial 100 kB inputs.
+
+Run: python -m pytest tests/test_rewards.py -q
+"""
+import os
+import random
+import sys
+import time
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rewards as R  # noqa: E402
+from rewards import (arithmetic_reward, countdown_reward, extract_answer, format_reward, is_repeating,  # noqa: E402
+                     kimi_length_reward, language_consistency_reward, overlong_reward, parse_expression,
+                     repeat_ngram_fraction, repeat_penalty)
+
+BUDGET_S = 0.010  # every text reward must return within 10 ms for any input up to 100 kB
+
+
+def cd(answer, numbers=(3, 4, 5), target=7, think='3*4=12,12-5=7.'):
+    """A countdown response in the tokenizer's tight form, scored."""
+    return countdown_reward(f"<think>{think}</think><answer>{answer}</answer>", list(numbers), target)
+
+
+# -----------------------------------------------------------------------------
+# parse_expression
+
+@pytest.mark.parametrize('s, value, literals', [
+    ('(3*4)-5', 7, [3, 4, 5]),
+    (' 12 +\t3 ', 15, [12, 3]),
+    ('8-3-2', 3, [8, 3, 2]),                      # left-associative: (8-3)-2, not 8-(3-2)=7
+    ('8/2/2', 2, [8, 2, 2]),                      # (8/2)/2
+    ('2+3*4', 14, [2, 3, 4]),                     # precedence: 2+12
+    ('6/(1+3)', Fraction(3, 2), [6, 1, 3]),       # 6/4 stays exact
+    ('7/2*2', 7, [7, 2, 2]),                      # 3.5*2; floor division would give 6
+    ('(1/3)*6', 2, [1, 3, 6]),
+    ('-3+5', 2, [3, 5]),                          # unary minus on a literal
+    ('-(2*3)+10', 4, [2, 3, 10]),                 # ... and on a group
+    ('3*-2', -6, [3, 2]),
+    ('007', 7, [7]),                              # leading zeros: the literal 7
+    ('1000000*1000000', 10 ** 12, [10 ** 6, 10 ** 6]),   # exactly at both caps
+    ('1/999999/999999', Fraction(1, 999998000001), [1, 999999, 999999]),  # denominator 999998000001 <= 1e12
+    ('(' * 16 + '1' + ')' * 16, 1, [1]),          # depth 16 is allowed
+    ('1' + ' ' * 199, 1, [1]),                    # 200 chars is allowed
+    ('1+' * 31 + '1', 32, [1] * 32),              # 63 tokens
+])
+def test_parse_valid(s, value, literals):
+    assert parse_expression(s) == (value, literals)
+
+
+@pytest.mark.parametrize('s', [
+    '', '   ', '()', '(3', '3)', '3 4', '3+', '*3', '--3', '3--', '1.5', '3x4', '3×4', '3÷4', '3 = 3',
+    '1/0', '5/(3-3)', '0/0',                               # division by zero
+    '2**100', '2^10', '2**3',                              # no powers
+    '9999999*9999999*9999999', '1000001',                  # a literal above 1e6
+    '999999*999999*999999',                                # 999998000001 is fine, then ~1e18 > 1e12
+    '1000000*1000000+1',                                   # 1e12 + 1
+    '1/999999/999999/2',                                   # denominator 1999996000002 > 1e12
+    '(' * 17 + '1' + ')' * 17,                             # depth 17
+    '(' * 1000 + '1' + ')' * 1000,                         # deep and long
+    ' ' * 200 + '1',                                       # 201 chars
+    '1+' * 32 + '1',                                       # 65 tokens
+    '٣+4', '３*4', '3+٤', '²+1', '𝟑+1',                     # Unicode digits are not digits
+    None, 7, b'1+1',
+])
+def test_parse_invalid(s):
+    assert parse_expression(s) is None
+
+
+# -----------------------------------------------------------------------------
+# extract_answer
+
+@pytest.mark.parametrize('text, answer', [
+    ('<answer> 7 </answer>', '7'),
+    ('<answer>1</answer> x <answer>2</answer>', '2'),          # the last pair wins
+    ('<answer>1</answer><answer>2', '1'),                      # '<answer>2' is not a complete pair
+    ('<answer>a<answer>b</answer>', 'b'),                      # innermost opening before the last closing
+    ('<answer></answer>', ''),
+    ('<think><answer>9</answer></think>', '9'),
+    ('no tags', None), ('<answer>7', None), ('7</answer>', None), ('</answer><answer>', None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+# -----------------------------------------------------------------------------
+# countdown_reward: numbers [3, 4, 5], target 7 unless said otherwise
+
+def test_countdown_correct_and_equivalent_forms():
+    assert cd('(3*4)-5') == 1.0
+    assert cd('3*4-5') == 1.0                      # 12-5
+    assert cd(' 5 - ( 4 + 3 ) + 3 * 4 - 5 + 5 - 5 ', numbers=[5, 4, 3, 3, 4, 5, 5, 5], target=5) == 1.0  # -2+12-5+5-5
+    assert cd('(3*4)-5', numbers=[5, 3, 4]) == 1.0  # order of the given numbers does not matter
+    assert cd('4*3-5') == 1.0
+    # the tokenizer may put spaces or newlines around tags, or none
+    text = " <think> 3*4=12 </think>\n<answer> (3*4)-5 </answer>\n"
+    assert countdown_reward(text, [3, 4, 5], 7) == 1.0
+
+
+def test_countdown_wrong_value_or_numbers():
+    assert cd('(3+4)-5') == 0.0          # 2
+    assert cd('(3*4)-3', target=9) == 0.0  # value 9 but 3 reused and 5 missing
+    assert cd('3*4', target=12) == 0.0   # 5 missing
+    assert cd('(3*4)-5+0') == 0.0        # an extra number (0 is not given)
+    assert cd('(3*4)-5*1') == 0.0        # an extra number (1)
+    assert cd('12-5') == 0.0             # 12 is not a given number
+    assert cd('7') == 0.0
+    assert cd('7', numbers=[7], target=7) == 1.0
+    assert cd('(3*4)-5', numbers=[3, 4, 5, 5]) == 0.0  # a given number left unused
+
+
+def test_countdown_exact_fractions():
+    # numbers [1, 3, 6], target 2: (6/3)*1 = 2*1 = 2; 6/(3*1) = 6/3 = 2; (1/3)*6 = 6/3 = 2 via the fraction 1/3
+    for ans in ('(6/3)*1', '6/(3*1)', '(1/3)*6', '6*1/3'):
+        assert cd(ans, numbers=[1, 3, 6], target=2) == 1.0, ans
+    # numbers [1, 3, 6, 9], target 11: (1/3)*6 + 9 = 2 + 9
+    assert cd('(1/3)*6+9', numbers=[1, 3, 6, 9], target=11) == 1.0
+    # 7/2*2 = 7 exactly (integer division would give 3*2 = 6)
+    assert cd('7/2*2', numbers=[7, 2, 2], target=7) == 1.0
+    assert cd('7/2*2', numbers=[7, 2, 2], target=6) == 0.0
+    # 6/(1+3) = 3/2, which is no integer target
+    assert cd('6/(1+3)', numbers=[6, 1, 3], target=1) == 0.0
+    assert cd('6/(1+3)', numbers=[6, 1, 3], target=2) == 0.0
+
+
+def test_countdown_division_by_zero_and_huge():
+    assert cd('5/(3-3)', numbers=[5, 3, 3], target=0) == 0.0
+    assert cd('5*(3-3)', numbers=[5, 3, 3], target=0) == 1.0   # 5*0 = 0 is fine
+    assert cd('9999999*9999999*9999999', numbers=[9999999] * 3, target=9999999 ** 3) == 0.0
+    assert cd('2**100', numbers=[2, 100], target=2 ** 100) == 0.0
+    assert cd('2^10', numbers=[2, 10], target=1024) == 0.0
+    assert cd('(' * 1000 + '3*4-5' + ')' * 1000) == 0.0
+
+
+def test_countdown_equals_suffix():
+    assert cd('(3*4)-5 = 7') == 1.0
+    assert cd('(3*4)-5=7') == 1.0
+    assert cd('(3*4)-5 = 8') == 0.0      # a wrong claim
+    assert cd('(3*4)-5 = 7 = 7') == 0.0
+    assert cd('(3*4)-5 == 7') == 0.0
+    assert cd('(3*4)-5 =') == 0.0
+    assert cd('= 7') == 0.0
+    assert cd('7 = (3*4)-5') == 0.0      # only a trailing '= N' is accepted
+    assert cd('(3*4)-5 = 7.0') == 0.0
+
+
+def test_countdown_negative_target():
+    # numbers [2, 5], target -3: 2-5 = -3
+    assert cd('2-5', numbers=[2, 5], target=-3) == 1.0
+    assert cd('2-5 = -3', numbers=[2, 5], target=-3) == 1.0
+    assert cd('2-5 = 3', numbers=[2, 5], target=-3) == 0.0
+    assert cd('5-2', numbers=[2, 5], target=-3) == 0.0
+
+
+def test_countdown_answer_tags():
+    ok = '(3*4)-5'
+    # several answers: the last one counts
+    assert countdown_reward(f'<think>x</think><answer>9</answer><answer>{ok}</answer>', [3, 4, 5], 7) == 1.0
+    assert countdown_reward(f'<think>x</think><answer>{ok}</answer><answer>9</answer>', [3, 4, 5], 7) == 0.0
+    # an <answer> inside the think is just an earlier answer
+    assert countdown_reward(f'<think>maybe <answer>9</answer></think><answer>{ok}</answer>', [3, 4, 5], 7) == 1.0
+    # the accuracy reward does not check the format
+    assert countdown_reward(f'<answer>{ok}</answer>', [3, 4, 5], 7) == 1.0
+    # empty and unclosed tags
+    assert countdown_reward('<think>x</think><answer></answer>', [3, 4, 5], 7) == 0.0
+    assert countdown_reward('<think>x</think><answer>   </answer>', [3, 4, 5], 7) == 0.0
+    assert countdown_reward(f'<think>x</think><answer>{ok}', [3, 4, 5], 7) == 0.0
+    assert countdown_reward(f'<think>x</think><answer>{ok}</answer', [3, 4, 5], 7) == 0.0
+    assert countdown_reward(f'<think>x</think>{ok}</answer>', [3, 4, 5], 7) == 0.0
+    assert countdown_reward(f'<think>x</think>{ok}', [3, 4, 5], 7) == 0.0
+
+
+def test_countdown_trailing_text():
+    base = '<think>3*4=12</think><answer>(3*4)-5</answer>'
+    for tail in ('', ' ', '\n\n', '<|eos|>', ' <|eos|> ', '<|eos|><|pad|><|pad|>', '<|pad|>', '<|eos|><|eos|>'):
+        assert countdown_reward(base + tail, [3, 4, 5], 7) == 1.0, repr(tail)
+    # the degenerate tails a lenient checker was hacked with, and any other text
+    for tail in ('</answer>', '</answer></answer>', ' done', '<answer>', '</think>', '<|eos|>x', '.', '<|bos|>'):
+        assert countdown_reward(base + tail, [3, 4, 5], 7) == 0.0, repr(tail)
+
+
+def test_countdown_unicode_digits_and_bad_input():
+    assert cd('(٣*4)-5') == 0.0
+    assert cd('(３*４)-５') == 0.0
+    assert countdown_reward(None, [3, 4, 5], 7) == 0.0
+    assert countdown_reward(b'<answer>(3*4)-5</answer>', [3, 4, 5], 7) == 0.0
+    assert countdown_reward('', [3, 4, 5], 7) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# arithmetic_reward
+
+@pytest.mark.parametrize('answer, result, reward', [
+    ('7', 7, 1.0), (' 7 ', 7, 1.0), ('\n7\n', 7, 1.0), ('-3', -3, 1.0), ('007', 7, 1.0), ('-0', 0, 1.0),
+    ('0', 0, 1.0), ('123456789012345678901234567890', 123456789012345678901234567890, 1.0),
+    ('8', 7, 0.0), ('-7', 7, 0.0), ('7', -7, 0.0), ('+7', 7, 0.0), ('7.0', 7, 0.0), ('3+4', 7, 0.0),
+    ('7 = 7', 7, 0.0), ('- 7', -7, 0.0), ('٧', 7, 0.0), ('７', 7, 0.0), ('', 0, 0.0), ('-', 0, 0.0),
+    ('seven', 7, 0.0), ('7 7', 7, 0.0), ('9' * 50000, 7, 0.0),
+])
+def test_arithmetic(answer, result, reward):
+    assert arithmetic_reward(f'<think>3+4=7</think><answer>{answer}</answer>', result) == reward
+
+
+def test_arithmetic_tags():
+    assert arithmetic_reward('<think>x</think><answer>7</answer><|eos|><|pad|>', 7) == 1.0
+    assert arithmetic_reward('<think>x</think><answer>7</answer> junk', 7) == 0.0
+    assert arithmetic_reward('<think>x</think><answer>7</answer></answer>', 7) == 0.0
+    assert arithmetic_reward('<answer>8</answer><answer>7</answer>', 7) == 1.0
+    assert arithmetic_reward('<answer>7</answer><answer>8</answer>', 7) == 0.0
+    assert arithmetic_reward('<answer>7', 7) == 0.0
+    assert arithmetic_reward(None, 7) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# format_reward
+
+@pytest.mark.parametrize('text, strict, lenient', [
+    ('<think>3*4=12</think><answer>(3*4)-5</answer>', 1, 1),
+    ('<think> 3*4=12 </think> <answer> 7 </answer>', 1, 1),
+    ('\n<think>\na\n</think>\n\n<answer>\n7\n</answer>\n', 1, 1),
+    ('<think>a</think><answer>7</answer><|eos|><|pad|><|pad|>', 1, 1),
+    ('<think> </think><answer>7</answer>', 0, 1),             # empty think
+    ('<think>a</think><answer> </answer>', 0, 1),              # empty answer
+    ('<think>a</think><answer>7</answer><answer>8</answer>', 0, 1),   # two answers
+    ('<think>a <answer>9</answer></think><answer>7</answer>', 0, 1),  # an answer inside the think
+    ('<think>a</think> so <answer>7</answer>', 0, 1),          # text between
+    ('Sure. <think>a</think><answer>7</answer>', 0, 1),        # text before
+    ('<think>a</think><answer>7</answer> ok', 0, 1),           # text after
+    ('<think>a</think><answer>7</answer></answer>', 0, 1),
+    ('<think><think>a</think><answer>7</answer>', 0, 1),
+    ('<answer>7</answer><think>a</think>', 0, 0),              # wrong order
+    ('<think>a<answer>7</answer>', 0, 0),                      # unclosed think
+    ('<think>a</think><answer>7', 0, 0),                       # unclosed answer
+    ('<think>a</think>', 0, 0), ('<answer>7</answer>', 0, 0), ('', 0, 0), ('plain text', 0, 0),
+    ('a</think><answer>7</answer>', 0, 0),                     # prefilled <think>, not declared
+])
+def test_format(text, strict, lenient):
+    assert format_reward(text) == strict
+    assert format_reward(text, strict=True) == strict
+    assert format_reward(text, strict=False) == lenient
+
+
+def test_format_prefilled_think():
+    # the prompt ended with '<think>', so the model's text starts inside it
+    resp = '3*4=12,12-5=7.</think><answer>(3*4)-5</answer><|eos|>'
+    assert format_reward(resp) == 0.0                              # the reported "stuck at 0"
+    assert format_reward(resp, prefilled_think=True) == 1.0
+    assert format_reward(resp, strict=False, prefilled_think=True) == 1.0
+    assert format_reward(' a </think>\n<answer>7</answer>', prefilled_think=True) == 1.0
+    # the model opening a second think after the prefilled one breaks the strict format
+    assert format_reward('<think>a</think><answer>7</answer>', prefilled_think=True) == 0.0
+    assert format_reward('</think><answer>7</answer>', prefilled_think=True) == 0.0  # empty think
+
+
+def test_format_bad_input():
+    assert format_reward(None) == 0.0
+    assert format_reward(42, strict=False) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# language_consistency_reward
+
+@pytest.mark.parametrize('text, target, share', [
+    # digits: 3, 4, 12, 12, 5, 7 -> 6 digit words of 6
+    ('<think>3*4=12,12-5=7.</think><answer>7</answer>', 'digits', 1.0),
+    ('<think>3*4=12,12-5=7.</think><answer>7</answer>', 'words', 0.0),
+    # 5 latin words of 5
+    ('<think>three times four is twelve</think><answer>12</answer>', 'words', 1.0),
+    ('<think>three times four is twelve</think><answer>12</answer>', 'latin', 1.0),
+    ('<think>three times four is twelve</think><answer>12</answer>', 'digits', 0.0),
+    # 3, 4, 12 digit words and times, is, yes latin words: 3 of 6
+    ('<think>3 times 4 is 12 yes</think>', 'words', 0.5),
+    ('<think>3 times 4 is 12 yes</think>', 'digits', 0.5),
+    # 'abc123' is two words (the script changes), 'x' a third: 2 latin of 3
+    ('<think>abc123 x</think>', 'words', 2 / 3),
+    # accented latin stays one latin word: café, naïve
+    ('<think>café naïve</think>', 'latin', 1.0),
+    # each CJK character is a word: 我 们 计 算 (4) plus 3 and 4 (2 digit words): 4 of 6
+    ('<think>我们计算 3*4</think>', 'cjk', 4 / 6),
+    ('<think>我们计算 3*4</think>', 'digits', 2 / 6),
+    ('<think>ひらがなカタカナ한국</think>', 'cjk', 1.0),          # 8 kana + 2 hangul, all cjk
+    # привет (cyrillic), world (latin): 1 of 2 each; 'приветworld' is two words as well
+    ('<think>привет world</think>', 'cyrillic', 0.5),
+    ('<think>приветworld</think>', 'latin', 0.5),
+    ('<think>αβγ abc δ</think>', 'greek', 2 / 3),
+    # Arabic-Indic digit ٣ is arabic script, not 'digits': مرحبا, ٣ (arabic) and 5 (digits): 2 of 3
+    ('<think>مرحبا ٣ 5</think>', 'arabic', 2 / 3),
+    ('<think>मेरा 5</think>', 'other', 2 / 3),                # Devanagari vowel signs split the word: म, र + 5
+    # fullwidth ３ is not an ASCII digit: 'other'
+    ('<think>３ 3</think>', 'digits', 0.5),
+])
+def test_language_share(text, target, share):
+    assert language_consistency_reward(text, target) == pytest.approx(share)
+
+
+def test_language_cot_extraction():
+    # prefilled think: the CoT is the text before </think>; the answer is not part of it
+    assert language_consistency_reward('three four</think><answer>7 8 9</answer>', 'words') == 1.0
+    # unclosed think: the CoT runs to the end; special tokens are not the words "answer" or "eos"
+    assert language_consistency_reward('<think>three 3 <answer>4</answer><|eos|>', 'words') == pytest.approx(1 / 3)
+    # only the think counts, not text before it or the answer
+    assert language_consistency_reward('hello world <think>3 4</think><answer>five</answer>', 'digits') == 1.0
+    # no CoT, an empty one, or one without words
+    for text in ('no tags', '<think></think><answer>7</answer>', '<think> *+= </think>', '', '<answer>x</answer>'):
+        assert language_consistency_reward(text, 'words') == 0.0, text
+    assert language_consistency_reward(None, 'words') == 0.0
+
+
+def test_language_unknown_target():
+    with pytest.raises(ValueError, match='unknown target'):
+        language_consistency_reward('<think>a</think>', 'english')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=60)
+       | st.lists(st.sampled_from(['a', 'é', 'Z', '1', '09', '٣', '３', '我', 'ひ', '한', 'ж', 'λ', 'م', 'म', 'े',
+                                   '_', ' ', '-', '\u0301', '²', 'Ⅻ', '\U00020000', '\ud800', 'ß', 'Ａ']),
+                  max_size=40).map(''.join))
+def test_count_words_fast_matches_slow_twin(text):
+    assert R.count_words(text) == R.count_words_slow(text)
+
+
+# -----------------------------------------------------------------------------
+# Kimi length reward, DAPO overlong reward
+
+def test_kimi_length_reward_by_hand():
+    # lengths 10, 20, 30, 40: min 10, max 40, range 30
+    # lambda = 0.5 - (0, 10, 20, 30)/30 = 0.5, 0.1667, -0.1667, -0.5
+    # correct keeps lambda, wrong gets min(0, lambda): 0.5, 0, -0.1667, -0.5
+    out = kimi_length_reward([10, 20, 30, 40], [True, False, True, False])
+    assert out == pytest.approx([0.5, 0.0, -1 / 6, -0.5])
+    assert all(isinstance(x, float) for x in out)
+    # all correct: lambda as is
+    assert kimi_length_reward([10, 20, 30, 40], [True] * 4) == pytest.approx([0.5, 1 / 6, -1 / 6, -0.5])
+    # lengths 5, 5, 15: lambda 0.5, 0.5, -0.5
+    assert kimi_length_reward([5, 15, 5], [False, True, True]) == pytest.approx([0.0, -0.5, 0.5])
+
+
+def test_kimi_length_reward_edge_cases():
+    assert kimi_length_reward([7, 7, 7], [True, False, True]) == [0.0, 0.0, 0.0]
+    assert kimi_length_reward([12], [True]) == [0.0]
+    assert kimi_length_reward([], []) == []
+    with pytest.raises(ValueError):
+        kimi_length_reward([1, 2], [True])
+
+
+@pytest.mark.parametrize('length, reward', [
+    # max_len 100, cache_len 20: no penalty up to 80, then (80 - length)/20, then -1
+    (0, 0.0), (50, 0.0), (80, 0.0), (81, -0.05), (90, -0.5), (99, -0.95), (100, -1.0), (101, -1.0), (10 ** 6, -1.0),
+])
+def test_overlong_boundaries(length, reward):
+    assert overlong_reward(length, 100, 20) == pytest.approx(reward)
+
+
+def test_overlong_args():
+    assert overlong_reward(0, 10, 10) == 0.0           # cache_len == max_len: the ramp starts at 0
+    assert overlong_reward(5, 10, 10) == -0.5
+    assert overlong_reward(11, 10, 10) == -1.0
+    for max_len, cache_len in ((100, 0), (100, -5), (100, 101), (0, 0)):
+        with pytest.raises(ValueError, match='cache_len'):
+            overlong_reward(50, max_len, cache_len)
+
+
+# -----------------------------------------------------------------------------
+# repeat detection
+
+def repeat_fraction_slow(seq, n):
+    """The obvious loop: count n-grams already seen."""
+    seen, repeats = set(), 0
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams) if grams else 0.0
+
+
+def test_repeat_by_hand():
+    # 'abcd' * 25: 97 4-grams, only 4 distinct (abcd, bcda, cdab, dabc): 93 repeats
+    loop = 'abcd' * 25
+    assert repeat_ngram_fraction(loop) == pytest.approx(93 / 97)
+    assert is_repeating(loop)
+    assert repeat_penalty(loop) == -1.0
+    assert repeat_penalty(loop, penalty=0.5) == -0.5
+    # [1, 2, 3] * 10 with n = 3: 28 3-grams, 3 distinct
+    assert repeat_ngram_fraction([1, 2, 3] * 10, n=3) == pytest.approx(25 / 28)
+    # no repeated 4-gram
+    assert repeat_ngram_fraction('abcdefghij') == 0.0
+    assert not is_repeating('abcdefghij')
+    assert repeat_penalty('abcdefghij') == 0.0
+    # shorter than n
+    assert repeat_ngram_fraction('abc') == 0.0
+    assert repeat_ngram_fraction([]) == 0.0
+    # 'aaaaa' with n = 2: 4 bigrams, 1 distinct
+    assert repeat_ngram_fraction('aaaaa', n=2) == pytest.approx(3 / 4)
+    with pytest.raises(ValueError):
+        repeat_ngram_fraction('abc', n=0)
+
+
+def test_repeat_looping_generation():
+    # a generation that starts well and then loops: the tail decides
+    start = ''.join(chr(0x4e00 + i) for i in range(3000))  # 3000 distinct chars
+    looping = start + '</answer>' * 200
+    assert repeat_ngram_fraction(start) == 0.0
+    assert is_repeating(looping)                      # the last 1024 chars are the loop
+    assert not is_repeating(looping, window=None)     # over the whole text: 1800 loop chars of 4800 are not half
+    assert not is_repeating(looping[:3100])
+
+
+def test_repeat_torch_tensor():
+    torch = pytest.importorskip('torch')
+    t = torch.tensor([5, 6] * 50)
+    assert repeat_ngram_fraction(t, n=2) == pytest.approx(repeat_fraction_slow([5, 6] * 50, 2))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 4), max_size=50) | st.text(alphabet='ab ', max_size=50), st.integers(1, 5))
+def test_repeat_fast_matches_slow_twin(seq, n):
+    assert repeat_ngram_fraction(seq, n) == pytest.approx(repeat_fraction_slow(seq, n))
+
+
+# -----------------------------------------------------------------------------
+# properties: never raises, in range, fast
+
+def all_rewards(text):
+    """(name, fn, allowed values or (lo, hi)) of every text reward, bound to one input."""
+    return [
+        ('countdown', lambda: countdown_reward(text, [3, 4, 5], 7), {0.0, 1.0}),
+        ('countdown_neg', lambda: countdown_reward(text, [1, 12], -11), {0.0, 1.0}),
+        ('arithmetic', lambda: arithmetic_reward(text, 7), {0.0, 1.0}),
+        ('format', lambda: format_reward(text), {0.0, 1.0}),
+        ('format_lenient', lambda: format_reward(text, strict=False, prefilled_think=True), {0.0, 1.0}),
+        ('language_words', lambda: language_consistency_reward(text, 'words'), (0.0, 1.0)),
+        ('language_cjk', lambda: language_consistency_reward(text, 'cjk'), (0.0, 1.0)),
+        ('repeat_penalty', lambda: repeat_penalty(text), {0.0, -1.0}),
+    ]
+
+
+def raw_rewards(text):
+    """The undecorated functions must not raise either: the wrapper is a net, not the design."""
+    return [lambda: R.countdown_reward.__wrapped__(text, [3, 4, 5], 7),
+            lambda: R.arithmetic_reward.__wrapped__(text, 7),
+            lambda: R.format_reward.__wrapped__(text),
+            lambda: R.format_reward.__wrapped__(text, strict=False),
+            lambda: R._language_share.__wrapped__(text, 'latin'),
+            lambda: extract_answer(text),
+            lambda: parse_expression(text)]
+
+
+def timed_call(fn):
+    """(result, seconds); a slow call is re-timed twice and the minimum kept, so a scheduler hiccup on this
+    shared machine is not mistaken for a slow input, while a really slow input stays slow."""
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    if dt > BUDGET_S:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            dt = min(dt, time.perf_counter() - t0)
+    return out, dt
+
+
+def check_rewards(text, worst):
+    for name, fn, allowed in all_rewards(text):
+        out, dt = timed_call(fn)
+        assert type(out) is float, (name, text)
+        if isinstance(allowed, set):
+            assert out in allowed, (name, out, text)
+        else:
+            assert allowed[0] <= out <= allowed[1], (name, out, text)
+        worst[name] = max(worst.get(name, 0.0), dt)
+    for fn in raw_rewards(text):
+        fn()
+
+
+# warm up once per process: the first language call builds its 0x110000-entry script table (~0.3 s)
+language_consistency_reward('<think>warm up</think>', 'words')
+
+PIECES = ['<think>', '</think>', '<answer>', '</answer>', '<|eos|>', '<|pad|>', '<answer', 'answer>', '(', ')', '+',
+          '-', '*', '/', '=', ' ', '\n', '0', '1', '3', '4', '5', '7', '12', '999999', '9999999', '**', '^', '.',
+          '٣', '３', 'three', 'abc', '我', 'ж', '\u0301']
+grammar_text = st.lists(st.sampled_from(PIECES), max_size=60).map(''.join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_property_random_text(text):
+    worst = {}
+    check_rewards(text, worst)
+    assert max(worst.values()) < BUDGET_S, worst
+
+
+@settings(max_examples=300, deadline=None)
+@given(grammar_text)
+def test_property_grammar_text(text):
+    worst = {}
+    check_rewards(text, worst)
+    assert max(worst.values()) < BUDGET_S, worst
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(['3', '4', '5', '+', '-', '*', '/', '(', ')', ' ']), min_size=1, max_size=25)
+       .map(''.join))
+def test_property_countdown_agrees_with_parser(expr):
+    # the reward is 1 exactly when the parser's value and literals match: check on random expressions
+    parsed = parse_expression(expr)
+    r = countdown_reward(f'<think>t</think><answer>{expr}</answer>', [3, 4, 5], 7)
+    expected = parsed is not None and parsed[0] == 7 and sorted(parsed[1]) == [3, 4, 5]
+    assert r == (1.0 if expected else 0.0)
+
+
+def adversarial_inputs():
+    rng = random.Random(0)
+    n = 100_000
+    return {
+        'answer_open': '<answer>' * (n // 8),
+        'answer_close': '</answer>' * (n // 9),
+        'paren_open': '(' * n,
+        'deep_answer': '<answer>' + '(' * n + '</answer>',
+        'nines_answer': '<answer>' + '9' * n + '</answer>',
+        'sum_answer': '<answer>' + '1+' * (n // 2) + '1</answer>',
+        'pads': '<|pad|>' * (n // 7),
+        'pads_then_char': '<answer>1</answer>' + '<|pad|>' * (n // 7) + 'x',
+        'spaces': ' ' * n,
+        'think_alternating': '<think>' + 'a1' * (n // 2),
+        'think_tags': '<think></think>' * (n // 15),
+        'random_ascii': ''.join(rng.choice('<>/|answerthinkeospad 0123456789+-*/()=') for _ in range(n)),
+        'random_unicode': '<think>' + ''.join(chr(rng.randrange(0x20, 0x110000)) for _ in range(n)),
+        'mixed_scripts': '<think>' + ''.join(rng.choice(['ab ', 'жж ', '我', '12 ', 'αβ ', 'مر ']) for _ in range(n // 2)),
+    }
+
+
+@pytest.mark.parametrize('name', list(adversarial_inputs()))
+def test_100kb_adversarial_under_10ms(name):
+    text = adversarial_inputs()[name]
+    assert len(text) >= 90_000
+    for label, fn, _ in all_rewards(text) + [('extract', lambda: extract_answer(text), None),
+                                             ('parse', lambda: parse_expression(text), None)]:
+        best = float('inf')
+        for _ in range(3):  # min of 3 runs: robust to noise from other processes on the machine
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        assert best < BUDGET_S, (name, label, best)
+    for fn in raw_rewards(text):
+        fn()
