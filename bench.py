@@ -3,6 +3,7 @@ Benchmarks, one function per name, each with its own flags:
 
     python bench.py list
     python bench.py grpo_loss [--device cuda|cpu] [--n-tokens 16384] [--vocab 151936] [--dtype bf16] ...
+    python bench.py mla_decode [--device cuda|cpu] [--batch 128] [--seqlen 4096] [--heads 16] [--layout paged] ...
 
 grpo_loss: the GRPO loss from logits, forward + backward, and the log-probs alone (what the old and the reference
 policy cost). On CUDA: ours (grpo.loss_from_logits, Triton) against the eager PyTorch reference
@@ -12,6 +13,12 @@ bytes in bf16, REFERENCE.md sec 3), that as a share of the HBM peak, and peak me
 (torch.cuda.max_memory_allocated). On CPU (the kernel needs a GPU; its interpreter is for tests): the reference
 path token_logprobs (logsumexp) against a naive full log_softmax, at a small shape, same columns, peak memory
 counted by a dispatch-mode tracker.
+
+mla_decode: one decode step of absorbed MLA attention over the latent cache (mla.mla_decode), REFERENCE.md sec 3's
+FlashMLA shape by default (b=128, s_k=4096, h_q=16, d_c=512, d_R=64, bf16, every row full). On CUDA: ours
+(Triton, split-K) on the contiguous and the paged (64-token pages, shuffled table) cache, the PyTorch reference,
+and FlashMLA and FlashInfer's MLA decode when installed; bandwidth over the bytes that must move: the cache read
+once (B s_k (d_c + d_R) elements) plus the queries, outputs and lse. On CPU: the reference alone, small shape.
 """
 import argparse
 import json
@@ -25,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from grpo import LOSS_TYPES, logprobs_from_logits, loss_from_logits, policy_loss, token_logprobs
+from mla import mla_decode_ref, mla_decode_triton
 
 # HBM bandwidth from the vendor sheets, bytes/s, matched against torch.cuda.get_device_name() in this order
 HBM_PEAK = [('H100 PCIe', 2.0e12), ('H100', 3.35e12), ('H200', 4.8e12), ('A100', 2.0e12), ('L40S', 0.864e12),
@@ -245,9 +253,121 @@ def liger_rows(full, tokens, old, ref, adv, mask, args, device, warmup, iters, N
     return rows
 
 
+def mla_decode(argv):
+    """MLA decode over the latent cache (Triton split-K) vs the torch reference vs FlashMLA / FlashInfer: ms, GB/s"""
+    p = argparse.ArgumentParser(prog='bench.py mla_decode', description=mla_decode.__doc__)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda or cpu")
+    p.add_argument('--batch', type=int, default=None, help="B rows decoding one token each (default 128, CPU 4)")
+    p.add_argument('--seqlen', type=int, default=None, help="s_k cached tokens per row (default 4096, CPU 1024)")
+    p.add_argument('--heads', type=int, default=16, help="h_q query heads sharing the one latent head")
+    p.add_argument('--kv-lora-rank', type=int, default=512, help="d_c, the latent width (value width too)")
+    p.add_argument('--rope-dim', type=int, default=64, help="d_R, qk_rope_head_dim")
+    p.add_argument('--dtype', default='bf16', choices=DTYPES, help="queries and cache dtype")
+    p.add_argument('--num-splits', type=int, default=None, help="splits per row for ours (default: heuristic)")
+    p.add_argument('--warmup', type=int, default=None, help="untimed calls first (default 5, CPU 1)")
+    p.add_argument('--iters', type=int, default=None, help="timed calls, median reported (default 20, CPU 3)")
+    p.add_argument('--hbm-tbs', type=float, default=None, help="HBM peak in TB/s, if the device is not known")
+    p.add_argument('--seed', type=int, default=0, help="seed of the random inputs")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but CUDA is not available (try --device cpu)")
+    gpu = device.type == 'cuda'
+    B = args.batch or (128 if gpu else 4)
+    S = args.seqlen or (4096 if gpu else 1024)
+    H, dc, dr, page = args.heads, args.kv_lora_rank, args.rope_dim, 64
+    if S % page:
+        sys.exit(f"error: --seqlen {S} must be a multiple of the page size {page}")
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    iters = args.iters or (20 if gpu else 3)
+    scale = (128 + 64) ** -0.5  # DeepSeek-V3's 1/sqrt(qk_nope_head_dim + qk_rope_head_dim); any value will do
+    print(json.dumps(dict(vars(args), batch=B, seqlen=S, warmup=warmup, iters=iters)))
+
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+    q_nope, q_pe = rand(B, H, dc), rand(B, H, dr)                                 # (B, H, d_c), (B, H, d_R)
+    kv, pe = rand(B, S, dc), rand(B, S, dr)                                       # (B, S, d_c), (B, S, d_R)
+    lens = torch.full((B,), S, dtype=torch.int32, device=device)                  # (B,) every row full
+    # the paged view of the same memory: pages in a shuffled order, so the table really redirects every read
+    nb = S // page
+    kv_pool, pe_pool = kv.view(B * nb, page, dc), pe.view(B * nb, page, dr)       # (B*nb, 64, d)
+    perm = torch.randperm(B * nb, generator=g, device=device)
+    table = perm.view(B, nb).to(torch.int32)                                      # (B, nb)
+    elem = kv.element_size()
+    nbytes = B * S * (dc + dr) * elem + B * H * (dc + dr) * elem + B * H * (dc * elem + 4)
+
+    cases = [('torch reference (contiguous)', lambda: mla_decode_ref(q_nope, q_pe, kv, pe, lens, scale)),
+             ('torch reference (paged)', lambda: mla_decode_ref(q_nope, q_pe, kv_pool, pe_pool, lens, scale, table))]
+    if gpu:
+        cases = [
+            ('ours (Triton) contiguous', lambda: mla_decode_triton(q_nope, q_pe, kv, pe, lens, scale,
+                                                                   num_splits=args.num_splits)),
+            ('ours (Triton) paged', lambda: mla_decode_triton(q_nope, q_pe, kv_pool, pe_pool, lens, scale,
+                                                              table, num_splits=args.num_splits)),
+        ] + cases
+        cases += mla_peer_cases(q_nope, q_pe, kv_pool, pe_pool, table, lens, scale, page)
+    rows = [(name, time_ms(fn, device, warmup, iters), nbytes, peak_bytes(fn, device)) for name, fn in cases]
+    if gpu:  # every fast path against the reference on the same layout, so a fast wrong number shows
+        ref = {'contiguous': mla_decode_ref(q_nope, q_pe, kv, pe, lens, scale),
+               'paged': mla_decode_ref(q_nope, q_pe, kv_pool, pe_pool, lens, scale, table)}
+        for name, fn in cases:
+            if name.startswith('torch'):
+                continue
+            out, lse = fn()
+            ref_out, ref_lse = ref['contiguous' if 'contiguous' in name else 'paged']
+            d_out = (out.reshape(B, H, dc).float() - ref_out.float()).abs().max().item()
+            d_lse = (lse.reshape(B, H).float() - ref_lse).abs().max().item() if lse is not None else float('nan')
+            print(f"vs reference: {name:44s} max |d out| {d_out:.2e}  max |d lse| {d_lse:.2e}")
+    print(f"B = {B}, s_k = {S}, h_q = {H}, d_c = {dc}, d_R = {dr}, {args.dtype}; cache "
+          f"{B * S * (dc + dr) * elem / 1e9:.3f} GB, bytes moved {nbytes / 1e9:.3f} GB; device: "
+          f"{torch.cuda.get_device_name(device) if gpu else 'cpu'}; median of {iters}")
+    print_table(rows, hbm_peak(device, args.hbm_tbs))
+    if not gpu:
+        print("ours (Triton) needs a GPU: run `python bench.py mla_decode` on one")
+
+
+def mla_peer_cases(q_nope, q_pe, kv_pool, pe_pool, table, lens, scale, page):
+    """(name, fn) for FlashMLA and FlashInfer's MLA decode on the same paged cache, those that are installed
+    and accept the shape. FlashMLA wants q and the cache as [latent; rope] concatenations (copies made here,
+    outside the timing); FlashInfer takes our separate pools with a CSR page list. fn returns (out, lse)."""
+    B, H, dc = q_nope.shape
+    dr = q_pe.shape[2]
+    cases = []
+    try:
+        from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+        q = torch.cat([q_nope, q_pe], dim=-1).unsqueeze(1)                        # (B, 1, H, d_c+d_R)
+        kcache = torch.cat([kv_pool, pe_pool], dim=-1).unsqueeze(2)               # (blocks, 64, 1, d_c+d_R)
+        # the old API takes (seqlens, s_q * h_q // h_k, h_k); the new one ignores its arguments
+        meta, splits = get_mla_metadata(lens, H, 1)
+        fn = lambda: flash_mla_with_kvcache(q, kcache, table, lens, dc, meta, splits,  # noqa: E731
+                                            softmax_scale=scale, causal=False)
+        fn()
+        cases.append(('FlashMLA flash_mla_with_kvcache', fn))
+    except ImportError:
+        print("flash_mla not installed: FlashMLA is skipped (Hopper+; build it from deepseek-ai/FlashMLA)")
+    except Exception as e:  # an API change or an unsupported shape in the peer should not hide our numbers
+        print(f"FlashMLA failed, skipped: {type(e).__name__}: {e}")
+    try:
+        import flashinfer
+        wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(
+            torch.empty(128 * 1024 * 1024, dtype=torch.int8, device=q_nope.device))
+        ar = torch.arange(B + 1, dtype=torch.int32, device=q_nope.device)
+        wrapper.plan(ar, ar * table.shape[1], table.flatten(), lens, H, dc, dr, page, False, scale,
+                     q_nope.dtype, kv_pool.dtype)
+        fn = lambda: wrapper.run(q_nope, q_pe, kv_pool, pe_pool, return_lse=True)  # noqa: E731
+        fn()
+        cases.append(('FlashInfer BatchMLAPagedAttentionWrapper', fn))
+    except ImportError:
+        print("flashinfer not installed: its MLA decode is skipped (pip install flashinfer-python to compare)")
+    except Exception as e:
+        print(f"FlashInfer MLA failed, skipped: {type(e).__name__}: {e}")
+    return cases
+
+
 # -----------------------------------------------------------------------------
 
-BENCHMARKS = {'grpo_loss': grpo_loss}
+BENCHMARKS = {'grpo_loss': grpo_loss, 'mla_decode': mla_decode}
 
 
 def main():

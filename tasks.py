@@ -12,8 +12,8 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   compute cannot afford 80 tokens of preamble.
 - The corpus stands in for what R1-Zero's base got from the web. It teaches (1) arithmetic it can compute
   (expressions with worked steps) and (2) the response format, with countdown "attempts" of mixed quality:
-  each attempt is a correctly computed sequence of moves followed by a check ("yes" when it reaches the target,
-  "no" otherwise), but the writer stops after a random number of attempts, whatever the check said, and answers
+  each attempt is a correctly computed sequence of moves followed by a check ("72 vs 24 no": the target
+  copied beside the result, then the verdict), but the writer stops after a random number of attempts, whatever the check said, and answers
   with its last attempt. The base therefore knows how to search, compute and verify, but not when to stop:
   that is what RL has to learn (DESIGN note in EXPERIMENTS.md, and REFERENCE.md sec. 5 for why the naive
   world does not learn). Held-out problems never appear in it.
@@ -157,13 +157,30 @@ def make_countdown(rng, cfg):
 
 
 def make_arithmetic(rng, cfg, digits=1):
-    """A random expression over n_numbers operands of `digits` digits, same move rules as countdown."""
+    """
+    A left-deep chain `((x0 op x1) op x2) ...` over n_numbers operands of `digits` digits, evaluated left to
+    right, one move per step, under the same move rules as countdown. Left-deep on purpose: the k-th step's
+    operator sits at a fixed place after the k-th ')', which a 4-layer model reads reliably; with nested
+    forms like `8*(6+1)` the tiny base got the outer operator wrong half the time (EXPERIMENTS.md exp3).
+    """
     lo, hi = (cfg.lo, cfg.hi) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
     while True:
-        numbers = [rng.randint(lo, hi) for _ in range(cfg.n_numbers)]
-        res = random_moves(rng, numbers, cfg.ops)
-        if res is not None and res[0] <= cfg.max_target:
-            return Arithmetic(res[2], res[0], res[1])
+        xs = [rng.randint(lo, hi) for _ in range(cfg.n_numbers)]
+        if xs[0] < xs[1]:
+            xs[0], xs[1] = xs[1], xs[0]   # the first move is written larger-first, as in the countdown traces
+        value, expr, steps = xs[0], str(xs[0]), []
+        for x in xs[1:]:
+            op = rng.choice(cfg.ops)
+            if op in '+*' and not steps and value < x:
+                continue
+            r = apply_move(value, op, x)
+            if r is None:
+                break
+            steps.append((value, op, x, r))
+            expr = f"({expr}{op}{x})" if len(steps) < len(xs) - 1 else f"{expr}{op}{x}"
+            value = r
+        if len(steps) == len(xs) - 1 and value <= cfg.max_target:
+            return Arithmetic(expr, value, steps)
 
 
 def problems(kind, split, n, seed, cfg, digits=1):
@@ -225,7 +242,8 @@ def countdown_trace(rng, p, cfg):
             continue
         tried.add(res[2])
         value, steps, expr = res
-        parts.append(f"{format_steps(steps)} {'yes' if value == p.target else 'no'}.")
+        # the check copies the target next to the result, so "is it reached?" compares two adjacent tokens
+        parts.append(f"{format_steps(steps)} vs {p.target} {'yes' if value == p.target else 'no'}.")
         last = expr
         if len(parts) == k:
             break

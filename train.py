@@ -263,7 +263,7 @@ def plot_curves(path, rows, keys, title):
 def build_world(tc, task_cfg):
     """Problems, tokenizer and corpus generator, all a pure function of (seed, configs)."""
     cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
-    ar_train = problems('arithmetic', 'train', 2000, tc.seed, task_cfg)
+    ar_train = problems('arithmetic', 'train', 1500, tc.seed, task_cfg)
     rng = random.Random(tc.seed)
     sample_docs = [corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac) for _ in range(1000)]
     tok = Tokenizer(train_bpe(sample_docs, tc.bpe_merges))

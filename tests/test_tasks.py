@@ -87,13 +87,14 @@ def test_trace_computes_correctly_and_answers_with_last_attempt():
         attempts = [a for a in think.split('.') if a]
         assert 1 <= len(attempts) <= cfg.max_attempts
         for a in attempts:
-            *steps, verdict = a.split(' ')
+            *steps, vs, tgt, verdict = a.split(' ')
+            assert vs == 'vs' and int(tgt) == p.target
             for st in steps:
                 lhs, rhs = st.split('=')
                 assert eval_expr(lhs) == int(rhs)
             assert verdict == ('yes' if int(steps[-1].split('=')[1]) == p.target else 'no')
         answer = trace.split('<answer>')[1].split('</answer>')[0]
-        assert eval_expr(answer) == int(attempts[-1].split(' ')[-2].split('=')[1])
+        assert eval_expr(answer) == int(attempts[-1].split(' ')[-4].split('=')[1])
         assert numbers_of(answer) == sorted(p.numbers)
 
 
