@@ -254,10 +254,30 @@ def arithmetic_response(p):
     return f"<think>{format_steps(p.steps)}</think><answer>{p.result}</answer>"
 
 
-def corpus_document(rng, cfg, cd_train, ar_train, arith_frac=0.5):
-    """One pretraining document (text, without bos/eos): a countdown trace or a worked arithmetic problem."""
-    if rng.random() >= arith_frac:
+def check_drill(rng, cfg, cd_train, n=8):
+    """
+    n checks like those of the traces ("84 vs 19 no." / "24 vs 24 yes."), half of them equal. In the traces
+    only ~8% of checks say yes, too rare a signal for a tiny model to learn token equality from in minutes;
+    without these drills it said "486 vs 144 yes" (EXPERIMENTS.md exp5).
+    """
+    out = []
+    for _ in range(n):
         p = rng.choice(cd_train)
-        return format_prompt(p, cfg.template) + countdown_trace(rng, p, cfg)
-    p = rng.choice(ar_train)
-    return format_prompt(p, cfg.template) + arithmetic_response(p)
+        res = random_moves(rng, p.numbers, cfg.ops)
+        v = res[0] if res else p.target
+        t = v if rng.random() < 0.5 else p.target
+        out.append(f"{v} vs {t} {'yes' if v == t else 'no'}.")
+    return ''.join(out)
+
+
+def corpus_document(rng, cfg, cd_train, ar_train, arith_frac=0.4, check_frac=0.15):
+    """One pretraining document (text, without bos/eos): a countdown trace, a worked arithmetic problem, or a
+    drill of checks."""
+    u = rng.random()
+    if u < arith_frac:
+        p = rng.choice(ar_train)
+        return format_prompt(p, cfg.template) + arithmetic_response(p)
+    if u < arith_frac + check_frac:
+        return check_drill(rng, cfg, cd_train)
+    p = rng.choice(cd_train)
+    return format_prompt(p, cfg.template) + countdown_trace(rng, p, cfg)

@@ -45,7 +45,8 @@ class TrainConfig:
     threads: int = 0                  # torch CPU threads (0: leave torch's default)
     # tokenizer and corpus
     bpe_merges: int = 100             # BPE merges learned on the corpus (beyond bytes and number tokens)
-    corpus_arith_frac: float = 0.5    # share of corpus documents that are worked arithmetic
+    corpus_arith_frac: float = 0.4    # share of corpus documents that are worked arithmetic
+    corpus_check_frac: float = 0.15   # share of corpus documents that are drills of 'a vs b yes/no' checks
     n_train_problems: int = 1500      # countdown problems in the train split the corpus and RL draw from
     n_eval: int = 500                 # held-out problems per evaluation
     number_init: bool = True          # seed number-token embeddings with Fourier features of their value
@@ -77,7 +78,7 @@ class TrainConfig:
     eps_low: float = 0.2              # clip range below 1
     eps_high: float = 0.28            # clip range above 1 (DAPO clip-higher)
     tau: float = 1.0                  # Kimi's KL temperature (loss_type kimi)
-    temperature: float = 1.0          # rollout temperature
+    temperature: float = 1.0          # rollout temperature (the trained policy is the model at this temperature)
     max_new_tokens: int = 150         # response budget per rollout
     format_weight: float = 0.1        # weight of the strict format reward added to the accuracy reward
     dynamic_sampling: bool = False    # DAPO: drop zero-variance groups and refill the batch
@@ -89,11 +90,14 @@ class TrainConfig:
 PRESETS = {
     # ~1M params, learns countdown by RL on a 2-core CPU in ~15 minutes (README, EXPERIMENTS.md)
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
-                 pt_steps=1000, pt_batch_size=32, pt_lr=3e-3),
+                 pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
+                 rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=1e-4, beta=0.05, temperature=0.7,
+                 format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=192, bpe_merges=20,
                  pt_steps=6, pt_batch_size=4, pt_eval_interval=3, ckpt_interval=3, n_eval=8,
-                 n_train_problems=200),
+                 n_train_problems=200, rl_steps=4, rl_prompts=2, rl_group=4, rl_eval_interval=2,
+                 max_new_tokens=24, pass_k=2, beta=0.05),
     # one GPU: a wider, deeper model, same world
     'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384, block_size=192,
                   pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
@@ -265,7 +269,7 @@ def build_world(tc, task_cfg):
     cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
     ar_train = problems('arithmetic', 'train', 1500, tc.seed, task_cfg)
     rng = random.Random(tc.seed)
-    sample_docs = [corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac) for _ in range(1000)]
+    sample_docs = [corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac, tc.corpus_check_frac) for _ in range(1000)]
     tok = Tokenizer(train_bpe(sample_docs, tc.bpe_merges))
     return cd_train, ar_train, tok
 
@@ -292,7 +296,7 @@ def pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, n_seqs, T, seed):
     need = n_seqs * (T + 1)
     buf = []
     while len(buf) < need:
-        doc = corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac)
+        doc = corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac, tc.corpus_check_frac)
         buf.extend([tok.bos] + tok.encode(doc) + [tok.eos])
     return torch.tensor(buf[:need], dtype=torch.long).view(n_seqs, T + 1)
 
@@ -527,16 +531,18 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
         ref.requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.optim_groups(0.0), lr=tc.rl_lr, betas=(0.9, 0.99))
     start, rows = 0, []
+    gen_rng = torch.Generator(device=device)   # the rollouts' randomness, saved with the checkpoint
+    gen_rng.manual_seed(tc.seed + 7)
     if tc.resume and os.path.isfile(ckpt_path):
         ck = load_checkpoint(ckpt_path, model.config)
         model.load_state_dict(ck['model'])
         opt.load_state_dict(ck['optimizer'])
         start, rows = ck['step'], ck['rows']
         set_rng_state(ck['rng'])
+        gen_rng.set_state(ck['gen_rng'])
         print0(f"resumed grpo from {ckpt_path} at step {start}")
     log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), tc.resume and start > 0)
-    gen_rng = torch.Generator(device=device)
-    gen_rng.manual_seed(tc.seed + 7)
+
     prob_rng = random.Random(tc.seed + 11)
     for _ in range(start):  # replay the prompt draws so a resumed run sees the same prompts
         prob_rng.sample(range(len(cd_train)), tc.rl_prompts)
@@ -586,7 +592,8 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
 
         def logps(m, sl):
             logits, _ = m(idx[sl], pos=None if pos is None else pos[sl], mask=None if mask is None else mask[sl])
-            logits = logits[:, P - 1:P - 1 + L]                                    # (b, L, V)
+            # the policy being optimised is the one that sampled: the model at the rollout temperature
+            logits = logits[:, P - 1:P - 1 + L] / tc.temperature                   # (b, L, V)
             return grpo.token_logprobs(logits, resp_tok[sl]), logits
 
         slices = [slice(i, i + tc.rl_micro) for i in range(0, len(rows_idx), tc.rl_micro)]
@@ -631,13 +638,21 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
                                                                    tc.max_new_tokens)
         rows.append(row)
         log.log(**row)
+        if step % 10 == 0:  # a few raw rollouts: what the numbers above actually look like
+            with open(os.path.join(stage_dir, 'samples.jsonl'), 'a') as f:
+                for r in range(0, len(texts), max(1, len(texts) // 4)):
+                    f.write(json.dumps({'step': step + 1, 'prompt': format_prompt(rprobs[r], tmpl),
+                                        'reward': float(reward[r]), 'response': texts[r]}) + '\n')
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", len=f"{row['response_len']:.0f}",
                         eval=row.get('eval_pass@1', ''))
         if (step + 1) % tc.ckpt_interval == 0 or step + 1 == tc.rl_steps:
             save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'step': step + 1,
-                                        'rng': rng_state(), 'rows': rows, 'model_config': model.config.to_dict(),
+                                        'rng': rng_state(), 'gen_rng': gen_rng.get_state(), 'rows': rows,
+                                        'model_config': model.config.to_dict(),
                                         'train_config': dataclasses.asdict(tc), 'tokenizer': tok.to_dict(),
                                         'task_config': dataclasses.asdict(task_cfg)})
+        if tc.exit_after and step + 1 == tc.exit_after:
+            os._exit(3)
     bar.close()
     finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0, t_start, base_cd)
 
