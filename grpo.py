@@ -29,7 +29,10 @@ Where we deviate, and why
   without other changes. The loss is scaled by 1 / (2 tau) (see `_kimi_loss`).
 - Sequences with no trainable token count as |o_i| = 1 (they contribute 0) instead of dividing by zero.
 
-This file keeps the plain PyTorch reference path; a fused kernel for the same loss must match it (STYLE.md 6).
+The second half of the file is the fused Triton kernel for the same loss (`loss_from_logits`): per-token
+logprobs by an online log-sum-exp over V, the clipped surrogate, k3 KL and their derivatives in one pass, and a
+backward that writes the logits' gradient without a second (B, T, V) fp32 buffer. The PyTorch functions above
+are its reference (STYLE.md 6); tests/test_grpo_triton.py holds the two equal for every loss type.
 """
 import torch
 

@@ -2,8 +2,9 @@
 The tiny world: tasks with verifiable answers, their prompts, and the synthetic pretraining corpus.
 
 - Countdown (the TinyZero / nano-aha-moment replay task): reach a target from n numbers with + - * and exact /,
-  each number used once. Solvable by construction: we combine the numbers by a random sequence of valid moves
-  (Countdown's rules: subtraction only when positive, division only when exact) and take the value.
+  each number used once. Solvable by construction: we chain the numbers in a random order with random valid
+  moves (Countdown's rules: subtraction only when positive, division only when exact) and take the value.
+  Every expression here is a left-deep chain ((a op b) op c): one form for problems, attempts and answers.
   The known solution is kept for tests; it is never shown to the model.
 - Arithmetic: evaluate an expression step by step (same move kinds; `digits` sets the operand size).
 - Held-out splits are disjoint from train *by problem*: a problem's canonical key (sorted numbers and target,
@@ -19,6 +20,7 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   world does not learn). Held-out problems never appear in it.
 """
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -52,55 +54,45 @@ def apply_move(a, op, b):
     raise ValueError(f"unknown op {op!r}")
 
 
-def random_moves(rng, numbers, ops):
+def chain(xs, ops_seq):
     """
-    Combine a pool of numbers into one by random valid moves. Returns (value, steps, expr) where steps are
-    (a, op, b, result) tuples and expr the infix expression (outer parentheses dropped), or None if the
-    random walk hits a dead end (rare; the caller resamples).
+    The left-deep chain ((x0 op1 x1) op2 x2) ..., one move per step, or None if a move breaks the rules.
+    Returns (value, steps, expr): steps are (a, op, b, result) and the step k's left operand is always the
+    previous result, so an expression is copied off its steps in a fixed pattern. The first move of a
+    commutative op is written larger-first (half the facts to learn; the other order is another permutation).
     """
-    pool = [(n, str(n)) for n in numbers]
-    steps = []
-    while len(pool) > 1:
-        for _ in range(50):
-            i, j = rng.sample(range(len(pool)), 2)
-            op = rng.choice(ops)
-            if op in '+*' and pool[i][0] < pool[j][0]:
-                i, j = j, i  # commutative moves are written larger-first: half the facts to learn
-            r = apply_move(pool[i][0], op, pool[j][0])
-            if r is not None:
-                break
-        else:
+    value, expr, steps = xs[0], str(xs[0]), []
+    for k, (op, x) in enumerate(zip(ops_seq, xs[1:])):
+        if k == 0 and op in '+*' and value < x:
             return None
-        (a, ea), (b, eb) = pool[i], pool[j]
-        steps.append((a, op, b, r))
-        pool = [p for k, p in enumerate(pool) if k not in (i, j)] + [(r, f"({ea}{op}{eb})")]
-    value, expr = pool[0]
-    if expr.startswith('('):
-        expr = expr[1:-1]
+        r = apply_move(value, op, x)
+        if r is None:
+            return None
+        steps.append((value, op, x, r))
+        expr = f"({expr}{op}{x})" if k < len(xs) - 2 else f"{expr}{op}{x}"
+        value = r
     return value, steps, expr
 
 
-def all_attempts(numbers, ops):
-    """Every sequence of valid moves (the search space of one attempt), as (value, steps, expr)."""
-    out = []
+def random_moves(rng, numbers, ops):
+    """A random valid left-deep chain over all the numbers (random order and ops), or None (rare)."""
+    for _ in range(100):
+        xs = rng.sample(numbers, len(numbers))
+        res = chain(xs, [rng.choice(ops) for _ in xs[1:]])
+        if res is not None:
+            return res
+    return None
 
-    def rec(pool, steps):
-        if len(pool) == 1:
-            v, e = pool[0]
-            out.append((v, list(steps), e[1:-1] if e.startswith('(') else e))
-            return
-        for i in range(len(pool)):
-            for j in range(len(pool)):
-                if i == j:
-                    continue
-                for op in ops:
-                    r = apply_move(pool[i][0], op, pool[j][0])
-                    if r is None or (op in '+*' and pool[i][0] < pool[j][0]):
-                        continue
-                    (a, ea), (b, eb) = pool[i], pool[j]
-                    rest = [p for k, p in enumerate(pool) if k not in (i, j)]
-                    rec(rest + [(r, f"({ea}{op}{eb})")], steps + [(a, op, b, r)])
-    rec([(n, str(n)) for n in numbers], [])
+
+def all_attempts(numbers, ops):
+    """Every distinct valid chain (the search space of one attempt), as (value, steps, expr)."""
+    out, seen = [], set()
+    for perm in itertools.permutations(numbers):
+        for ops_seq in itertools.product(ops, repeat=len(numbers) - 1):
+            res = chain(list(perm), ops_seq)
+            if res is not None and res[2] not in seen:
+                seen.add(res[2])
+                out.append(res)
     return out
 
 
@@ -159,28 +151,16 @@ def make_countdown(rng, cfg):
 def make_arithmetic(rng, cfg, digits=1):
     """
     A left-deep chain `((x0 op x1) op x2) ...` over n_numbers operands of `digits` digits, evaluated left to
-    right, one move per step, under the same move rules as countdown. Left-deep on purpose: the k-th step's
-    operator sits at a fixed place after the k-th ')', which a 4-layer model reads reliably; with nested
-    forms like `8*(6+1)` the tiny base got the outer operator wrong half the time (EXPERIMENTS.md exp3).
+    right, one move per step: the same form as a countdown attempt. Left-deep on purpose: the k-th step's
+    operator sits right after the k-th ')', which a 4-layer model reads reliably; with nested forms like
+    `8*(6+1)` the tiny base got the outer operator wrong half the time (EXPERIMENTS.md exp3).
     """
     lo, hi = (cfg.lo, cfg.hi) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
     while True:
         xs = [rng.randint(lo, hi) for _ in range(cfg.n_numbers)]
-        if xs[0] < xs[1]:
-            xs[0], xs[1] = xs[1], xs[0]   # the first move is written larger-first, as in the countdown traces
-        value, expr, steps = xs[0], str(xs[0]), []
-        for x in xs[1:]:
-            op = rng.choice(cfg.ops)
-            if op in '+*' and not steps and value < x:
-                continue
-            r = apply_move(value, op, x)
-            if r is None:
-                break
-            steps.append((value, op, x, r))
-            expr = f"({expr}{op}{x})" if len(steps) < len(xs) - 1 else f"{expr}{op}{x}"
-            value = r
-        if len(steps) == len(xs) - 1 and value <= cfg.max_target:
-            return Arithmetic(expr, value, steps)
+        res = chain(xs, [rng.choice(cfg.ops) for _ in xs[1:]])
+        if res is not None and res[0] <= cfg.max_target:
+            return Arithmetic(res[2], res[0], res[1])
 
 
 def problems(kind, split, n, seed, cfg, digits=1):

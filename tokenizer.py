@@ -7,6 +7,9 @@ Tokenizers built here, with no download: tiktoken `Encoding`s whose ranks we mak
   synthetic corpus by `train_bpe` (so "Assistant" or " make" cost one token, not nine). On the tiny corpus
   this cuts a countdown document from ~110 byte tokens to ~45 (measured by tests/test_tokenizer.py's
   neighbour, EXPERIMENTS.md), which is what makes RL rollouts cheap enough for a CPU.
+- `from_pretrained(path)`: a Hugging Face byte-level BPE tokenizer.json (GPT-2, Qwen2, Llama 3, DeepSeek-V3) as
+  a tiktoken Encoding with the same ids; the section at the end of this file says how HF's pipeline maps onto
+  tiktoken's, and tests/test_tokenizer_hf.py checks it against the `tokenizers` library.
 
 The pre-tokenisation regex follows cl100k's shape (numbers split into runs of at most 3 digits, letters keep
 one leading non-letter) with one change: every punctuation character is its own piece. With cl100k's
@@ -15,6 +18,9 @@ bracket token; the base then got the outer operation wrong in half of all expres
 """
 import base64
 import collections
+import json
+import os
+import unicodedata
 
 import regex
 import tiktoken
@@ -119,3 +125,254 @@ def train_bpe(texts, n_merges):
                     i += 1
             seqs[w] = out
     return merges
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face byte-level BPE folders (GPT-2, Qwen2, Llama 3, DeepSeek-V3) as tiktoken Encodings.
+#
+# A Hugging Face tokenizer.json runs: cut out added tokens -> normalizer -> pre-tokenizer (regex Splits, then
+# ByteLevel, which maps each byte to a printable character) -> BPE on each piece. tiktoken runs: cut out special
+# tokens -> one regex -> BPE on bytes. So:
+# - vocab strings go back to bytes through the inverse of GPT-2's bytes_to_unicode alphabet;
+# - tiktoken merges the adjacent pair whose concatenation has the lowest rank, HF the pair earliest in `merges`.
+#   These agree when the ranks of merge products follow merge order. HF's trainer and tiktoken-born vocabs
+#   (Llama 3, Qwen2) number tokens in merge order, so the rank is the token id and `.enc` speaks HF ids. If the
+#   ids are not in merge order we rank by merge order instead and map ranks to ids in encode (`rank_to_id`).
+# - each Split pattern is used verbatim: Oniguruma (tokenizers) and fancy-regex (tiktoken) share the Perl syntax
+#   these patterns use (\p{L}, (?i:...), possessive ?+ and ++, (?!\S)); a pattern tiktoken cannot compile is
+#   named in the error. HF keeps the text between matches as pieces where tiktoken drops it, so the last pattern
+#   P becomes `(?:P)|(?:(?!(?:P))[\s\S])+`: a run of characters where P does not match is one piece, as in HF.
+# - tiktoken takes one regex. Every Split before the last, and a Unicode normalizer (Qwen2's NFC), run in
+#   Python in `encode`; `.enc` alone is exact only when `exact` is True.
+# ---------------------------------------------------------------------------------------------------------------
+GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+UNICODE_NORMALIZERS = ('NFC', 'NFD', 'NFKC', 'NFKD')
+
+
+def bytes_to_unicode():
+    """GPT-2's byte-level alphabet {byte: character}: printable Latin-1 bytes stand for themselves, the other
+    68 (controls, space, 0x7f-0xa0, 0xad) take U+0100.. in byte order, so the space byte is 'Ġ'."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    out, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def _pre_tokenizer_patterns(pt):
+    """The pre-tokenizer as a list of regexes, each an Isolated split of the pieces the one before made."""
+    if pt is None:
+        raise ValueError("tokenizer.json has no pre_tokenizer; a byte-level BPE needs ByteLevel")
+    steps = pt['pretokenizers'] if pt['type'] == 'Sequence' else [pt]
+    pats = []
+    for k, step in enumerate(steps):
+        kind = step['type']
+        if kind == 'Split':
+            if step.get('behavior') != 'Isolated' or step.get('invert'):
+                raise ValueError(f"unsupported pre-tokenizer Split(behavior={step.get('behavior')}, invert="
+                                 f"{step.get('invert')}): only Isolated, non-inverted splits are a tiktoken regex")
+            pat = step['pattern']
+            pats.append(regex.escape(pat['String']) if 'String' in pat else pat['Regex'])
+        elif kind == 'ByteLevel' and k == len(steps) - 1:
+            if step.get('add_prefix_space'):
+                raise ValueError("unsupported pre-tokenizer ByteLevel(add_prefix_space=True): "
+                                 "tiktoken cannot prepend a space")
+            if step.get('use_regex', True):
+                pats.append(GPT2_PAT_STR)  # ByteLevel's own split, the same as GPT-2's encoder.py
+        else:
+            raise ValueError(f"unsupported pre-tokenizer {kind} (step {k} of {pt['type']}); supported: Split(Isolated) "
+                             f"regexes followed by ByteLevel, or ByteLevel alone")
+    if steps[-1]['type'] != 'ByteLevel':
+        raise ValueError(f"pre-tokenizer {pt['type']} does not end with ByteLevel; not a byte-level BPE")
+    return pats or [r'[\s\S]+']  # ByteLevel(use_regex=False) alone: each text segment is one piece
+
+
+def _split_isolated(pat, text):
+    """HF Split(behavior='Isolated'): the matches and the non-empty gaps between them, in order."""
+    out, i = [], 0
+    for m in pat.finditer(text):
+        if m.start() > i:
+            out.append(text[i:m.start()])
+        if m.end() > m.start():
+            out.append(m.group())
+        i = m.end()
+    if i < len(text):
+        out.append(text[i:])
+    return out
+
+
+class PretrainedTokenizer:
+    """A Hugging Face byte-level BPE folder as a tiktoken Encoding; made by `from_pretrained`."""
+
+    def __init__(self, enc, id_bytes, added, pre_splits, normalizers, rank_to_id, bos, eos, pad):
+        self.enc = enc  # tiktoken.Encoding; its ids are HF ids unless rank_to_id is set
+        self.id_bytes = id_bytes  # {HF id: bytes} for every token, added tokens included: the decode table
+        self.added = added  # {added token text: HF id}, all of them tiktoken special tokens
+        self.special_ids = set(added.values())
+        self.pre_splits = [regex.compile(p) for p in pre_splits]  # Splits before the one tiktoken runs
+        self.normalizers = normalizers  # unicodedata forms applied to text between added tokens
+        self.rank_to_id = rank_to_id  # None when ranks are ids, else a list from tiktoken rank to HF id
+        self.n_vocab = max(id_bytes) + 1
+        self.bos, self.eos, self.pad = bos, eos, pad
+        self.think, self.think_end = added.get('<think>'), added.get('</think>')
+        # tiktoken cuts special tokens with an alternation in hash order; HF takes the longest match. They differ
+        # only if one added token is a prefix of another, and a prefix sorts right before its extensions.
+        texts = sorted(added)
+        prefix = any(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        self.exact = not pre_splits and not normalizers and not prefix  # .enc alone reproduces HF's split
+        longest_first = sorted(added, key=len, reverse=True)
+        self._added_re = regex.compile('(' + '|'.join(regex.escape(s) for s in longest_first) + ')') if added else None
+
+    def encode(self, text, special=True):
+        """Text to HF ids, as tokenizers' encode(text, add_special_tokens=False): no BOS is added. special=True
+        turns every added token into its id; special=False encodes their text as plain bytes (untrusted text)."""
+        if not self.exact:
+            return self.encode_slow(text, special)
+        # fast path: tiktoken does all of it in Rust
+        ranks = self.enc.encode(text, allowed_special='all') if special else self.enc.encode_ordinary(text)
+        return self._ids(ranks)
+
+    def encode_slow(self, text, special=True):
+        """HF's pipeline step by step: cut out added tokens, normalise the text between them, run the leading
+        Splits in Python, and leave the last Split and BPE of each piece to tiktoken."""
+        segments = self._added_re.split(text) if special and self._added_re else [text]
+        ranks = []
+        for k, seg in enumerate(segments):
+            if k % 2:  # re.split puts the captured separators (the added tokens) at odd positions
+                ranks.append(self.enc.encode_single_token(seg))
+                continue
+            for form in self.normalizers:
+                seg = unicodedata.normalize(form, seg)
+            pieces = [seg]
+            for pat in self.pre_splits:
+                pieces = [q for p in pieces for q in _split_isolated(pat, p)]
+            for p in pieces:
+                ranks += self.enc.encode_ordinary(p)
+        return self._ids(ranks)
+
+    def _ids(self, ranks):
+        return ranks if self.rank_to_id is None else [self.rank_to_id[r] for r in ranks]
+
+    def decode(self, ids):
+        # errors='replace': a sampled id sequence may cut a multi-byte character in half
+        return b''.join(self.id_bytes[int(i)] for i in ids).decode('utf-8', errors='replace')
+
+
+def _named_token_id(path, name, added, vocab, b2u):
+    """The id of `name` ('bos', 'eos', 'pad'): tokenizer_config.json's <name>_token (text or AddedToken dict),
+    else config.json's <name>_token_id (first entry if a list), else None."""
+    for fname, key in (('tokenizer_config.json', f'{name}_token'), ('config.json', f'{name}_token_id')):
+        fpath = os.path.join(path, fname)
+        if not os.path.isfile(fpath):
+            continue
+        with open(fpath, encoding='utf-8') as f:
+            value = json.load(f).get(key)
+        if isinstance(value, dict):
+            value = value.get('content')
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            if value in added:
+                return added[value]
+            as_vocab = ''.join(b2u[b] for b in value.encode('utf-8'))
+            if as_vocab in vocab:
+                return vocab[as_vocab]
+            raise ValueError(f"{fname} names {key}={value!r}, which is not a token of tokenizer.json")
+    return None
+
+
+def from_pretrained(path):
+    """A local Hugging Face tokenizer folder (tokenizer.json with a byte-level BPE model; tokenizer_config.json
+    or config.json for bos/eos/pad) as a PretrainedTokenizer. No download, no transformers import."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such tokenizer folder: {path}")
+    tj_path = os.path.join(path, 'tokenizer.json')
+    if not os.path.isfile(tj_path):
+        raise FileNotFoundError(f"{path} has no tokenizer.json (only the fast-tokenizer JSON format is read)")
+    with open(tj_path, encoding='utf-8') as f:
+        tj = json.load(f)
+    model = tj['model']
+    kind = model.get('type', 'BPE' if 'merges' in model else None)  # old files omit the type
+    if kind != 'BPE':
+        raise ValueError(f"tokenizer.json model type is {kind}, not a byte-level BPE")
+    for key in ('dropout', 'continuing_subword_prefix', 'end_of_word_suffix', 'byte_fallback'):
+        if model.get(key):
+            raise ValueError(f"unsupported BPE option {key}={model[key]!r} (not a byte-level BPE as tiktoken runs it)")
+    decoder = (tj.get('decoder') or {}).get('type')
+    if decoder != 'ByteLevel':
+        raise ValueError(f"tokenizer.json decoder is {decoder}, not ByteLevel; not a byte-level BPE")
+    norm = tj.get('normalizer')
+    norms = [] if norm is None else norm['normalizers'] if norm['type'] == 'Sequence' else [norm]
+    for n in norms:
+        if n['type'] not in UNICODE_NORMALIZERS:
+            raise ValueError(f"unsupported normalizer {n['type']}; supported: none or {', '.join(UNICODE_NORMALIZERS)}")
+    pats = _pre_tokenizer_patterns(tj.get('pre_tokenizer'))
+
+    added = {}
+    for t in tj.get('added_tokens', []):
+        if t.get('lstrip') or t.get('rstrip') or t.get('single_word'):
+            raise ValueError(f"added token {t['content']!r} strips whitespace or must be a single word; "
+                             f"tiktoken special tokens cannot express that")
+        added[t['content']] = t['id']
+
+    # vocab strings back to bytes; added tokens may be stored in the vocab as plain text, outside the alphabet
+    b2u = bytes_to_unicode()
+    u2b = {c: b for b, c in b2u.items()}
+    vocab = model['vocab']
+    id_bytes = {i: s.encode('utf-8') for s, i in added.items()}
+    for s, i in vocab.items():
+        if i in id_bytes:
+            continue
+        if any(c not in u2b for c in s):
+            raise ValueError(f"vocab token {s!r} is outside the byte-level alphabet; not a byte-level BPE")
+        id_bytes[i] = bytes(u2b[c] for c in s)
+    missing = [b for b in range(256) if b2u[b] not in vocab]
+    if missing:
+        raise ValueError(f"vocab lacks {len(missing)} of the 256 single-byte tokens (e.g. {bytes([missing[0]])!r}); "
+                         f"tiktoken needs all of them")
+
+    # merge products in merge order (a token made by two merges counts at its first)
+    products, seen = [], set()
+    for m in model['merges']:
+        a, b = m.split(' ') if isinstance(m, str) else m  # "a b" in older files, [a, b] since tokenizers 0.20
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise ValueError(f"merge {a!r} + {b!r} uses a token missing from the vocab")
+        if a + b not in seen:
+            seen.add(a + b)
+            products.append(vocab[a + b])
+    ranked = [vocab[b2u[b]] for b in range(256)] + products
+    if model.get('ignore_merges'):
+        # HF looks a whole piece up in the vocab before merging (Llama 3), as tiktoken always does: tokens no
+        # merge makes are reachable that way. Without ignore_merges HF never emits them, so tiktoken must not know them.
+        known = set(ranked) | set(added.values())
+        ranked += sorted(i for i in vocab.values() if i not in known)
+
+    if all(x < y for x, y in zip(products, products[1:])):  # ids follow merge order: rank = id
+        ranks = {id_bytes[i]: i for i in ranked}
+        special, rank_to_id = dict(added), None
+    else:  # rank by merge order, specials after, and map back
+        ranks = {id_bytes[i]: r for r, i in enumerate(ranked)}
+        special = {s: len(ranked) + k for k, s in enumerate(added)}
+        rank_to_id = ranked + list(added.values())
+
+    last = pats[-1]
+    pat_str = f'(?:{last})|(?:(?!(?:{last}))[\\s\\S])+'  # + HF's gaps between matches, as pieces
+    try:
+        enc = tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=pat_str,
+                                mergeable_ranks=ranks, special_tokens=special)
+    except ValueError as e:
+        raise ValueError(f"cannot use the pre-tokenizer regex {last!r} in tiktoken: {e}") from None
+    for p in pats[:-1]:
+        try:
+            regex.compile(p)
+        except regex.error as e:
+            raise ValueError(f"cannot compile the pre-tokenizer regex {p!r}: {e}") from None
+
+    bos, eos, pad = (_named_token_id(path, name, added, vocab, b2u) for name in ('bos', 'eos', 'pad'))
+    return PretrainedTokenizer(enc, id_bytes, added, pats[:-1], [n['type'] for n in norms], rank_to_id, bos, eos, pad)
