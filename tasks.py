@@ -134,6 +134,7 @@ class TaskConfig:
     max_target: int = 999       # resample targets above this (keeps every value one token)
     test_frac: float = 0.25     # share of the problem space held out
     max_attempts: int = 8       # most attempts a corpus trace writes
+    ordered_search: bool = False  # corpus traces list their attempts in a canonical search order (EXPERIMENTS.md)
     template: str = 'short'     # 'short' or 'r1zero'
 
 
@@ -212,22 +213,42 @@ def format_steps(steps):
     return ' '.join(f"{a}{op}{b}={r}" for a, op, b, r in steps)
 
 
+def search_order(p, steps, ops):
+    """
+    Canonical rank of an attempt: the prompt positions of its operands, then its operators. Traces list their
+    attempts in this order, so "the next attempt" is a deterministic function of the last one and greedy
+    decoding walks the search space without repeating itself (with attempts in random order the RL-trained
+    model's greedy search looped over one attempt: EXPERIMENTS.md full3).
+    """
+    free = list(range(len(p.numbers)))
+    operands = [steps[0][0]] + [s[2] for s in steps]
+    pos = []
+    for v in operands:
+        i = next(i for i in free if p.numbers[i] == v)
+        free.remove(i)
+        pos.append(i)
+    return tuple(pos), tuple(ops.index(s[1]) for s in steps)
+
+
 def countdown_trace(rng, p, cfg):
-    """A mixed-quality response: random distinct attempts, each checked, stopping after a random count."""
+    """A mixed-quality response: distinct attempts in search order, each checked, stopping after a random
+    count whatever the checks said, answering with the last attempt."""
     k = rng.randint(1, cfg.max_attempts)
-    tried, parts, last = set(), [], None
+    found = {}
     for _ in range(20 * k):
         res = random_moves(rng, p.numbers, cfg.ops)
-        if res is None or res[2] in tried:
-            continue
-        tried.add(res[2])
-        value, steps, expr = res
+        if res is not None and res[2] not in found:
+            found[res[2]] = res
+            if len(found) == k:
+                break
+    attempts = list(found.values())
+    if cfg.ordered_search:
+        attempts.sort(key=lambda a: search_order(p, a[1], cfg.ops))
+    parts = []
+    for value, steps, expr in attempts:
         # the check copies the target next to the result, so "is it reached?" compares two adjacent tokens
         parts.append(f"{format_steps(steps)} vs {p.target} {'yes' if value == p.target else 'no'}.")
-        last = expr
-        if len(parts) == k:
-            break
-    return f"<think>{''.join(parts)}</think><answer>{last}</answer>"
+    return f"<think>{''.join(parts)}</think><answer>{attempts[-1][2]}</answer>"
 
 
 def arithmetic_response(p):

@@ -91,13 +91,21 @@ PRESETS = {
     # ~1M params, learns countdown by RL on a 2-core CPU in ~15 minutes (README, EXPERIMENTS.md)
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
                  pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
-                 rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=1e-4, beta=0.05, temperature=0.7,
+                 rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
                  format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=192, bpe_merges=20,
                  pt_steps=6, pt_batch_size=4, pt_eval_interval=3, ckpt_interval=3, n_eval=8,
                  n_train_problems=200, rl_steps=4, rl_prompts=2, rl_group=4, rl_eval_interval=2,
                  max_new_tokens=24, pass_k=2, beta=0.05),
+    # the tiny world on DeepSeek-V3's architecture: MLA (absorbed cache in rollouts) + DeepSeekMoE
+    'tiny-moe': dict(n_layer=4, n_head=4, n_embd=128, block_size=192, attn='mla', mla_impl='absorb',
+                     kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                     ffn='moe', n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                     moe_intermediate_size=96, first_k_dense_replace=1,
+                     pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
+                     rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
+                     format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # one GPU: a wider, deeper model, same world
     'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384, block_size=192,
                   pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
@@ -405,13 +413,16 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             sync = m == tc.pt_grad_accum - 1
             ctx = model.no_sync() if world > 1 and not sync else _nullctx()
             with ctx, amp:
-                _, loss = fwd(xy[:, :-1], xy[:, 1:])
+                _, loss = fwd(xy[:, :-1], xy[:, 1:], mask=document_mask(xy[:, :-1], tok.bos))
                 (loss / tc.pt_grad_accum).backward()
             loss_acc += loss.detach() / tc.pt_grad_accum
         if tc.pt_grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.pt_grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if mc.ffn == 'moe':
+            from moe import update_moe_biases
+            update_moe_biases(raw)   # DeepSeek-V3's aux-loss-free balancing: after every optimizer step
         if world > 1:
             dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
         if step % tc.log_interval == 0 or step == tc.pt_steps - 1:
@@ -421,8 +432,13 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             row = {'step': step, 'loss': loss_f, 'lr': lr, 'tok_per_s': per_step * T / max(dt, 1e-9)}
             if tc.pt_grad_clip > 0:
                 row['grad_norm'] = float(gnorm)
+            if mc.ffn == 'moe':
+                from moe import moe_load_stats
+                row['moe_max_over_mean'] = moe_load_stats(raw)['moe/max_over_mean']
+            if mc.mtp_depth > 0 and raw.mtp_loss is not None:
+                row['mtp_loss'] = float(raw.mtp_loss)
             if (step % tc.pt_eval_interval == 0 or step == tc.pt_steps - 1):
-                row['val_loss'] = val_loss(raw, val, device)
+                row['val_loss'] = val_loss(raw, val, device, tok.bos)
             rows.append(row)
             if log:
                 log.log(**row)
@@ -435,7 +451,7 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
         if tc.exit_after and step + 1 == tc.exit_after:
             os._exit(3)
     bar.close()
-    final_val = val_loss(raw, val, device)
+    final_val = val_loss(raw, val, device, tok.bos)
     summary = {'params': raw.num_params(), 'final_train_loss': loss_f, 'final_val_loss': final_val}
     if rank == 0:
         summary.update(base_evals(raw, tok, tc, task_cfg, mc))
@@ -458,10 +474,25 @@ def base_evals(model, tok, tc, task_cfg, mc):
     return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}
 
 
+def document_mask(x, bos):
+    """
+    (B, 1, T, T) causal mask that keeps each packed document to itself (a new document starts at each <|bos|>).
+    Without it the base learnt to copy numbers from the *previous* problem in the row, and at inference, with
+    no previous problem, hallucinated them (EXPERIMENTS.md full2). On CPU it costs nothing measurable.
+    """
+    T = x.shape[1]
+    seg = (x == bos).long().cumsum(1)                                          # (B, T) document index
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]           # (B, 1, T, T)
+
+
 @torch.no_grad()
-def val_loss(model, val, device):
+def val_loss(model, val, device, bos):
     model.eval()
-    losses = [model(val[i:i + 16, :-1].to(device), val[i:i + 16, 1:].to(device))[1] for i in range(0, len(val), 16)]
+    losses = []
+    for i in range(0, len(val), 16):
+        x, y = val[i:i + 16, :-1].to(device), val[i:i + 16, 1:].to(device)
+        losses.append(model(x, y, mask=document_mask(x, bos))[1])
     model.train()
     return float(torch.stack(losses).mean())
 
@@ -622,6 +653,9 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.rl_grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if model.config.ffn == 'moe':
+                from moe import update_moe_biases
+                update_moe_biases(model)
         # 4. metrics (one sync for all of them)
         lens = gen.lengths.float()
         correct = acc > 0

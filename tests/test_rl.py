@@ -41,3 +41,16 @@ def test_grpo_resume_matches_uninterrupted(tmp_path):
         for k in ('reward', 'response_len', 'eval_pass@1'):
             if k in x:
                 assert abs(x[k] - y[k]) < 1e-6, (k, x, y)
+
+
+def test_mla_moe_model_runs_the_pipeline(tmp_path):
+    """The DeepSeek-V3 architecture (MLA with the absorbed cache in rollouts, DeepSeekMoE with the aux-loss-free
+    bias updated after each step, MTP) through pretrain and grpo."""
+    out = str(tmp_path / 'moe')
+    run(['--preset', 'test', '--stage', 'all', '--out-dir', out, '--attn', 'mla', '--mla-impl', 'absorb',
+         '--kv-lora-rank', '16', '--qk-nope-head-dim', '8', '--qk-rope-head-dim', '8', '--v-head-dim', '8',
+         '--ffn', 'moe', '--n-routed-experts', '4', '--num-experts-per-tok', '2', '--moe-intermediate-size', '16',
+         '--mtp-depth', '1', '--log-interval', '1'])
+    rows = [json.loads(l) for l in open(os.path.join(out, 'pretrain', 'metrics.jsonl'))]
+    assert all('moe_max_over_mean' in r and 'mtp_loss' in r for r in rows)
+    assert os.path.isfile(os.path.join(out, 'summary.json'))
