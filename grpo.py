@@ -170,6 +170,25 @@ def _kimi_loss(logp, old_logp, advantages, mask, tau):
     return ((advantages - tau * s) ** 2).mean() / (2 * tau)
 
 
+@torch.no_grad()
+def _metrics(rho, A_tok, mask, eps_low, eps_high, pg_loss, kl_loss, kl):
+    """Token means over the micro-batch, detached, no .item() (the caller syncs once per step). kl may be None."""
+    n_tok = mask.sum().clamp(min=1)
+    mean = lambda x: (x * mask).sum() / n_tok              # noqa: E731
+    metrics = {
+        # the low clip binds when A < 0 and rho fell below 1 - eps_low; the high one when A > 0, rho > 1+eps
+        # (kimi does not clip; there they only report how far rho strayed past the same bounds)
+        'clip_frac_low': mean((A_tok < 0) & (rho < 1 - eps_low)),
+        'clip_frac_high': mean((A_tok > 0) & (rho > 1 + eps_high)),
+        'ratio_mean': mean(rho),
+        'pg_loss': pg_loss.detach(),
+        'kl_loss': kl_loss.detach(),
+    }
+    if kl is not None:
+        metrics['kl'] = mean(kl)
+    return metrics
+
+
 def _check_policy_inputs(logp, old_logp, ref_logp, advantages, mask, loss_type, beta, tau, max_len,
                          global_tokens):
     if loss_type not in LOSS_TYPES:
@@ -243,23 +262,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
         kl, kl_loss = None, torch.zeros((), device=logp.device, dtype=logp.dtype)
     loss = pg_loss + kl_loss
 
-    # metrics: token means over this micro-batch, detached, no .item() (the caller syncs once per step)
-    with torch.no_grad():
-        n_tok = mask.sum().clamp(min=1)
-        mean = lambda x: (x * mask).sum() / n_tok
-        metrics = {
-            # the low clip binds when A < 0 and rho fell below 1 - eps_low; the high one when A > 0, rho > 1+eps
-            # (kimi does not clip; there they only report how far rho strayed past the same bounds)
-            'clip_frac_low': mean((A_tok < 0) & (rho < 1 - eps_low)),
-            'clip_frac_high': mean((A_tok > 0) & (rho > 1 + eps_high)),
-            'ratio_mean': mean(rho),
-            'pg_loss': pg_loss.detach(),
-            'kl_loss': kl_loss.detach(),
-        }
-        if kl is not None:
-            metrics['kl'] = mean(kl)
-        elif ref_logp is not None:  # beta == 0 but a reference is given: still worth logging the drift
-            metrics['kl'] = mean(kl_k3(logp, ref_logp))
+    metrics = _metrics(rho, A_tok, mask, eps_low, eps_high, pg_loss, kl_loss,
+                       kl if kl is not None else (kl_k3(logp.detach(), ref_logp.detach()) if ref_logp is not None else None))
     return loss, metrics
 
 
@@ -505,15 +509,4 @@ def loss_from_logits(logits, tokens, old_logp, ref_logp, advantages, mask, loss_
 
     with torch.no_grad():
         rho = torch.exp(logp - old_logp)                       # (B, T)
-        n_tok = mask.sum().clamp(min=1)
-        mean = lambda x: (x * mask).sum() / n_tok              # noqa: E731
-        metrics = {
-            'clip_frac_low': mean((A_tok < 0) & (rho < 1 - eps_low)),
-            'clip_frac_high': mean((A_tok > 0) & (rho > 1 + eps_high)),
-            'ratio_mean': mean(rho),
-            'pg_loss': pg_loss.detach(),
-            'kl_loss': kl_loss.detach(),
-        }
-        if kl is not None:
-            metrics['kl'] = mean(kl)
-    return loss, metrics
+    return loss, _metrics(rho, A_tok, mask, eps_low, eps_high, pg_loss, kl_loss, kl)
