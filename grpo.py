@@ -262,8 +262,10 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
         kl, kl_loss = None, torch.zeros((), device=logp.device, dtype=logp.dtype)
     loss = pg_loss + kl_loss
 
-    metrics = _metrics(rho, A_tok, mask, eps_low, eps_high, pg_loss, kl_loss,
-                       kl if kl is not None else (kl_k3(logp.detach(), ref_logp.detach()) if ref_logp is not None else None))
+    drift = kl
+    if drift is None and ref_logp is not None:  # beta == 0 but a reference is given: still worth logging
+        drift = kl_k3(logp.detach(), ref_logp.detach())
+    metrics = _metrics(rho, A_tok, mask, eps_low, eps_high, pg_loss, kl_loss, drift)
     return loss, metrics
 
 
