@@ -81,6 +81,7 @@ class TrainConfig:
     temperature: float = 1.0          # rollout temperature (the trained policy is the model at this temperature)
     max_new_tokens: int = 150         # response budget per rollout
     format_weight: float = 0.1        # weight of the strict format reward added to the accuracy reward
+    repeat_weight: float = 0.0        # penalty per share of CoT attempts that repeat an earlier one
     dynamic_sampling: bool = False    # DAPO: drop zero-variance groups and refill the batch
     rl_grad_clip: float = 1.0         # grad-norm clip
     rl_eval_interval: int = 50        # iterations between held-out greedy evaluations
@@ -517,11 +518,18 @@ def load_policy(path, device, mc=None):
 
 
 def rl_rewards(texts, probs, tc):
-    """Accuracy (countdown rule check) + format_weight * strict format, per response; both kept for metrics."""
-    from rewards import countdown_reward, format_reward
+    """
+    Accuracy (countdown rule check) + format_weight * strict format - repeat_weight * the share of attempts in
+    the CoT that repeat an earlier one (Kimi k1.5's repeat penalty at the granularity of a search step).
+    """
+    from rewards import countdown_reward, format_reward, repeat_ngram_fraction
     acc = torch.tensor([countdown_reward(t, p.numbers, p.target) for t, p in zip(texts, probs)])
     fmt = torch.tensor([format_reward(t) for t in texts])
-    return acc + tc.format_weight * fmt, acc, fmt
+    reward = acc + tc.format_weight * fmt
+    if tc.repeat_weight:
+        attempts = [t.split('</think>')[0].split('.') for t in texts]
+        reward = reward - tc.repeat_weight * torch.tensor([repeat_ngram_fraction(a, 1) for a in attempts])
+    return reward, acc, fmt
 
 
 def sequences_for_training(prompts, gen, pad_id, device):
