@@ -288,8 +288,8 @@ def fourier_number_init(emb, number_ids, periods=(2, 5, 10, 20, 50, 100, 200, 50
     Seed the embedding of each number token n with cos/sin(2 pi n / P) for a few periods P (the Fourier
     number features of FoNE, Zhou et al. 2025), on top of the random init. Transformers trained on
     arithmetic end up with such features anyway (Nanda et al. 2023); starting from them is what lets a
-    1M-parameter model learn sums like 56+7=63 exactly within minutes (EXPERIMENTS.md exp1-exp2: sums with a
-    2-digit operand went from 56% wrong to 2%).
+    1M-parameter model learn sums like 56+7=63 exactly within minutes (EXPERIMENTS.md exp2, together with
+    larger-first sums: sums with a 2-digit operand went from 56% wrong to 2%).
     With tied embeddings the same features decode the result.
     """
     with torch.no_grad():
