@@ -146,10 +146,7 @@ def grpo_loss(argv):
     p.add_argument('--hbm-tbs', type=float, default=None, help="HBM peak in TB/s, if the device is not known")
     p.add_argument('--seed', type=int, default=0, help="seed of the random inputs")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but CUDA is not available (try --device cpu)")
-    gpu = device.type == 'cuda'
+    device, gpu = _device(args.device)
     N = args.n_tokens or (16384 if gpu else 512)
     V = args.vocab or (151936 if gpu else 32768)
     B = args.batch
@@ -269,10 +266,7 @@ def mla_decode(argv):
     p.add_argument('--hbm-tbs', type=float, default=None, help="HBM peak in TB/s, if the device is not known")
     p.add_argument('--seed', type=int, default=0, help="seed of the random inputs")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but CUDA is not available (try --device cpu)")
-    gpu = device.type == 'cuda'
+    device, gpu = _device(args.device)
     B = args.batch or (128 if gpu else 4)
     S = args.seqlen or (4096 if gpu else 1024)
     H, dc, dr, page = args.heads, args.kv_lora_rank, args.rope_dim, 64
@@ -366,6 +360,14 @@ def mla_peer_cases(q_nope, q_pe, kv_pool, pe_pool, table, lens, scale, page):
 
 
 # -----------------------------------------------------------------------------
+
+def _device(name):
+    """torch.device and whether it is a GPU, with a one-line error when CUDA is asked for and missing."""
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but CUDA is not available (try --device cpu)")
+    return device, device.type == 'cuda'
+
 
 BENCHMARKS = {'grpo_loss': grpo_loss, 'mla_decode': mla_decode}
 

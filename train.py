@@ -15,6 +15,7 @@ Everything a run learns goes under --out-dir (default out/<preset>): <stage>/ckp
 summary.json, plots. --resume continues a killed run from its last checkpoint, bit-for-bit on CPU.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -386,7 +387,7 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     fwd = torch.compile(model) if tc.compile else model
-    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else _nullctx()
+    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else contextlib.nullcontext()
 
     T = mc.block_size
     micro = tc.pt_batch_size
@@ -413,7 +414,7 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             j = rank * tc.pt_grad_accum + m
             xy = batch[j * micro:(j + 1) * micro].to(device)
             sync = m == tc.pt_grad_accum - 1
-            ctx = model.no_sync() if world > 1 and not sync else _nullctx()
+            ctx = model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
             with ctx, amp:
                 _, loss = fwd(xy[:, :-1], xy[:, 1:], mask=document_mask(xy[:, :-1], tok.bos))
                 (loss / tc.pt_grad_accum).backward()
@@ -497,14 +498,6 @@ def val_loss(model, val, device, bos):
         losses.append(model(x, y, mask=document_mask(x, bos))[1])
     model.train()
     return float(torch.stack(losses).mean())
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # -----------------------------------------------------------------------------
