@@ -14,8 +14,9 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
 - The corpus stands in for what R1-Zero's base got from the web. It teaches (1) arithmetic it can compute
   (expressions with worked steps) and (2) the response format, with countdown "attempts" of mixed quality:
   each attempt is a correctly computed sequence of moves followed by a check ("72 vs 24 no": the target
-  copied beside the result, then the verdict), but the writer stops after a random number of attempts, whatever the check said, and answers
-  with its last attempt. The base therefore knows how to search, compute and verify, but not when to stop:
+  copied beside the result, then the verdict). The writer walks the search space in a fixed order from a
+  random start, stops after a random number of attempts, whatever the checks said, and answers with its last
+  attempt. The base therefore knows how to search, compute and verify, but not when to stop:
   that is what RL has to learn (DESIGN note in EXPERIMENTS.md, and REFERENCE.md sec. 5 for why the naive
   world does not learn). Held-out problems never appear in it.
 """
@@ -85,7 +86,11 @@ def random_moves(rng, numbers, ops):
 
 
 def all_attempts(numbers, ops):
-    """Every distinct valid chain (the search space of one attempt), as (value, steps, expr)."""
+    """
+    Every distinct valid chain (the search space of one attempt), as (value, steps, expr), in the canonical
+    order that search='enumerate' walks: orders of the prompt's numbers as itertools.permutations gives them,
+    then operators with the last varying fastest, i.e. depth first: one first move, all its second moves.
+    """
     out, seen = [], set()
     for perm in itertools.permutations(numbers):
         for ops_seq in itertools.product(ops, repeat=len(numbers) - 1):
@@ -133,8 +138,8 @@ class TaskConfig:
     ops: str = '+-*/'           # allowed operations
     max_target: int = 999       # resample targets above this (keeps every value one token)
     test_frac: float = 0.25     # share of the problem space held out
-    max_attempts: int = 8       # most attempts a corpus trace writes
-    ordered_search: bool = False  # corpus traces list their attempts in a canonical search order (EXPERIMENTS.md)
+    max_attempts: int = 10      # most attempts a corpus trace writes
+    search: str = 'enumerate'   # how corpus traces pick attempts: enumerate | random | sorted (EXPERIMENTS.md)
     template: str = 'short'     # 'short' or 'r1zero'
 
 
@@ -215,10 +220,7 @@ def format_steps(steps):
 
 def search_order(p, steps, ops):
     """
-    Canonical rank of an attempt: the prompt positions of its operands, then its operators. Traces list their
-    attempts in this order, so "the next attempt" is a deterministic function of the last one and greedy
-    decoding walks the search space without repeating itself (with attempts in random order the RL-trained
-    model's greedy search looped over one attempt: EXPERIMENTS.md full3).
+    Canonical rank of an attempt: the prompt positions of its operands, then its operators (search='sorted').
     """
     free = list(range(len(p.numbers)))
     operands = [steps[0][0]] + [s[2] for s in steps]
@@ -230,20 +232,40 @@ def search_order(p, steps, ops):
     return tuple(pos), tuple(ops.index(s[1]) for s in steps)
 
 
+SEARCHES = ('enumerate', 'random', 'sorted')
+
+
 def countdown_trace(rng, p, cfg):
-    """A mixed-quality response: distinct attempts in search order, each checked, stopping after a random
-    count whatever the checks said, answering with the last attempt."""
+    """
+    A mixed-quality response: checked attempts, stopping after a random count (1..max_attempts) whatever the
+    checks said, answering with the last attempt. How the attempts are picked (cfg.search):
+    - 'enumerate' (default): a contiguous run of the canonical enumeration `all_attempts` (a depth-first walk:
+      first move, then every second move, then the next first move) from a random start. The next attempt is a
+      function of the last one, so greedy decoding walks the search space without repeating itself, while the
+      random start keeps the G samples of a group apart. RL then only has to learn to stop at a `yes`.
+    - 'random': distinct random attempts. The RL-trained model's greedy search looped over its likeliest
+      attempt (`6-1=5 5-2=3 vs 4 no.` three times) and greedy pass@1 stalled at 0.13 (EXPERIMENTS.md full3).
+    - 'sorted': random distinct attempts sorted by `search_order`: the next attempt is still random (it skips
+      a random number of places), and every sample starts near the front; RL learnt nothing (`ordered`).
+    """
+    if cfg.search not in SEARCHES:
+        raise ValueError(f"unknown search {cfg.search!r}; choose from {SEARCHES}")
     k = rng.randint(1, cfg.max_attempts)
-    found = {}
-    for _ in range(20 * k):
-        res = random_moves(rng, p.numbers, cfg.ops)
-        if res is not None and res[2] not in found:
-            found[res[2]] = res
-            if len(found) == k:
-                break
-    attempts = list(found.values())
-    if cfg.ordered_search:
-        attempts.sort(key=lambda a: search_order(p, a[1], cfg.ops))
+    if cfg.search == 'enumerate':
+        space = all_attempts(p.numbers, cfg.ops)
+        start = rng.randrange(len(space))
+        attempts = [space[(start + i) % len(space)] for i in range(min(k, len(space)))]
+    else:
+        found = {}
+        for _ in range(20 * k):
+            res = random_moves(rng, p.numbers, cfg.ops)
+            if res is not None and res[2] not in found:
+                found[res[2]] = res
+                if len(found) == k:
+                    break
+        attempts = list(found.values())
+        if cfg.search == 'sorted':
+            attempts.sort(key=lambda a: search_order(p, a[1], cfg.ops))
     parts = []
     for value, steps, expr in attempts:
         # the check copies the target next to the result, so "is it reached?" compares two adjacent tokens

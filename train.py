@@ -94,7 +94,7 @@ PRESETS = {
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
                  pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
                  rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
-                 format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
+                 max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=192, bpe_merges=20,
                  pt_steps=6, pt_batch_size=4, pt_eval_interval=3, ckpt_interval=3, n_eval=8,
@@ -107,7 +107,7 @@ PRESETS = {
                      moe_intermediate_size=96, first_k_dense_replace=1,
                      pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
                      rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
-                     format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
+                     max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # one GPU: a wider, deeper model, same world
     'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384, block_size=192,
                   pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),

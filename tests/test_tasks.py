@@ -78,8 +78,9 @@ def test_corpus_never_holds_held_out_problems():
         assert not in_test_split(f"cd:{numbers_of(p.expr)}:{p.result}", cfg.test_frac)
 
 
-def test_trace_computes_correctly_and_answers_with_last_attempt():
-    cfg = TaskConfig()
+@pytest.mark.parametrize('search', ['enumerate', 'random', 'sorted'])
+def test_trace_computes_correctly_and_answers_with_last_attempt(search):
+    cfg = TaskConfig(search=search)
     rng = random.Random(3)
     for p in problems('countdown', 'train', 40, 0, cfg):
         trace = countdown_trace(rng, p, cfg)
@@ -96,6 +97,40 @@ def test_trace_computes_correctly_and_answers_with_last_attempt():
         answer = trace.split('<answer>')[1].split('</answer>')[0]
         assert eval_expr(answer) == int(attempts[-1].split(' ')[-4].split('=')[1])
         assert numbers_of(answer) == sorted(p.numbers)
+
+
+def test_enumerated_trace_is_a_contiguous_run_of_a_brute_force_walk():
+    # independent twin of the canonical order: a plain triple loop over positions and operators
+    cfg = TaskConfig(search='enumerate')
+    rng = random.Random(5)
+    starts = set()
+    for p in problems('countdown', 'train', 30, 0, cfg):
+        walk, seen = [], set()
+        n = p.numbers
+        for i, j, k in [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
+            for o1 in cfg.ops:
+                for o2 in cfg.ops:
+                    a, b, c = n[i], n[j], n[k]
+                    if o1 in '+*' and a < b:  # commutative first moves are written larger-first
+                        continue
+                    r1 = {'+': a + b, '-': a - b if a > b else None, '*': a * b,
+                          '/': a // b if b > 1 and a % b == 0 else None}[o1]
+                    if r1 is None:
+                        continue
+                    r2 = {'+': r1 + c, '-': r1 - c if r1 > c else None, '*': r1 * c,
+                          '/': r1 // c if c > 1 and r1 % c == 0 else None}[o2]
+                    line = f"{a}{o1}{b}={r1} {r1}{o2}{c}={r2}"
+                    if r2 is not None and line not in seen:
+                        seen.add(line)
+                        walk.append(line)
+        think = countdown_trace(rng, p, cfg).split('<think>')[1].split('</think>')[0]
+        lines = [a.rsplit(' vs ', 1)[0] for a in think.split('.') if a]
+        s = walk.index(lines[0])
+        starts.add(s)
+        assert lines == [walk[(s + t) % len(walk)] for t in range(len(lines))]
+    assert len(starts) > 5  # random starts: the samples of a group do not all begin the same walk
+    with pytest.raises(ValueError, match='search'):
+        countdown_trace(rng, p, TaskConfig(search='bfs'))
 
 
 def test_arithmetic_response_and_templates():
