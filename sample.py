@@ -12,6 +12,9 @@ question, sampled from the old policy).
   top-k/top-p), i.e. the behaviour policy that GRPO's ratio divides by; greedy returns the model's plain
   log-softmax. RL samples at temperature 1 with no filtering, where the two coincide.
 - `generate_naive` is the slow twin: no cache, the whole prefix recomputed every step. Tests hold the two equal.
+- `PartialRollouts`: Kimi k1.5's partial rollouts (sec 2.6.2), a token budget per iteration with unfinished
+  trajectories carried over in a bounded buffer, and its repeat detection; greedy continuation from the buffer
+  equals one uninterrupted generation (tests/test_sampling.py).
 """
 from dataclasses import dataclass
 
@@ -185,3 +188,144 @@ def group_rollouts(model, prompts, group_size, max_new_tokens, stop_ids, pad_id,
     rows = [p for p in prompts for _ in range(group_size)]
     return generate(model, rows, max_new_tokens, stop_ids, pad_id, temperature, top_k, top_p,
                     generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# partial rollouts (Kimi k1.5 sec 2.6.2) and repeat detection
+
+@dataclass
+class RolloutBatch:
+    """The groups an iteration trains on: every one of their G trajectories has ended."""
+    ids: list                 # problem id of each completed group, n of them
+    contexts: list            # n*G id lists: prompt + the segments of earlier iterations (context, never trained)
+    gen: Generation           # (n*G, L) the newest segment of each trajectory: the only tokens the loss sees
+    responses: list           # n*G id lists: the whole response (all segments), what the reward reads
+    lengths: torch.Tensor     # (n*G,) whole response lengths
+    continued: torch.Tensor   # (n*G,) bool: the trajectory has segments from earlier iterations
+    drawn: list               # problem ids drawn this iteration (the new groups)
+    buffered: int             # groups still in flight after this iteration (the buffer)
+    repeat_stops: int         # rollouts that repeat detection stopped this iteration
+
+
+class PartialRollouts:
+    """
+    Kimi k1.5 sec 2.6.2, partial rollouts: each iteration generates at most `budget` new tokens per trajectory.
+    A trajectory that has not ended by then waits in a buffer and continues in the next iteration, from its
+    tokens so far, under the then-current policy, next to the new prompts, so a few long responses never stall
+    a whole batch. In detail:
+    - An iteration generates `batch_groups * G` rows: every unfinished buffered trajectory, then G rows for
+      each new prompt that fits (`draw(n)` names them), but never more than `max_groups` groups in flight.
+    - A group is scored and trained once all G trajectories have ended (stop token, max_new_tokens, or repeat
+      detection); its rows that ended early wait for the rest.
+    - Only each trajectory's newest segment is trained; the segments of earlier iterations are part of the
+      context (`contexts`), as the prompt is. Kimi: only the current segment needs on-policy computation.
+      A trajectory that ended in an earlier pass and waited for its group is trained on the last segment it
+      generated (ours: masking it whole would hide exactly the short responses of slow groups from the loss).
+    - The buffer is bounded: at most `max_groups` groups of G trajectories of at most max_new_tokens each.
+      If no group has ended after a pass (the pipeline is still filling), the iteration generates again: the
+      policy has not moved, so this is an iteration without an update, merged into the next one.
+    With budget >= max_new_tokens every group ends in its iteration and the batch equals `group_rollouts`'
+    (tests/test_sampling.py trains both to the same weights).
+    Repeat detection (Kimi, same section): a rollout stops once `rewards.is_repeating(tokens, 4, repeat_stop)`
+    fires on its tokens so far, checked every `check_every` tokens; the check runs after the segment is
+    generated and cuts it where it would have stopped (a row's tokens never depend on later ones), so it saves
+    the continuation, not the rest of the current pass. The cut rollout is scored as it stands.
+    budget=0 and repeat_stop=0 is plain `group_rollouts`.
+    """
+
+    def __init__(self, group_size, max_new_tokens, batch_groups, budget=0, max_groups=0, repeat_stop=0.0,
+                 check_every=8):
+        max_groups = max_groups or 2 * batch_groups
+        if budget < 0 or max_groups < batch_groups or not 0 <= repeat_stop <= 1:
+            raise ValueError(f"need rollout_budget >= 0, rollout_buffer >= rl_prompts ({batch_groups}) and "
+                             f"0 <= repeat_stop <= 1, got {budget}, {max_groups}, {repeat_stop}")
+        self.G, self.max_new, self.batch_groups, self.max_groups = group_size, max_new_tokens, batch_groups, max_groups
+        self.direct = budget == 0 and repeat_stop == 0
+        self.budget = min(budget or max_new_tokens, max_new_tokens)
+        self.repeat_stop, self.check_every = repeat_stop, check_every
+        # the buffer: groups in flight, oldest first; a row is {'tokens', 'logp' (of its newest segment),
+        # 'seg' (where its newest segment starts), 'done', 'finished'}
+        self.groups = []
+
+    def step(self, model, draw, encode, stop_ids, pad_id, temperature=1.0, generator=None):
+        """draw(n) -> n problem ids, encode(id) -> prompt ids. Returns the RolloutBatch of the ended groups."""
+        if self.direct:
+            ids = draw(self.batch_groups)
+            prompts = [encode(i) for i in ids]
+            gen = group_rollouts(model, prompts, self.G, self.max_new, stop_ids, pad_id, temperature=temperature,
+                                 generator=generator)
+            contexts = [p for p in prompts for _ in range(self.G)]
+            responses = [gen.tokens[r, :int(gen.lengths[r])].tolist() for r in range(len(contexts))]
+            return RolloutBatch(ids, contexts, gen, responses, gen.lengths.cpu(),
+                                torch.zeros(len(contexts), dtype=torch.bool), ids, 0, 0)
+        drawn, repeats = [], 0
+        while not any(self._ended(g) for g in self.groups):
+            n_open = sum(not r['done'] for g in self.groups for r in g['rows'])
+            n_new = min((self.batch_groups * self.G - n_open) // self.G, self.max_groups - len(self.groups))
+            ids = draw(n_new) if n_new > 0 else []
+            drawn += ids
+            for i in ids:
+                self.groups.append({'id': i, 'prompt': encode(i), 'rows': [
+                    {'tokens': [], 'logp': [], 'seg': 0, 'done': False, 'finished': False} for _ in range(self.G)]})
+            repeats += self._generate(model, stop_ids, pad_id, temperature, generator)
+        ended = [g for g in self.groups if self._ended(g)]
+        self.groups = [g for g in self.groups if not self._ended(g)]
+        return self._batch(ended, drawn, repeats, pad_id)
+
+    @staticmethod
+    def _ended(g):
+        return all(r['done'] for r in g['rows'])
+
+    def _generate(self, model, stop_ids, pad_id, temperature, generator):
+        """One pass: up to `budget` new tokens for every open row. Returns how many rows repeat detection stopped."""
+        from rewards import is_repeating
+        todo = [(g, r) for g in self.groups for r in g['rows'] if not r['done']]
+        inputs = [g['prompt'] + r['tokens'] for g, r in todo]
+        # left padding puts every row at the longest context: a pass that mixes long continued rows with fresh
+        # prompts can have fewer cache slots than the budget, and is then shortened to fit (at least the room
+        # of the longest row, so every pass makes progress); whoever has not ended waits for the next pass
+        limit = min(self.budget, max(self.max_new - len(r['tokens']) for _, r in todo),
+                    model.config.block_size - max(map(len, inputs)))
+        gen = generate(model, inputs, limit, stop_ids, pad_id, temperature=temperature, generator=generator)
+        lengths, finished = gen.lengths.tolist(), gen.finished.tolist()
+        repeats = 0
+        for k, (_, r) in enumerate(todo):
+            room = self.max_new - len(r['tokens'])   # the call's limit is for the longest room: cut each row's own
+            n = min(lengths[k], room)
+            seg, logp = gen.tokens[k, :n].tolist(), gen.logprobs[k, :n].tolist()
+            stopped = finished[k] and lengths[k] <= room
+            full = r['tokens'] + seg
+            if self.repeat_stop:
+                first = (len(r['tokens']) // self.check_every + 1) * self.check_every
+                last = len(full) - 1 if stopped else len(full)   # a row that stopped by itself is not cut
+                for t in range(first, last + 1, self.check_every):
+                    if is_repeating(full[:t], 4, self.repeat_stop):
+                        keep = t - len(r['tokens'])
+                        seg, logp, full, stopped = seg[:keep], logp[:keep], full[:t], False
+                        r['done'] = True
+                        repeats += 1
+                        break
+            r['seg'], r['tokens'], r['logp'], r['finished'] = len(r['tokens']), full, logp, stopped
+            r['done'] = r['done'] or stopped or len(full) >= self.max_new
+        return repeats
+
+    def _batch(self, ended, drawn, repeats, pad_id):
+        rows = [(g, r) for g in ended for r in g['rows']]
+        L = max(1, max(len(r['tokens']) - r['seg'] for _, r in rows))
+        tokens = torch.full((len(rows), L), pad_id, dtype=torch.long)                # (B, L) newest segments
+        logp, mask = torch.zeros(len(rows), L), torch.zeros(len(rows), L)             # (B, L)
+        for b, (_, r) in enumerate(rows):
+            seg = r['tokens'][r['seg']:]
+            tokens[b, :len(seg)] = torch.tensor(seg, dtype=torch.long)
+            logp[b, :len(seg)] = torch.tensor(r['logp'], dtype=torch.float32)
+            mask[b, :len(seg)] = 1.0
+        gen = Generation(tokens, logp, mask, mask.sum(1).long(), torch.tensor([r['finished'] for _, r in rows]))
+        return RolloutBatch([g['id'] for g in ended], [g['prompt'] + r['tokens'][:r['seg']] for g, r in rows], gen,
+                            [r['tokens'] for _, r in rows], torch.tensor([len(r['tokens']) for _, r in rows]),
+                            torch.tensor([r['seg'] > 0 for _, r in rows]), drawn, len(self.groups), repeats)
+
+    def state_dict(self):
+        return {'groups': [{**g, 'rows': [dict(r) for r in g['rows']]} for g in self.groups]}
+
+    def load_state_dict(self, d):
+        self.groups = [{**g, 'rows': [dict(r) for r in g['rows']]} for g in d['groups']]
