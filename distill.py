@@ -1,0 +1,190 @@
+"""
+Supervised fine-tuning on sampled reasoning, and distillation: the non-RL steps of the DeepSeek-R1 pipeline.
+
+- Rejection sampling (DeepSeek-R1 sec 2.3.3): n samples per prompt from the RL checkpoint, scored by the rule
+  reward (rewards.countdown_reward), only the correct ones kept, identical responses once. keep='shortest' keeps
+  one per problem, the shortest correct (Kimi k1.5 sec 2.4, long2short's "shortest rejection sampling").
+- SFT (R1 sec 2.3.1 cold start, 2.3.3): next-token cross-entropy on the response tokens only; the prompt is context,
+  never a target:
+      L_SFT = -(1 / |M|) sum_{(b,t) in M} log p_theta(y_{b,t} | y_{b,<t})         M = the response positions
+- Distillation (R1 sec 2.4): R1 distils by SFT alone (the student trains on the teacher's samples, "we do not
+  include an RL stage"). We also offer logit distillation (Hinton et al. 2015, "Distilling the Knowledge in a
+  Neural Network", sec 2): forward KL from the teacher's to the student's distribution at temperature tau, over
+  the same response positions, scaled by tau^2 so its gradients keep their size as tau changes:
+      L_KD = tau^2 (1 / |M|) sum_{(b,t) in M} KL( softmax(z_t / tau) || softmax(z_s / tau) )
+  It needs one vocabulary for both models.
+
+Where we deviate, and why
+- A batch is drawn uniformly from the examples each step (with reshuffled epochs), not sorted by length: the
+  tiny world's responses are all of a similar length, and padding costs little there.
+- Warmup + cosine to 10% of the peak, as pretraining (train.lr_at); no weight decay, the datasets are small.
+"""
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+import sample
+from rewards import countdown_reward
+from tasks import format_prompt
+
+
+def sft_loss(logits, targets, loss_mask):
+    """logits (B, T, V), targets (B, T), loss_mask (B, T) bool -> token-mean cross-entropy over the mask."""
+    if logits.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
+        raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, "
+                         f"mask {tuple(loss_mask.shape)}")
+    m = loss_mask.bool()
+    # gather only the masked positions: what the prompt's logits say can never reach the loss
+    return F.cross_entropy(logits[m].float(), targets[m])                     # (N, V) -> ()
+
+
+def logit_distill_loss(student_logits, teacher_logits, mask, temperature=1.0):
+    """(B, T, V) student and teacher logits, mask (B, T) -> tau^2 * token-mean KL(teacher || student)."""
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"logit distillation needs one vocabulary: student has {student_logits.shape[-1]} "
+                         f"logits per token, teacher {teacher_logits.shape[-1]}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
+    m = mask.bool()
+    s = F.log_softmax(student_logits[m].float() / temperature, -1)           # (N, V)
+    t = F.log_softmax(teacher_logits[m].float() / temperature, -1)           # (N, V)
+    # forward KL: the student covers where the teacher puts mass; the teacher is a fixed target
+    kl = (t.exp() * (t - s)).sum(-1)                                          # (N,)
+    return kl.mean() * temperature ** 2
+
+
+# -----------------------------------------------------------------------------
+# rejection sampling
+
+def is_correct(text, p):
+    """The rule check a kept sample must pass: R1's accuracy reward, the answer tag only."""
+    return countdown_reward(text, p.numbers, p.target) > 0
+
+
+@torch.no_grad()
+def rejection_sample(model, tok, probs, n, temperature, max_new_tokens, template='short', keep='correct', seed=0,
+                     batch_prompts=64):
+    """
+    n samples per countdown problem, keep the correct ones. keep='correct': every distinct correct response;
+    keep='shortest': only the shortest correct one per problem (the first on ties). Each kept sample is a dict
+    {'problem', 'prompt_ids', 'response_ids' (ending with eos), 'text' (the decoded response, '<|eos|>' and all),
+    'n_tokens' (len of response_ids)}.
+    """
+    from tqdm import tqdm
+    if keep not in ('correct', 'shortest'):
+        raise ValueError(f"unknown keep {keep!r}; choose 'correct' or 'shortest'")
+    if n < 1:
+        raise ValueError(f"need n >= 1 samples per problem, got {n}")
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=next(model.parameters()).device)
+    g.manual_seed(seed)
+    out = []
+    for s in tqdm(range(0, len(probs), batch_prompts), desc=f'rejection sampling x{n}', mininterval=2):
+        chunk = probs[s:s + batch_prompts]
+        prompts = [[tok.bos] + tok.encode(format_prompt(p, template)) for p in chunk]
+        gen = sample.group_rollouts(model, prompts, n, max_new_tokens, {tok.eos}, tok.pad,
+                                    temperature=temperature, generator=g)
+        for i, p in enumerate(chunk):
+            kept, seen = [], set()
+            for r in range(i * n, (i + 1) * n):   # group_rollouts: rows [i*n, (i+1)*n) answer prompt i
+                ids = gen.tokens[r, :int(gen.lengths[r])].tolist()
+                text = tok.decode(ids)
+                if not is_correct(text, p) or tuple(ids) in seen:
+                    continue
+                seen.add(tuple(ids))
+                if ids[-1] != tok.eos:   # ran out of budget right after </answer>: an SFT target still ends
+                    ids = ids + [tok.eos]
+                kept.append({'problem': p, 'prompt_ids': prompts[i], 'response_ids': ids, 'text': text,
+                             'n_tokens': len(ids)})
+            if keep == 'shortest' and kept:
+                kept = [min(kept, key=lambda e: e['n_tokens'])]
+            out.extend(kept)
+    model.train(was_training)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# SFT (and logit distillation)
+
+def sft_batch(examples, pad_id, device):
+    """
+    Right-padded (B, T) inputs and targets and the (B, T) loss mask: position t predicts token t + 1, and counts
+    iff that token belongs to the response. Every row starts at position 0, so plain causal attention applies
+    (pads sit after the real tokens, where no counted position can see them).
+    """
+    seqs = [list(e['prompt_ids']) + list(e['response_ids']) for e in examples]
+    T = max(len(q) for q in seqs) - 1
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    tgt = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for b, (e, q) in enumerate(zip(examples, seqs)):
+        idx[b, :len(q) - 1] = torch.tensor(q[:-1])
+        tgt[b, :len(q) - 1] = torch.tensor(q[1:])
+        P = len(e['prompt_ids'])
+        mask[b, P - 1:len(q) - 1] = True    # logits at P-1 predict the first response token
+    return idx.to(device), tgt.to(device), mask.to(device)
+
+
+def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None, kd_weight=0.0,
+        kd_temperature=1.0, seed=0, log=None):
+    """
+    Fine-tune `model` in place on examples ({'prompt_ids' starting with bos, 'response_ids' ending with eos}):
+    AdamW, linear warmup over the first 10% of steps then cosine to 10% of lr, loss on response tokens only;
+    with a teacher, loss = L_SFT + kd_weight * L_KD. Returns one metrics row per step (also written to `log`).
+    """
+    from tqdm import tqdm
+    if not examples:
+        raise ValueError("sft needs at least one example")
+    if teacher is not None and kd_weight <= 0:
+        raise ValueError("a teacher without kd_weight > 0 would only cost forward passes")
+    longest = max(len(e['prompt_ids']) + len(e['response_ids']) - 1 for e in examples)
+    if longest > model.config.block_size:
+        raise ValueError(f"an example needs {longest} positions but block_size is {model.config.block_size}")
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    opt = torch.optim.AdamW(model.optim_groups(0.0), lr=lr, betas=(0.9, 0.95))
+    rng = random.Random(seed)
+    order, rows = [], []
+    warmup = max(1, steps // 10)
+    bar = tqdm(range(steps), desc=desc, mininterval=2)
+    for step in bar:
+        t = max(0.0, (step - warmup) / max(1, steps - warmup))
+        lr_t = lr * (step + 1) / warmup if step < warmup else lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        for g in opt.param_groups:
+            g['lr'] = lr_t
+        batch = []
+        while len(batch) < min(batch_size, len(examples)):   # epochs of a reshuffled order
+            if not order:
+                order = rng.sample(range(len(examples)), len(examples))
+            batch.append(examples[order.pop()])
+        # pads sit after every real token and are never counted targets, so any id would do; eos is one we know
+        idx, tgt, mask = sft_batch(batch, batch[0]['response_ids'][-1], device)
+        logits, _ = model(idx)                                                 # (B, T, V)
+        loss_sft = sft_loss(logits, tgt, mask)
+        loss, row = loss_sft, {'step': step + 1, 'sft_loss': loss_sft.item(), 'lr': lr_t,
+                               'response_tokens': int(mask.sum())}
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits, _ = teacher(idx)                                     # (B, T, V)
+            loss_kd = logit_distill_loss(logits, t_logits, mask, kd_temperature)
+            loss = loss + kd_weight * loss_kd
+            row['kd_loss'] = loss_kd.item()
+        loss.backward()
+        row['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if model.config.ffn == 'moe':
+            from moe import update_moe_biases
+            update_moe_biases(model)   # DeepSeek-V3's aux-loss-free balancing, as in pretraining
+        row['loss'] = loss.item()
+        rows.append(row)
+        if log is not None:
+            log.log(**row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+    bar.close()
+    return rows
+
