@@ -1,0 +1,475 @@
+"""
+Kimi k1.5's long2short (Kimi Team 2025, sec 2.4): four ways to keep a long-CoT model's accuracy at fewer tokens.
+
+    python long2short.py merge    --from out/tiny/grpo/ckpt.pt --alpha 0.5 --alphas 0,0.25,0.5,0.75,1
+    python long2short.py shortest --from out/tiny/grpo/ckpt.pt
+    python long2short.py dpo      --from out/tiny/grpo/ckpt.pt --dpo-beta 0.1
+    python long2short.py rl       --from out/tiny/grpo/ckpt.pt --length-weight 0.2
+    python long2short.py all      --from out/tiny/grpo/ckpt.pt --out-dir out/tiny/long2short
+
+1. merge: weight averaging, theta = alpha * theta_long + (1 - alpha) * theta_short, tensor by tensor.
+2. shortest: shortest rejection sampling: n = 8 samples per train problem, keep the shortest correct one, SFT the
+   long model on those (distill.rejection_sample(keep='shortest') and distill.sft).
+3. dpo: Rafailov et al. 2023 eq. 7 on Kimi's pairs: chosen = the shortest correct sample of a problem, rejected =
+   every wrong sample and every correct one longer than 1.5x the chosen:
+       L_DPO = -E[ log sigmoid( beta * log pi(y_w|x)/pi_ref(y_w|x) - beta * log pi(y_l|x)/pi_ref(y_l|x) ) ]
+   with pi_ref the frozen source and log pi(y|x) summed over the response tokens only.
+4. rl: GRPO from the long model with Kimi's length reward (sec 2.3.3, rewards.kimi_length_reward, weight
+   --length-weight) and a much smaller rollout budget, by calling train.py's grpo stage unchanged.
+
+Every method writes <out-dir>/<method>/summary.json (held-out greedy countdown pass@1, mean response tokens, wall
+seconds), report.md and a checkpoint in train.py's format (train.py --init-from accepts it); `all` runs the four
+and writes <out-dir>/summary.json and report.md, a table against the source.
+
+Where we deviate, and why
+- The tiny world has no separately trained short-CoT model; `merge` uses the source's base (the checkpoint its
+  grpo stage started from), which answers about 10% shorter (README) and shares its architecture and tokenizer.
+- Kimi's RL warm-up (train without the length penalty first) is the source's own grpo run: long2short RL starts
+  from its checkpoint with the penalty on from step 0.
+- rl scales advantages by the batch std (--adv-scale batch), not per group: with the group std, groups whose
+  samples are all wrong differ by length alone and get unit-size "be shorter" advantages whatever the weight
+  (the tiny model collapsed to 12-token guesses; run_rl has the numbers).
+- Every model is evaluated on the source's held-out split, seed and max_new_tokens, so that a method which trained
+  with a smaller budget (rl) is measured at the same budget as the rest.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import grpo
+import train
+from tasks import TaskConfig, problems, format_prompt
+
+METHODS = ('merge', 'shortest', 'dpo', 'rl')
+
+
+@dataclass
+class L2SConfig:
+    method: str = 'all'                      # merge | shortest | dpo | rl | all (the subcommand)
+    source: str = 'out/tiny/grpo/ckpt.pt'    # --from: the long-CoT checkpoint (train.py's grpo stage)
+    out_dir: str = ''                        # each method writes <out_dir>/<method>/ (default <source run>/long2short)
+    device: str = ''                         # cuda | cpu (default: cuda when available)
+    threads: int = 0                         # torch CPU threads (0: leave torch's default)
+    n_eval: int = 0                          # held-out problems (0: the source's n_eval)
+    # merge
+    short: str = ''                          # the short-CoT checkpoint (default: the source's base)
+    alpha: float = 0.5                       # weight of the long model in the saved merge
+    alphas: str = ''                         # comma-separated alphas to evaluate and report as well (a sweep)
+    # sampling for shortest and dpo
+    n_problems: int = 256                    # train problems sampled (the first n of the source's train split)
+    n_samples: int = 8                       # samples per problem (Kimi: 8)
+    temperature: float = 1.0                 # sampling temperature
+    # shortest: SFT on the shortest correct samples
+    sft_steps: int = 50                      # optimizer steps
+    sft_batch_size: int = 32                 # examples per step
+    sft_lr: float = 1e-4                     # AdamW learning rate
+    # dpo
+    dpo_beta: float = 0.1                    # beta of DPO eq. 7: strength of the implicit KL to the source
+    dpo_ratio: float = 1.5                   # a correct sample longer than this x the chosen one is rejected
+    dpo_steps: int = 100                     # optimizer steps
+    dpo_batch_size: int = 16                 # pairs per step
+    dpo_lr: float = 2e-5                     # AdamW learning rate
+    # rl: train.py --stage grpo with the length reward
+    length_weight: float = 0.2               # weight of Kimi's length reward added to the accuracy reward
+    rl_steps: int = 30                       # RL iterations
+    rl_max_new_tokens: int = 0               # rollout budget (0: two thirds of the source's max_new_tokens)
+    rl_adv_scale: str = 'batch'              # advantage scale (train.py --adv-scale); see run_rl for why not 'group'
+    rl_n_eval: int = 100                     # held-out problems for the grpo stage's own evaluations
+    preset: str = ''                         # train.py preset for the rl run (default: the source's)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.exit(f"long2short.py: error: {message}")
+
+
+def parse_args(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    for f in dataclasses.fields(L2SConfig):
+        if f.name == 'method':
+            continue
+        flag = '--from' if f.name == 'source' else '--' + f.name.replace('_', '-')
+        t = {'int': int, 'float': float, 'str': str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+        common.add_argument(flag, dest=f.name, type=t, default=f.default, help=f"(default {f.default!r})")
+    p = Parser(description="Kimi k1.5 long2short: merge | shortest | dpo | rl | all")
+    sub = p.add_subparsers(dest='method', required=True, metavar='{' + ','.join(METHODS + ('all',)) + '}')
+    for m in METHODS + ('all',):
+        sub.add_parser(m, parents=[common], help=f"run {m}")
+    cfg = L2SConfig(**vars(p.parse_args(argv)))
+    if not os.path.isfile(cfg.source):
+        sys.exit(f"long2short.py: error: no source checkpoint at {cfg.source} (train one: python train.py --preset tiny)")
+    cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cfg.source))), 'long2short')
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the source: its checkpoint, its world (task config, seed, splits), its held-out score
+
+@dataclass
+class Source:
+    ck: dict               # the source checkpoint
+    tok: object            # its tokenizer
+    task_cfg: TaskConfig   # its task config (problems are a pure function of it and the seed)
+    seed: int
+    max_new_tokens: int    # its rollout budget: every model is evaluated at it
+    train: list            # countdown train problems (the first n_problems of its train split)
+    test: list             # held-out countdown problems
+    eval: tuple = None     # (pass@1, mean tokens) of the source, computed once
+
+
+def load_source(cfg):
+    model, tok, ck = train.load_policy(cfg.source, cfg.device)
+    tc = ck.get('train_config', {})
+    names = {f.name for f in dataclasses.fields(TaskConfig)}
+    task_cfg = TaskConfig(**{k: v for k, v in ck.get('task_config', {}).items() if k in names})
+    seed = tc.get('seed', train.TrainConfig.seed)
+    n_eval = cfg.n_eval or tc.get('n_eval', train.TrainConfig.n_eval)
+    n_train = tc.get('n_train_problems', train.TrainConfig.n_train_problems)
+    return Source(ck, tok, task_cfg, seed, tc.get('max_new_tokens', train.TrainConfig.max_new_tokens),
+                  problems('countdown', 'train', n_train, seed, task_cfg)[:cfg.n_problems],
+                  problems('countdown', 'test', n_eval, seed, task_cfg)), model
+
+
+def held_out(model, src):
+    """Greedy countdown pass@1 and mean response tokens on the source's held-out split, at its budget."""
+    return train.evaluate(model, src.tok, src.test, 'countdown', src.task_cfg.template, src.max_new_tokens)
+
+
+def save(path, model, src, cfg, **extra):
+    """train.py's checkpoint format, so train.load_policy and train.py --init-from take it."""
+    train.save_checkpoint(path, {'model': model.state_dict(), 'model_config': model.config.to_dict(),
+                                 'tokenizer': src.tok.to_dict(), 'train_config': src.ck.get('train_config', {}),
+                                 'task_config': dataclasses.asdict(src.task_cfg),
+                                 'long2short_config': dataclasses.asdict(cfg), **extra})
+
+
+def finish(method, out, model, src, cfg, t0, extra=None, notes=()):
+    """Evaluate, then write <out>/summary.json and <out>/report.md; returns the summary."""
+    acc, n_tok = held_out(model, src)
+    s_acc, s_tok = src.eval
+    summary = {'method': method, 'countdown_pass@1': acc, 'mean_response_tokens': n_tok,
+               'source_countdown_pass@1': s_acc, 'source_mean_response_tokens': s_tok,
+               'n_eval': len(src.test), 'max_new_tokens': src.max_new_tokens, **(extra or {}),
+               'wall_seconds': round(time.time() - t0, 1)}
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    lines = [f'# long2short: {method}', '', f"source `{cfg.source}`, {len(src.test)} held-out countdown problems, "
+             f"greedy, max_new_tokens {src.max_new_tokens}, wall {summary['wall_seconds']} s", '',
+             '| model | pass@1 | mean tokens |', '|---|---|---|', f'| source | {s_acc:.3f} | {s_tok:.1f} |',
+             f'| {method} | {acc:.3f} | {n_tok:.1f} |', '', *notes, '', '## Config', '', '```json',
+             json.dumps(dataclasses.asdict(cfg), indent=1), '```', '']
+    with open(os.path.join(out, 'report.md'), 'w') as f:
+        f.write('\n'.join(lines))
+    print(json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# 1. model merging
+
+def merge_state_dicts(long_sd, short_sd, alpha):
+    """alpha * long + (1 - alpha) * short for every floating tensor; others (integer buffers) must agree."""
+    out = {}
+    for k, a in long_sd.items():
+        b = short_sd[k]
+        if a.is_floating_point():
+            out[k] = alpha * a + (1 - alpha) * b   # alpha 1 gives a exactly, 0 gives b exactly (x*0 + y == y)
+        elif torch.equal(a, b):
+            out[k] = a
+        else:
+            raise ValueError(f"cannot average non-floating tensor {k!r}: the two checkpoints differ there")
+    return out
+
+
+def check_mergeable(path_a, ck_a, path_b, ck_b):
+    """Same architecture and tokenizer, or one clear line on what differs."""
+    diff = {k: (v, ck_b['model_config'].get(k)) for k, v in ck_a['model_config'].items()
+            if ck_b['model_config'].get(k) != v}
+    if diff:
+        sys.exit(f"long2short.py: error: cannot merge {path_a} and {path_b}: different model configs "
+                 f"(field: long vs short): {diff}")
+    if ck_a['tokenizer'] != ck_b['tokenizer']:
+        sys.exit(f"long2short.py: error: cannot merge {path_a} and {path_b}: different tokenizers")
+
+
+def default_short(src_path, ck):
+    """The checkpoint the source's grpo stage started from: its init_from, else <run>/pretrain/ckpt.pt."""
+    tc = ck.get('train_config', {})
+    return tc.get('init_from') or os.path.join(tc.get('out_dir', os.path.dirname(os.path.dirname(src_path))),
+                                               'pretrain', 'ckpt.pt')
+
+
+def run_merge(cfg, src, out):
+    t0 = time.time()
+    short = cfg.short or default_short(cfg.source, src.ck)
+    if not os.path.isfile(short):
+        sys.exit(f"long2short.py: error: no short-CoT checkpoint at {short} (pass --short CKPT)")
+    ck_short = torch.load(short, map_location='cpu', weights_only=True)
+    check_mergeable(cfg.source, src.ck, short, ck_short)
+    model, _, _ = train.load_policy(cfg.source, cfg.device)
+    long_sd = {k: v.to(cfg.device) for k, v in src.ck['model'].items()}
+    short_sd = {k: v.to(cfg.device) for k, v in ck_short['model'].items()}
+    sweep = []
+    for a in [float(x) for x in cfg.alphas.split(',') if x.strip()]:
+        model.load_state_dict(merge_state_dicts(long_sd, short_sd, a))
+        acc, n_tok = held_out(model, src)
+        sweep.append({'alpha': a, 'countdown_pass@1': acc, 'mean_response_tokens': n_tok})
+        print(f"merge alpha {a:.2f}: pass@1 {acc:.3f}, mean tokens {n_tok:.1f}", flush=True)
+    model.load_state_dict(merge_state_dicts(long_sd, short_sd, cfg.alpha))
+    save(os.path.join(out, 'ckpt.pt'), model, src, cfg, merged_from=[cfg.source, short], alpha=cfg.alpha)
+    notes = ['## Sweep (alpha = weight of the long model)', '', '| alpha | pass@1 | mean tokens |', '|---|---|---|',
+             *[f"| {r['alpha']:.2f} | {r['countdown_pass@1']:.3f} | {r['mean_response_tokens']:.1f} |" for r in sweep]]
+    return finish('merge', out, model, src, cfg, t0, {'alpha': cfg.alpha, 'short': short, 'sweep': sweep,
+                                                      'ckpt': os.path.join(out, 'ckpt.pt')}, notes if sweep else ())
+
+
+# -----------------------------------------------------------------------------
+# 2. shortest rejection sampling + SFT
+
+def run_shortest(cfg, src, out):
+    import distill
+    t0 = time.time()
+    model, tok, _ = train.load_policy(cfg.source, cfg.device)
+    examples = distill.rejection_sample(model, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
+                                        template=src.task_cfg.template, keep='shortest', seed=src.seed + 21)
+    print(f"shortest: {len(examples)} of {len(src.train)} problems have a correct sample in {cfg.n_samples}",
+          flush=True)
+    rows = []
+    if examples:
+        log = train.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
+        rows = distill.sft(model, examples, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.device,
+                           desc='shortest', seed=src.seed + 22, log=log)
+    save(os.path.join(out, 'ckpt.pt'), model, src, cfg)
+    mean_len = sum(e['n_tokens'] for e in examples) / max(1, len(examples))
+    return finish('shortest', out, model, src, cfg, t0,
+                  {'n_examples': len(examples), 'example_mean_tokens': mean_len, 'sft_steps': cfg.sft_steps if
+                   examples else 0, 'ckpt': os.path.join(out, 'ckpt.pt')},
+                  [f"SFT on the shortest correct of {cfg.n_samples} samples for {len(examples)} of {len(src.train)} "
+                   f"train problems (mean {mean_len:.1f} tokens), {len(rows) and cfg.sft_steps} steps."])
+
+
+# -----------------------------------------------------------------------------
+# 3. DPO on shortest-vs-long pairs
+
+def dpo_pairs(samples, ratio=1.5):
+    """
+    Kimi's pairs for one problem's samples (dicts with 'n_tokens' and 'correct'): chosen = the shortest correct
+    sample (the first on ties); rejected = every wrong sample and every correct one longer than ratio x chosen.
+    No correct sample, no pairs.
+    """
+    correct = [s for s in samples if s['correct']]
+    if not correct:
+        return []
+    chosen = min(correct, key=lambda s: s['n_tokens'])
+    return [(chosen, s) for s in samples if not s['correct'] or s['n_tokens'] > ratio * chosen['n_tokens']]
+
+
+def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta):
+    """
+    DPO, Rafailov et al. 2023 eq. 7, its sign flipped for minimisation, averaged over pairs. Inputs (B,): summed
+    response logprobs of the chosen / rejected answers under the policy and under the frozen reference.
+    beta * (log pi/pi_ref) is the implicit reward; the loss pushes the chosen one above the rejected one.
+    """
+    margin = beta * ((pol_chosen - ref_chosen) - (pol_rejected - ref_rejected))   # (B,)
+    return -F.logsigmoid(margin).mean()
+
+
+def response_logprobs(model, prompts, responses, pad_id):
+    """(B,) sum over the response tokens of log pi(token | prompt, earlier tokens); the prompt is never scored."""
+    from sample import Generation
+    device = next(model.parameters()).device
+    B, L = len(responses), max(len(r) for r in responses)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L)
+    for b, r in enumerate(responses):
+        tokens[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, :len(r)] = 1.0
+    lengths = mask.sum(1).long()
+    gen = Generation(tokens, torch.zeros(B, L), mask, lengths, torch.ones(B, dtype=torch.bool))
+    idx, pos, amask, P = train.sequences_for_training(prompts, gen, pad_id, device)   # (B, P + L)
+    logits, _ = model(idx, pos=pos, mask=amask)
+    lp = grpo.token_logprobs(logits[:, P - 1:P - 1 + L], tokens.to(device))         # (B, L)
+    return (lp * mask.to(device)).sum(1)                                              # (B,)
+
+
+def is_correct(text, p):
+    return train.score('countdown', text, p) > 0
+
+
+@torch.no_grad()
+def sample_groups(model, tok, probs, n, temperature, max_new_tokens, template, seed, batch=256):
+    """n samples per problem, each scored: per problem a list of dicts (prompt_ids, response_ids, n_tokens, correct)."""
+    from sample import generate
+    g = torch.Generator(device=next(model.parameters()).device)
+    g.manual_seed(seed)
+    rows = [(i, [tok.bos] + tok.encode(format_prompt(p, template))) for i, p in enumerate(probs) for _ in range(n)]
+    groups = [[] for _ in probs]
+    for s in range(0, len(rows), batch):
+        chunk = rows[s:s + batch]
+        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, {tok.eos}, tok.pad, temperature=temperature,
+                       generator=g)
+        for r, (i, pr) in enumerate(chunk):
+            resp = gen.tokens[r, :int(gen.lengths[r])].tolist()
+            groups[i].append({'prompt_ids': pr, 'response_ids': resp, 'n_tokens': len(resp),
+                              'correct': is_correct(tok.decode(resp), probs[i])})
+    model.train()
+    return groups
+
+
+def run_dpo(cfg, src, out):
+    from tqdm import tqdm
+    t0 = time.time()
+    model, tok, _ = train.load_policy(cfg.source, cfg.device)
+    ref, _, _ = train.load_policy(cfg.source, cfg.device)
+    ref.requires_grad_(False).eval()
+    groups = sample_groups(ref, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
+                           src.task_cfg.template, src.seed + 31)
+    pairs = [pr for grp in groups for pr in dpo_pairs(grp, cfg.dpo_ratio)]
+    n_solved = sum(any(s['correct'] for s in grp) for grp in groups)
+    print(f"dpo: {len(pairs)} pairs from {n_solved} of {len(groups)} problems with a correct sample", flush=True)
+    rows = []
+    if pairs:
+        # the reference is frozen: its logprobs of every pair, once
+        with torch.no_grad():
+            ref_lp = torch.cat([_pair_logprobs(ref, pairs[i:i + 64], tok.pad) for i in range(0, len(pairs), 64)])
+        opt = torch.optim.AdamW(model.optim_groups(0.0), lr=cfg.dpo_lr, betas=(0.9, 0.99))
+        g = torch.Generator().manual_seed(src.seed + 32)
+        order, at = torch.randperm(len(pairs), generator=g), 0
+        log = train.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
+        bar = tqdm(range(cfg.dpo_steps), desc='dpo', mininterval=2)
+        for step in bar:
+            if at + cfg.dpo_batch_size > len(order):   # a fresh permutation per epoch
+                order, at = torch.randperm(len(pairs), generator=g), 0
+            ids = order[at:at + cfg.dpo_batch_size]
+            at += cfg.dpo_batch_size
+            lp = _pair_logprobs(model, [pairs[i] for i in ids], tok.pad)             # (b, 2): chosen, rejected
+            rl = ref_lp[ids].to(lp.device)                                             # (b, 2)
+            loss = dpo_loss(lp[:, 0], lp[:, 1], rl[:, 0], rl[:, 1], cfg.dpo_beta)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                margin = cfg.dpo_beta * ((lp[:, 0] - rl[:, 0]) - (lp[:, 1] - rl[:, 1]))
+            row = {'step': step + 1, 'loss': loss.item(), 'reward_margin': float(margin.mean()),
+                   'reward_acc': float((margin > 0).float().mean()), 'grad_norm': float(gnorm)}
+            rows.append(row)
+            log.log(**row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['reward_acc']:.2f}")
+        bar.close()
+    save(os.path.join(out, 'ckpt.pt'), model, src, cfg)
+    chosen = [c['n_tokens'] for c, _ in pairs]
+    rejected = [r['n_tokens'] for _, r in pairs]
+    extra = {'n_pairs': len(pairs), 'n_problems_with_correct': n_solved,
+             'chosen_mean_tokens': sum(chosen) / max(1, len(chosen)),
+             'rejected_mean_tokens': sum(rejected) / max(1, len(rejected)),
+             'dpo_steps': len(rows), 'final_loss': rows[-1]['loss'] if rows else None,
+             'ckpt': os.path.join(out, 'ckpt.pt')}
+    if rows:
+        train.plot_curves(os.path.join(out, 'dpo.png'), rows, ['loss', 'reward_margin', 'reward_acc'], 'dpo')
+    return finish('dpo', out, model, src, cfg, t0, extra,
+                  [f"{len(pairs)} pairs (chosen {extra['chosen_mean_tokens']:.1f} tokens on average, rejected "
+                   f"{extra['rejected_mean_tokens']:.1f}), {len(rows)} steps of {cfg.dpo_batch_size} pairs, "
+                   f"beta {cfg.dpo_beta}." + (' ![dpo](dpo.png)' if rows else '')])
+
+
+def _pair_logprobs(model, pairs, pad_id):
+    """(b, 2) summed response logprobs of (chosen, rejected) for each pair, in one forward pass."""
+    rows = [s for pr in pairs for s in pr]                                             # chosen, rejected, ...
+    lp = response_logprobs(model, [s['prompt_ids'] for s in rows], [s['response_ids'] for s in rows], pad_id)
+    return lp.view(len(pairs), 2)
+
+
+# -----------------------------------------------------------------------------
+# 4. long2short RL: the grpo stage, from the long model, with the length reward and a smaller budget
+
+def run_rl(cfg, src, out):
+    t0 = time.time()
+    tc = src.ck.get('train_config', {})
+    budget = cfg.rl_max_new_tokens or (2 * src.max_new_tokens) // 3
+    # Not the per-group std of GRPO: a group whose samples are all wrong then differs by the length reward alone,
+    # and dividing by its (small) std turns "be shorter" into a unit-size advantage whatever --length-weight is;
+    # in the tiny world that collapsed the model to 12-token guesses within 30 steps at weights 0.5 and 0.1 alike.
+    # The batch std (or none, as in Kimi's own loss: r - rbar) keeps the weight meaningful.
+    argv = [f'--preset={cfg.preset or tc.get("preset", "tiny")}', '--stage=grpo', f'--init-from={cfg.source}',
+            f'--out-dir={out}', f'--length-weight={cfg.length_weight}', f'--max-new-tokens={budget}',
+            f'--rl-steps={cfg.rl_steps}', f'--rl-eval-interval={cfg.rl_steps}', f'--n-eval={cfg.rl_n_eval}',
+            f'--adv-scale={cfg.rl_adv_scale}',
+            f'--seed={src.seed}', f'--n-train-problems={tc.get("n_train_problems", train.TrainConfig.n_train_problems)}',
+            f'--threads={cfg.threads}', f'--device={cfg.device}']
+    # the source's task world, so RL draws from the same train split it was trained on
+    argv += [f'--{k.replace("_", "-")}={v}' for k, v in dataclasses.asdict(src.task_cfg).items()]
+    train.main(argv)
+    ckpt = os.path.join(out, 'grpo', 'ckpt.pt')
+    model, _, _ = train.load_policy(ckpt, cfg.device)
+    grpo_summary = json.load(open(os.path.join(out, 'grpo', 'summary.json')))
+    return finish('rl', out, model, src, cfg, t0,
+                  {'length_weight': cfg.length_weight, 'rl_steps': cfg.rl_steps, 'rl_max_new_tokens': budget,
+                   'ckpt': ckpt, 'grpo_summary': grpo_summary},
+                  [f"train.py --stage grpo from the source, {cfg.rl_steps} steps, length weight {cfg.length_weight}, "
+                   f"rollout budget {budget} tokens; its curves and report are in grpo/."])
+
+
+RUNNERS = {'merge': run_merge, 'shortest': run_shortest, 'dpo': run_dpo, 'rl': run_rl}
+
+
+# -----------------------------------------------------------------------------
+
+def write_overview(cfg, src, results):
+    """<out_dir>/summary.json and report.md: source and each method, with the change in points and in % tokens."""
+    s_acc, s_tok = src.eval
+    table = {'source': {'countdown_pass@1': s_acc, 'mean_response_tokens': s_tok}}
+    for m, s in results.items():
+        table[m] = {'countdown_pass@1': s['countdown_pass@1'], 'mean_response_tokens': s['mean_response_tokens'],
+                    'delta_points': round(100 * (s['countdown_pass@1'] - s_acc), 2),
+                    'delta_tokens_pct': round(100 * (s['mean_response_tokens'] / s_tok - 1), 2) if s_tok else None,
+                    'wall_seconds': s['wall_seconds']}
+    summary = {'source': cfg.source, 'n_eval': len(src.test), 'max_new_tokens': src.max_new_tokens,
+               'methods': table}
+    with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    lines = ['# long2short (Kimi k1.5 sec 2.4)', '', f"source `{cfg.source}`; held-out greedy countdown pass@1 on "
+             f"{len(src.test)} problems at max_new_tokens {src.max_new_tokens}", '',
+             '| model | pass@1 | mean tokens | change (points) | change (% tokens) | wall s |', '|---|---|---|---|---|---|',
+             f'| source | {s_acc:.3f} | {s_tok:.1f} | | | |']
+    for m, r in table.items():
+        if m != 'source':
+            lines.append(f"| {m} | {r['countdown_pass@1']:.3f} | {r['mean_response_tokens']:.1f} | "
+                         f"{r['delta_points']:+.1f} | {r['delta_tokens_pct']:+.1f}% | {r['wall_seconds']} |")
+    lines += ['', 'Each method\'s own report.md, summary.json and checkpoint are in its folder.', '', '## Config', '',
+              '```json', json.dumps(dataclasses.asdict(cfg), indent=1), '```', '']
+    with open(os.path.join(cfg.out_dir, 'report.md'), 'w') as f:
+        f.write('\n'.join(lines))
+    print('\n'.join(lines[4:4 + len(table) + 1]), flush=True)
+    return summary
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg.device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    print(json.dumps(dataclasses.asdict(cfg)), flush=True)
+    src, model = load_source(cfg)
+    src.eval = held_out(model, src)
+    del model
+    print(f"source: held-out pass@1 {src.eval[0]:.3f}, mean tokens {src.eval[1]:.1f}", flush=True)
+    results = {}
+    for m in (METHODS if cfg.method == 'all' else (cfg.method,)):
+        out = os.path.join(cfg.out_dir, m)
+        os.makedirs(out, exist_ok=True)
+        results[m] = RUNNERS[m](cfg, src, out)
+    if cfg.method == 'all':
+        return write_overview(cfg, src, results)
+    return results[cfg.method]
+
+
+if __name__ == '__main__':
+    main()
