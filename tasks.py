@@ -19,9 +19,15 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   attempt. The base therefore knows how to search, compute and verify, but not when to stop:
   that is what RL has to learn (DESIGN note in EXPERIMENTS.md, and REFERENCE.md sec. 5 for why the naive
   world does not learn). Held-out problems never appear in it.
+- A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
+  attempt is written in number words ("six minus one is five vs four no."); answers stay in digits. And the
+  readable long CoTs of R1's cold start (cold_start_trace): digits only, stopping at the first verified hit.
+- PromptSampler: which train problems an RL iteration draws, uniform or Kimi k1.5's curriculum and prioritized
+  sampling (sec 2.3.4), by the difficulty label `solve_rate` and the running success rate of each problem.
 """
 import hashlib
 import itertools
+import math
 import random
 from dataclasses import dataclass
 
@@ -140,6 +146,8 @@ class TaskConfig:
     test_frac: float = 0.25     # share of the problem space held out
     max_attempts: int = 10      # most attempts a corpus trace writes
     search: str = 'enumerate'   # how corpus traces pick attempts: enumerate | random | sorted (EXPERIMENTS.md)
+    stop_at_yes: float = 0.3    # chance that a corpus writer stops at an attempt whose check said yes
+    words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # 'short' or 'r1zero'
 
 
@@ -243,6 +251,10 @@ def countdown_trace(rng, p, cfg):
       first move, then every second move, then the next first move) from a random start. The next attempt is a
       function of the last one, so greedy decoding walks the search space without repeating itself, while the
       random start keeps the G samples of a group apart. RL then only has to learn to stop at a `yes`.
+      A writer who meets a `yes` stops there with chance cfg.stop_at_yes (0.3), else goes on: the base has the
+      right behaviour, but not as its likeliest one, so greedy decoding walks past its hits (base greedy
+      pass@1 0.20) and RL has something to sharpen (0.20 -> 0.54 in 75 steps; with 0: 0.08 -> 0.39 in 100,
+      taking off only after step 50: EXPERIMENTS.md enum176, enumq).
     - 'random': distinct random attempts. The RL-trained model's greedy search looped over its likeliest
       attempt (`6-1=5 5-2=3 vs 4 no.` three times) and greedy pass@1 stalled at 0.13 (EXPERIMENTS.md full3).
     - 'sorted': random distinct attempts sorted by `search_order`: the next attempt is still random (it skips
@@ -254,7 +266,11 @@ def countdown_trace(rng, p, cfg):
     if cfg.search == 'enumerate':
         space = all_attempts(p.numbers, cfg.ops)
         start = rng.randrange(len(space))
-        attempts = [space[(start + i) % len(space)] for i in range(min(k, len(space)))]
+        attempts = []
+        for i in range(min(k, len(space))):
+            attempts.append(space[(start + i) % len(space)])
+            if attempts[-1][0] == p.target and rng.random() < cfg.stop_at_yes:
+                break
     else:
         found = {}
         for _ in range(20 * k):
@@ -268,9 +284,71 @@ def countdown_trace(rng, p, cfg):
             attempts.sort(key=lambda a: search_order(p, a[1], cfg.ops))
     parts = []
     for value, steps, expr in attempts:
-        # the check copies the target next to the result, so "is it reached?" compares two adjacent tokens
-        parts.append(f"{format_steps(steps)} vs {p.target} {'yes' if value == p.target else 'no'}.")
+        # the rng is drawn only when words are on, so words_frac=0 leaves the corpus exactly as it was
+        words = cfg.words_frac > 0 and rng.random() < cfg.words_frac
+        parts.append(format_attempt(steps, value, p.target, words))
     return f"<think>{''.join(parts)}</think><answer>{attempts[-1][2]}</answer>"
+
+
+def format_attempt(steps, value, target, words=False):
+    """One checked attempt; the check copies the target next to the result, so "is it reached?" compares two
+    adjacent tokens. words=True writes it in number words ("six minus one is five vs four no.")"""
+    verdict = 'yes' if value == target else 'no'
+    if words:
+        return f"{format_steps_words(steps)} vs {number_words(target)} {verdict}."
+    return f"{format_steps(steps)} vs {target} {verdict}."
+
+
+# R1-Zero's CoTs mixed languages (DeepSeek-R1 sec 2.3.2); the tiny world's second language is numbers in words
+_ONES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten', 'eleven', 'twelve',
+         'thirteen', 'fourteen', 'fifteen', 'sixteen', 'seventeen', 'eighteen', 'nineteen']
+_TENS = ['', '', 'twenty', 'thirty', 'forty', 'fifty', 'sixty', 'seventy', 'eighty', 'ninety']
+OP_WORDS = {'+': 'plus', '-': 'minus', '*': 'times', '/': 'over'}
+NUMBER_WORDS = frozenset(_ONES + _TENS[2:] + ['hundred'])
+
+
+def number_words(n):
+    """0..999 in English words: 24 -> 'twenty four', 305 -> 'three hundred five'."""
+    if not 0 <= n <= 999:
+        raise ValueError(f"number_words covers 0..999, got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ('' if n % 10 == 0 else ' ' + _ONES[n % 10])
+    return _ONES[n // 100] + ' hundred' + ('' if n % 100 == 0 else ' ' + number_words(n % 100))
+
+
+def format_steps_words(steps):
+    return ', '.join(f"{number_words(a)} {OP_WORDS[op]} {number_words(b)} is {number_words(r)}"
+                     for a, op, b, r in steps)
+
+
+def has_number_words(text):
+    """True if the CoT (the text before </think>) holds a number word: the mixed-language CoTs R1 filters out."""
+    cot = text.split('</think>')[0]
+    return any(w in NUMBER_WORDS for w in ''.join(c if c.isalpha() else ' ' for c in cot).split())
+
+
+def cold_start_trace(rng, p, cfg):
+    """
+    A readable long CoT for R1's cold-start SFT (DeepSeek-R1 sec 2.3.1): a walk of the canonical enumeration
+    (as the corpus writer does) of at most cfg.max_attempts distinct checked attempts that ENDS at the first
+    attempt reaching the target, checked "yes", and answers with it. Readable = digits only, one language,
+    and it stops at its first verified hit, the behaviour the corpus shows only some of the time.
+    """
+    space = all_attempts(p.numbers, cfg.ops)
+    hits = [i for i, a in enumerate(space) if a[0] == p.target]
+    if not hits:
+        raise ValueError(f"no attempt reaches {p.target} from {p.numbers} with ops {cfg.ops!r}")
+    h = rng.choice(hits)
+    attempts = [space[h]]
+    for j in range(1, min(rng.randint(1, cfg.max_attempts), len(space))):
+        prev = space[(h - j) % len(space)]
+        if prev[0] == p.target:   # walk back only to the previous hit: the writer stops at its first yes
+            break
+        attempts.insert(0, prev)
+    parts = ''.join(format_attempt(steps, value, p.target) for value, steps, _ in attempts)
+    return f"<think>{parts}</think><answer>{attempts[-1][2]}</answer>"
 
 
 def arithmetic_response(p):
@@ -304,3 +382,77 @@ def corpus_document(rng, cfg, cd_train, ar_train, arith_frac=0.4, check_frac=0.1
         return check_drill(rng, cfg, cd_train)
     p = rng.choice(cd_train)
     return format_prompt(p, cfg.template) + countdown_trace(rng, p, cfg)
+
+
+# -----------------------------------------------------------------------------
+# which problems an RL iteration trains on (Kimi k1.5 sec 2.3.4, "sampling strategies")
+
+SAMPLINGS = ('uniform', 'curriculum', 'prioritized')
+
+
+class PromptSampler:
+    """
+    Draws the train problems of each RL iteration (Kimi k1.5 sec 2.3.4). Problems are named by their index in
+    the pool; `draw(n, step)` returns n indices, `update(ids, accuracies)` feeds back each group's accuracy.
+    - uniform: n distinct problems, `random.Random(seed).sample(range(N), n)`: R1-Zero's plain draw, and the
+      same draws grpo_stage made before this class existed.
+    - curriculum: easy to hard by the difficulty label `solve_rate` (the share of valid move sequences that
+      hit the target; higher = easier). The pool is sorted easiest first and n distinct problems are drawn
+      uniformly from its first w: w is `start_frac` of the pool at step 0 and grows linearly to the whole pool
+      at `frac` of the run's `total_steps`. Kimi only says "from easy to hard"; the linear window is ours.
+    - prioritized: problem i is drawn with probability proportional to max(1 - s_i, floor), s_i its running
+      success rate (Kimi: "proportional to 1 - s_i"). s_i is the accuracy of its first group, then an EMA with
+      weight `ema` on each new group (the policy moves, so old groups should fade); an unseen problem counts
+      as s = prior. The floor (ours) keeps solved problems drawable: they can be forgotten. Draws are with
+      replacement, so the probabilities are exactly the normalised weights (a problem drawn twice is two
+      groups of the batch).
+    All state (the rng, the success rates) is in `state_dict`: a resumed run draws what the uninterrupted one
+    would.
+    """
+
+    def __init__(self, pool, mode='uniform', seed=0, total_steps=1, frac=0.5, start_frac=0.1, prior=0.5,
+                 floor=0.05, ema=0.5):
+        if mode not in SAMPLINGS:
+            raise ValueError(f"unknown prompt sampling {mode!r}; choose from {SAMPLINGS}")
+        if not (0 <= frac <= 1 and 0 < start_frac <= 1 and 0 <= prior <= 1 and 0 < floor <= 1 and 0 < ema <= 1):
+            raise ValueError("need 0 <= curriculum_frac <= 1, 0 < curriculum_start <= 1, 0 <= prio_prior <= 1, "
+                             f"0 < prio_floor <= 1, got {frac}, {start_frac}, {prior}, {floor}")
+        self.mode, self.N, self.total_steps = mode, len(pool), total_steps
+        self.frac, self.start_frac, self.prior, self.floor, self.ema = frac, start_frac, prior, floor, ema
+        self.rng = random.Random(seed)
+        self.solve_rate = [getattr(p, 'solve_rate', 0.0) for p in pool]
+        # easiest first; ties keep pool order, so the order is a pure function of the pool
+        self.order = sorted(range(self.N), key=lambda i: -self.solve_rate[i])
+        self.success = [None] * self.N   # s_i, None until the problem's first group is scored
+
+    def window(self, step):
+        """How many of the easiest problems the curriculum draws from at `step`."""
+        ramp = self.frac * self.total_steps
+        t = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+        return min(self.N, math.ceil(self.N * (self.start_frac + (1 - self.start_frac) * t)))
+
+    def weights(self):
+        return [max(1.0 - (self.prior if s is None else s), self.floor) for s in self.success]
+
+    def draw(self, n, step=0):
+        if n > self.N and self.mode != 'prioritized':   # prioritized draws with replacement
+            raise ValueError(f"cannot draw {n} distinct prompts from a pool of {self.N}")
+        if self.mode == 'uniform':
+            return self.rng.sample(range(self.N), n)
+        if self.mode == 'curriculum':
+            return self.rng.sample(self.order[:max(n, self.window(step))], n)
+        return self.rng.choices(range(self.N), weights=self.weights(), k=n)
+
+    def update(self, ids, accuracies):
+        """Fold each scored group's accuracy (share of its G samples that were right) into s_i."""
+        for i, a in zip(ids, accuracies):
+            s = self.success[i]
+            self.success[i] = float(a) if s is None else (1 - self.ema) * s + self.ema * float(a)
+
+    def state_dict(self):
+        st = self.rng.getstate()
+        return {'rng': list(st[1]), 'rng_gauss': st[2], 'success': list(self.success)}
+
+    def load_state_dict(self, d):
+        self.rng.setstate((3, tuple(d['rng']), d['rng_gauss']))
+        self.success = list(d['success'])

@@ -9,10 +9,18 @@ Stages
 - pretrain: next-token prediction on the synthetic corpus (tasks.py), standing in for the web-scale base model
   that R1-Zero starts from (DeepSeek-R1 sec. 2.2: "RL directly on the base model").
 - grpo: R1-Zero's RL on the pretrained base with rule rewards (rl.py holds the loop).
-- all: the stages in order.
+- sft: R1's cold start (sec 2.3.1): SFT on a few readable long CoTs written by the task generator (distill.py).
+- rs: R1's rejection sampling (sec 2.3.3): correct samples of the previous stage's model + general (arithmetic)
+  samples, then SFT of the base (the pretrain checkpoint) on them.
+- distill: R1's distillation (sec 2.4): SFT (or SFT + logit KL) of a student pretrained here on a teacher's
+  correct samples (--teacher-from).
+- a comma-separated pipeline, e.g. --stage pretrain,sft,grpo,rs,grpo (the R1 pipeline, preset tiny-r1): each
+  stage writes <out_dir>/<stage> (a repeated one grpo2, ...) and starts from the previous stage's checkpoint.
+- all: pretrain,grpo.
 
 Everything a run learns goes under --out-dir (default out/<preset>): <stage>/ckpt.pt (atomic), metrics.jsonl,
-summary.json, plots. --resume continues a killed run from its last checkpoint, bit-for-bit on CPU.
+summary.json, plots. --resume continues a killed run from its last checkpoint, bit-for-bit on CPU (pretrain and
+grpo; the short SFT stages sft, rs and distill run again).
 """
 import argparse
 import contextlib
@@ -37,7 +45,7 @@ from tokenizer import Tokenizer, train_bpe
 @dataclass
 class TrainConfig:
     preset: str = 'tiny'              # a key of PRESETS; flags override its values
-    stage: str = 'all'                # pretrain | grpo | all
+    stage: str = 'all'                # pretrain | sft | grpo | rs | distill, or a comma list of them | all (= pretrain,grpo)
     out_dir: str = ''                 # default out/<preset>
     device: str = ''                  # cuda | cpu (default: cuda when available)
     seed: int = 1337                  # every random choice derives from it
@@ -65,7 +73,7 @@ class TrainConfig:
     log_interval: int = 10            # steps between metrics lines (each costs one device sync)
     exit_after: int = 0               # testing aid: hard-exit (as a kill would) after this many steps; 0 = off
     # grpo (R1-Zero RL)
-    init_from: str = ''               # checkpoint to start RL from (default <out_dir>/pretrain/ckpt.pt)
+    init_from: str = ''               # checkpoint the first stage after pretrain starts from (default <out_dir>/pretrain/ckpt.pt)
     rl_steps: int = 200               # RL iterations (one batch of rollouts each)
     rl_prompts: int = 16              # prompts per iteration
     rl_group: int = 8                 # samples per prompt (G)
@@ -83,10 +91,36 @@ class TrainConfig:
     max_new_tokens: int = 150         # response budget per rollout
     format_weight: float = 0.1        # weight of the strict format reward added to the accuracy reward
     repeat_weight: float = 0.0        # penalty per share of CoT attempts that repeat an earlier one
+    length_weight: float = 0.0        # Kimi k1.5 length reward weight (sec 2.3.3), within each group of G (long2short RL)
     dynamic_sampling: bool = False    # DAPO: drop zero-variance groups and refill the batch
     rl_grad_clip: float = 1.0         # grad-norm clip
     rl_eval_interval: int = 50        # iterations between held-out greedy evaluations
     pass_k: int = 8                   # k of the final sampled pass@k
+    # Kimi k1.5 sampling strategies (sec 2.3.4), partial rollouts (2.6.2): tasks.PromptSampler, sample.PartialRollouts
+    prompt_sampling: str = 'uniform'  # uniform | curriculum (easy to hard by solve_rate) | prioritized (~ 1 - success)
+    curriculum_frac: float = 0.5      # curriculum: share of rl_steps over which the draw window grows to the whole pool
+    curriculum_start: float = 0.1     # curriculum: share of the pool (the easiest) drawn from at step 0
+    prio_prior: float = 0.5           # prioritized: success rate assumed for a problem not yet tried
+    prio_floor: float = 0.05          # prioritized: least weight of a problem, so none has probability 0
+    rollout_budget: int = 0           # partial rollouts: new tokens per trajectory per iteration (0: off)
+    rollout_buffer: int = 0           # partial rollouts: most groups in flight (0: 2 * rl_prompts)
+    repeat_stop: float = 0.0          # stop a rollout once this share of its 4-grams repeat (is_repeating; 0: off)
+    # the R1 pipeline's other stages (distill.py): sft (cold start), rs (rejection sampling), distill
+    lang_weight: float = 0.0          # grpo: weight of R1's language consistency reward (share of digit words in the CoT)
+    sft_examples: int = 400           # sft: readable cold-start traces (tasks.cold_start_trace), one per train problem
+    sft_steps: int = 100              # optimizer steps of each SFT stage (sft, rs, distill)
+    sft_batch_size: int = 16          # examples per SFT step
+    sft_lr: float = 5e-4              # peak SFT learning rate (warmup over 10% of the steps, then cosine)
+    rs_problems: int = 500            # rs, distill: train problems to sample from
+    rs_samples: int = 4               # rs, distill: samples per problem; only correct ones are kept
+    rs_temperature: float = 1.0       # rs, distill: sampling temperature
+    rs_general: int = 100             # rs: general (non-reasoning) samples added: worked arithmetic
+    rs_filter_mixed: bool = True      # rs, distill: drop correct samples whose CoT mixes in number words (R1 sec 2.3.3)
+    rs_base: str = ''                 # rs: the model to SFT (default <out_dir>/pretrain/ckpt.pt: R1 SFTs the base)
+    teacher_from: str = ''            # distill: the teacher's checkpoint
+    distill_mode: str = 'sft'         # distill: sft (R1 sec 2.4) | logits (SFT + kd_weight * KL to the teacher)
+    kd_weight: float = 1.0            # distill logits: weight of the KL term
+    kd_temperature: float = 1.0       # distill logits: softmax temperature of both models (the KL is scaled by its square)
 
 
 PRESETS = {
@@ -111,6 +145,22 @@ PRESETS = {
     # one GPU: a wider, deeper model, same world
     'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384, block_size=192,
                   pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
+    # the R1 pipeline in the tiny world (~20 min on 2 CPU cores): a base whose CoTs mix digits and number words,
+    # cold-start SFT, RL with the language consistency reward, rejection sampling + SFT of the base, RL again
+    'tiny-r1': dict(stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2,
+                    n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
+                    pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
+                    sft_examples=400, sft_steps=120, sft_batch_size=16, sft_lr=5e-4,
+                    rl_steps=40, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
+                    max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=20,
+                    lang_weight=0.2, rs_problems=400, rs_samples=4, rs_temperature=0.7, rs_general=100),
+    # R1 sec 2.4 in the tiny world: a smaller dense student (2 layers, d=96), pretrained with tiny's corpus
+    # settings (so the same tokenizer), trained on the tiny grpo model's correct samples
+    'tiny-distill': dict(stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt', distill_mode='sft',
+                         n_layer=2, n_head=4, n_kv_head=4, n_embd=96, block_size=192,
+                         pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
+                         max_new_tokens=176, rs_problems=800, rs_samples=4, rs_temperature=0.7,
+                         sft_steps=200, sft_batch_size=16, sft_lr=5e-4),
 }
 
 
@@ -166,8 +216,7 @@ def resolve(values):
         except (ValueError, TypeError) as e:
             sys.exit(f"train.py: error: bad {cls.__name__}: {e}")
     tc = out[0]
-    if tc.stage not in STAGES:
-        sys.exit(f"train.py: error: unknown stage {tc.stage!r}; choose from {list(STAGES)}")
+    parse_stages(tc.stage)   # one-line error on an unknown stage name
     tc.out_dir = tc.out_dir or os.path.join('out', tc.preset)
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         sys.exit(f"train.py: error: --out-dir {tc.out_dir} exists and is a file, not a directory")
@@ -511,10 +560,12 @@ def load_policy(path, device, mc=None):
     return model, Tokenizer.from_dict(ck['tokenizer']), ck
 
 
-def rl_rewards(texts, probs, tc):
+def rl_rewards(texts, probs, tc, G=1, lengths=None):
     """
     Accuracy (countdown rule check) + format_weight * strict format - repeat_weight * the share of attempts in
-    the CoT that repeat an earlier one (Kimi k1.5's repeat penalty at the granularity of a search step).
+    the CoT that repeat an earlier one (Kimi k1.5's repeat penalty at the granularity of a search step)
+    + length_weight * Kimi's length reward within each group of G consecutive samples (`lengths` in tokens)
+    + lang_weight * R1's language consistency reward (the share of the CoT's words written in digits).
     """
     from rewards import countdown_reward, format_reward, repeat_ngram_fraction
     acc = torch.tensor([countdown_reward(t, p.numbers, p.target) for t, p in zip(texts, probs)])
@@ -523,7 +574,28 @@ def rl_rewards(texts, probs, tc):
     if tc.repeat_weight:
         attempts = [t.split('</think>')[0].split('.') for t in texts]
         reward = reward - tc.repeat_weight * torch.tensor([repeat_ngram_fraction(a, 1) for a in attempts])
+    if tc.length_weight:
+        reward = reward + tc.length_weight * length_rewards(lengths, acc, G)
+    if tc.lang_weight:  # R1 sec 2.3.2: + the share of the CoT's words in the target language (here: digits)
+        reward = reward + tc.lang_weight * lang_rewards(texts)
     return reward, acc, fmt
+
+
+def lang_rewards(texts):
+    """(N,) R1's language consistency reward: the share of each CoT's words written in digits."""
+    from rewards import language_consistency_reward
+    return torch.tensor([language_consistency_reward(t, 'digits') for t in texts])
+
+
+def length_rewards(lengths, acc, G):
+    """(N,) Kimi k1.5's length reward (sec 2.3.3), each group of G consecutive samples ranked on its own."""
+    from rewards import kimi_length_reward
+    if lengths is None or len(lengths) != len(acc) or len(acc) % G:
+        raise ValueError(f"length reward needs one token length per sample in whole groups of G={G}")
+    out = []
+    for s in range(0, len(acc), G):
+        out += kimi_length_reward(list(lengths[s:s + G]), (acc[s:s + G] > 0).tolist())
+    return torch.tensor(out)
 
 
 def sequences_for_training(prompts, gen, pad_id, device):
@@ -545,16 +617,17 @@ def sequences_for_training(prompts, gen, pad_id, device):
     return idx, pos, attention_mask(valid, valid, 0), P
 
 
-def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
+def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start, name='grpo', init=''):
     from tqdm import tqdm
     import grpo
-    from sample import group_rollouts
+    from sample import PartialRollouts
+    from tasks import PromptSampler
     if world > 1:
         sys.exit("train.py: error: --stage grpo runs in one process for now (rollouts are not sharded)")
     t0 = time.time()
-    stage_dir = os.path.join(tc.out_dir, 'grpo')
+    stage_dir = os.path.join(tc.out_dir, name)   # grpo, or grpo2, ... in a pipeline
     ckpt_path = os.path.join(stage_dir, 'ckpt.pt')
-    init = tc.init_from or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')
+    init = init or tc.init_from or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')   # the pipeline's previous stage
     model, tok, ck0 = load_policy(init, device)
     cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
     cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
@@ -566,6 +639,13 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
     start, rows = 0, []
     gen_rng = torch.Generator(device=device)   # the rollouts' randomness, saved with the checkpoint
     gen_rng.manual_seed(tc.seed + 7)
+    try:  # Kimi k1.5's prompt sampling and partial rollouts; their state is checkpointed too
+        sampler = PromptSampler(cd_train, tc.prompt_sampling, tc.seed + 11, tc.rl_steps, tc.curriculum_frac,
+                                tc.curriculum_start, tc.prio_prior, tc.prio_floor)
+        rollouts = PartialRollouts(tc.rl_group, tc.max_new_tokens, tc.rl_prompts, tc.rollout_budget,
+                                   tc.rollout_buffer, tc.repeat_stop)
+    except ValueError as e:
+        sys.exit(f"train.py: error: {e}")
     if tc.resume and os.path.isfile(ckpt_path):
         ck = load_checkpoint(ckpt_path, model.config)
         model.load_state_dict(ck['model'])
@@ -573,12 +653,15 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
         start, rows = ck['step'], ck['rows']
         set_rng_state(ck['rng'])
         gen_rng.set_state(ck['gen_rng'])
+        if 'sampler' in ck:
+            sampler.load_state_dict(ck['sampler'])
+            rollouts.load_state_dict(ck['rollouts'])
+        else:  # a checkpoint from before the sampler: replay its uniform draws
+            for _ in range(start):
+                sampler.draw(tc.rl_prompts)
         print0(f"resumed grpo from {ckpt_path} at step {start}")
     log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), tc.resume and start > 0)
 
-    prob_rng = random.Random(tc.seed + 11)
-    for _ in range(start):  # replay the prompt draws so a resumed run sees the same prompts
-        prob_rng.sample(range(len(cd_train)), tc.rl_prompts)
     tmpl, G = task_cfg.template, tc.rl_group
     print0(f"grpo: {tc.rl_steps} steps x {tc.rl_prompts} prompts x G={G}, loss {tc.loss_type}, beta {tc.beta}")
     print0(grpo.LOSS_NEAR_ZERO_NOTE)
@@ -596,16 +679,16 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
         lr = tc.rl_lr * min(1.0, (step + 1) / max(1, tc.rl_warmup))
         for g in opt.param_groups:
             g['lr'] = lr
-        # 1. rollouts: G samples per prompt from the current (= old) policy
-        picks = prob_rng.sample(range(len(cd_train)), tc.rl_prompts)
-        probs = [cd_train[i] for i in picks]
-        prompts = [[tok.bos] + tok.encode(format_prompt(p, tmpl)) for p in probs]
-        gen = group_rollouts(model, prompts, G, tc.max_new_tokens, {tok.eos}, tok.pad,
-                             temperature=tc.temperature, generator=gen_rng)
-        rprobs = [p for p in probs for _ in range(G)]
-        rprompts = [p for p in prompts for _ in range(G)]
-        texts = [tok.decode(gen.tokens[r, :int(gen.lengths[r])].tolist()) for r in range(len(rprobs))]
-        reward, acc, fmt = rl_rewards(texts, rprobs, tc)
+        # 1. rollouts: G samples per prompt from the current (= old) policy, on the prompts the sampler draws;
+        #    with partial rollouts, the groups whose G trajectories have all ended, trained on their newest segment
+        pb = rollouts.step(model, lambda n: sampler.draw(n, step),
+                           lambda i: [tok.bos] + tok.encode(format_prompt(cd_train[i], tmpl)), {tok.eos}, tok.pad,
+                           temperature=tc.temperature, generator=gen_rng)
+        gen, rprompts = pb.gen, pb.contexts   # rprompts: prompt + earlier segments, context only
+        rprobs = [cd_train[i] for i in pb.ids for _ in range(G)]
+        texts = [tok.decode(r) for r in pb.responses]
+        reward, acc, fmt = rl_rewards(texts, rprobs, tc, G, pb.lengths.tolist())
+        sampler.update(pb.ids, acc.view(-1, G).mean(1).tolist())
         # 2. advantages: the group is the baseline (no critic)
         adv = grpo.group_advantages(reward, G, tc.adv_scale)
         zero_var = grpo.zero_variance_groups(reward, G)
@@ -617,6 +700,8 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
         # 3. policy update: mu epochs over the batch, old logprobs stored before the first one
         idx, pos, mask, P = sequences_for_training([rprompts[i] for i in rows_idx],
                                                    _select(gen, rows_idx), tok.pad, device)
+        if pos is not None:  # partial rollouts: pads after a short row's segment may pass the RoPE table; never read
+            pos = pos.clamp(max=model.config.block_size - 1)
         resp_mask = gen.mask[rows_idx].to(device)
         resp_tok = gen.tokens[rows_idx].to(device)
         L = resp_tok.shape[1]
@@ -659,7 +744,7 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
                 from moe import update_moe_biases
                 update_moe_biases(model)
         # 4. metrics (one sync for all of them)
-        lens = gen.lengths.float()
+        lens = pb.lengths.float()   # whole responses (all segments)
         correct = acc > 0
         row = {'step': step + 1, 'reward': float(reward.mean()), 'reward_std': float(reward.std()),
                'acc_reward': float(acc.mean()), 'format_reward': float(fmt.mean()), 'accuracy': float(correct.float().mean()),
@@ -669,6 +754,15 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
                'zero_var_frac': float(zero_var.float().mean()), 'truncated_frac': float((~gen.finished).float().mean()),
                'grad_norm': float(gnorm), 'lr': lr, 'step_seconds': round(time.time() - ts, 3)}
         row.update({k: float(v) for k, v in stats.items()})
+        if tc.length_weight:
+            row['length_reward'] = float(length_rewards(pb.lengths.tolist(), acc, G).mean())
+        if tc.lang_weight:
+            row['lang_reward'] = float(lang_rewards(texts).mean())
+        trained = gen.mask[rows_idx].sum(1)   # (rows,) tokens each trained row contributes
+        drawn_rate = [cd_train[i].solve_rate for i in pb.drawn]   # the difficulty label of the new prompts
+        row.update(prompt_solve_rate=sum(drawn_rate) / len(drawn_rate) if drawn_rate else None,
+                   buffer_groups=pb.buffered, repeat_stops=pb.repeat_stops,
+                   continued_token_frac=float(trained[pb.continued[rows_idx]].sum() / trained.sum().clamp(min=1)))
         if (step + 1) % tc.rl_eval_interval == 0 or step + 1 == tc.rl_steps:
             row['eval_pass@1'], row['eval_mean_tokens'] = evaluate(model, tok, cd_test, 'countdown', tmpl,
                                                                    tc.max_new_tokens)
@@ -684,6 +778,7 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start):
         if (step + 1) % tc.ckpt_interval == 0 or step + 1 == tc.rl_steps:
             save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': opt.state_dict(), 'step': step + 1,
                                         'rng': rng_state(), 'gen_rng': gen_rng.get_state(), 'rows': rows,
+                                        'sampler': sampler.state_dict(), 'rollouts': rollouts.state_dict(),
                                         'model_config': model.config.to_dict(),
                                         'train_config': dataclasses.asdict(tc), 'tokenizer': tok.to_dict(),
                                         'task_config': dataclasses.asdict(task_cfg)})
@@ -746,8 +841,181 @@ def write_report(tc, task_cfg, model, summary, rows, stage_dir):
 
 
 # -----------------------------------------------------------------------------
+# stages: sft (R1's cold start), rs (rejection sampling + SFT of the base), distill (R1 sec 2.4); distill.py
 
-STAGES = ('pretrain', 'grpo', 'all')
+def sft_stage(tc, task_cfg, device, name='sft', init=''):
+    """R1 sec 2.3.1: SFT the base on a few readable long CoTs that stop at their first verified hit."""
+    from tasks import cold_start_trace
+    t0 = time.time()
+    model, tok, _ = load_policy(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device)
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    rng = random.Random(tc.seed + 31)
+    picks = rng.sample(cd_train, min(tc.sft_examples, len(cd_train)))
+    examples = [{'prompt_ids': [tok.bos] + tok.encode(format_prompt(p, task_cfg.template)),
+                 'response_ids': tok.encode(cold_start_trace(rng, p, task_cfg)) + [tok.eos]} for p in picks]
+    # a trace longer than the response budget teaches a length that rollouts and evaluation never reach
+    examples = [e for e in examples if len(e['response_ids']) <= tc.max_new_tokens]
+    if not examples:
+        sys.exit(f"train.py: error: {name}: no cold-start trace fits in --max-new-tokens {tc.max_new_tokens}")
+    print0(f"{name}: cold start on {len(examples)} readable traces of {len(picks)} within {tc.max_new_tokens} "
+           f"tokens, {tc.sft_steps} steps x {tc.sft_batch_size}")
+    sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0,
+                   [f"Cold start (R1 sec 2.3.1) from `{init or 'pretrain'}` on {len(examples)} traces of "
+                    "tasks.cold_start_trace: digits only, ending at the first attempt checked `yes`."])
+
+
+def rs_stage(tc, task_cfg, device, name='rs', init=''):
+    """R1 sec 2.3.3: the RL model's correct samples + general samples; SFT of the base on them."""
+    import distill
+    from tasks import has_number_words
+    t0 = time.time()
+    policy, ptok, _ = load_policy(init or os.path.join(tc.out_dir, 'grpo', 'ckpt.pt'), device)
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    pool = random.Random(tc.seed + 41).sample(cd_train, min(tc.rs_problems, len(cd_train)))
+    samples = distill.rejection_sample(policy, ptok, pool, tc.rs_samples, tc.rs_temperature, tc.max_new_tokens,
+                                       task_cfg.template, 'correct', seed=tc.seed + 42)
+    n_correct = len(samples)
+    if tc.rs_filter_mixed:  # R1 filters CoTs with mixed languages out of the SFT data
+        samples = [e for e in samples if not has_number_words(e['text'])]
+    base = tc.rs_base or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')
+    model, tok, _ = load_policy(base, device)
+    if tok.to_dict() != ptok.to_dict():
+        sys.exit(f"train.py: error: rs: {base} and the sampled model use different tokenizers")
+    general = [{'prompt_ids': [tok.bos] + tok.encode(format_prompt(p, task_cfg.template)),
+                'response_ids': tok.encode(arithmetic_response(p)) + [tok.eos]}
+               for p in problems('arithmetic', 'train', tc.rs_general, tc.seed, task_cfg)] if tc.rs_general else []
+    print0(f"{name}: {n_correct} correct of {len(pool)} x {tc.rs_samples} samples, {len(samples)} kept, "
+           f"+ {len(general)} general; SFT of {base}")
+    sft_and_finish(tc, task_cfg, device, name, model, tok, samples + general, t0,
+                   [f"Rejection sampling (R1 sec 2.3.3) from `{init or 'grpo'}`: {n_correct} distinct correct "
+                    f"samples of {len(pool)} train problems x {tc.rs_samples} (temperature {tc.rs_temperature}), "
+                    f"{len(samples)} kept after the mixed-language filter, + {len(general)} worked-arithmetic "
+                    f"samples; SFT of the base `{base}`."],
+                   {'n_correct_samples': n_correct, 'n_reasoning_examples': len(samples),
+                    'n_general_examples': len(general)})
+
+
+def distill_stage(tc, task_cfg, device, name='distill', init=''):
+    """R1 sec 2.4: SFT (or SFT + KL) of a student pretrained here on the teacher's correct samples."""
+    import distill
+    from tasks import has_number_words
+    t0 = time.time()
+    if tc.distill_mode not in ('sft', 'logits'):
+        sys.exit(f"train.py: error: unknown distill_mode {tc.distill_mode!r}; choose 'sft' or 'logits'")
+    if not tc.teacher_from or not os.path.isfile(tc.teacher_from):
+        sys.exit(f"train.py: error: no teacher checkpoint at {tc.teacher_from!r}: train one first "
+                 "(python train.py --preset tiny) or pass --teacher-from")
+    teacher, ttok, _ = load_policy(tc.teacher_from, device)
+    model, tok, _ = load_policy(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device)
+    same_tok = ttok.to_dict() == tok.to_dict()
+    if tc.distill_mode == 'logits' and not same_tok:
+        sys.exit("train.py: error: distill_mode logits needs the teacher's vocabulary: pretrain the student with "
+                 "the teacher's seed, corpus and task settings (the tokenizer is built from them)")
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    pool = random.Random(tc.seed + 51).sample(cd_train, min(tc.rs_problems, len(cd_train)))
+    samples = distill.rejection_sample(teacher, ttok, pool, tc.rs_samples, tc.rs_temperature, tc.max_new_tokens,
+                                       task_cfg.template, 'correct', seed=tc.seed + 52)
+    n_correct = len(samples)
+    if tc.rs_filter_mixed:
+        samples = [e for e in samples if not has_number_words(e['text'])]
+    # text, not ids, crosses over: in sft mode a student with its own tokenizer re-encodes the teacher's samples
+    examples = [{'prompt_ids': [tok.bos] + tok.encode(format_prompt(e['problem'], task_cfg.template)),
+                 'response_ids': tok.encode(e['text'].removesuffix('<|eos|>')) + [tok.eos]} for e in samples]
+    t_acc, t_len = evaluate(teacher, ttok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    kd = tc.distill_mode == 'logits'
+    print0(f"{name}: teacher {teacher.num_params():,} params (pass@1 {t_acc:.3f}), student {model.num_params():,}; "
+           f"{n_correct} correct samples, {len(examples)} kept; mode {tc.distill_mode}")
+    sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0,
+                   [f"Distillation (R1 sec 2.4), mode `{tc.distill_mode}`: teacher `{tc.teacher_from}` "
+                    f"({teacher.num_params():,} params), student {model.num_params():,} params; {n_correct} "
+                    f"distinct correct samples of {len(pool)} train problems x {tc.rs_samples}, {len(examples)} kept"
+                    + (f"; loss = SFT + {tc.kd_weight} x KL(teacher || student) at T={tc.kd_temperature}." if kd
+                       else "; plain SFT.")],
+                   {'teacher': tc.teacher_from, 'teacher_params': teacher.num_params(),
+                    'teacher_countdown_pass@1': t_acc, 'teacher_mean_response_tokens': t_len,
+                    'student_params': model.num_params(), 'distill_mode': tc.distill_mode,
+                    'n_correct_samples': n_correct},
+                   teacher=teacher if kd else None)
+
+
+def sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0, notes, extra=None, teacher=None):
+    """The SFT stages' shared half: held-out eval before and after, SFT, checkpoint, summary.json, report.md."""
+    import distill
+    stage_dir = os.path.join(tc.out_dir, name)
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    acc0, len0 = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    rows = []
+    if examples:
+        log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), False)
+        try:
+            rows = distill.sft(model, examples, tc.sft_steps, tc.sft_batch_size, tc.sft_lr, device, desc=name,
+                               teacher=teacher, kd_weight=tc.kd_weight if teacher is not None else 0.0,
+                               kd_temperature=tc.kd_temperature, seed=tc.seed + 61, log=log)
+        except ValueError as e:
+            sys.exit(f"train.py: error: {name}: {e}")
+        plot_curves(os.path.join(stage_dir, 'loss.png'), rows, ['loss', 'sft_loss', 'kd_loss'], name)
+    else:
+        print0(f"{name}: no examples, nothing to train on; the checkpoint is the initial model")
+    acc, n_tok = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), {
+        'model': model.state_dict(), 'step': len(rows), 'model_config': model.config.to_dict(),
+        'train_config': dataclasses.asdict(tc), 'task_config': dataclasses.asdict(task_cfg),
+        'tokenizer': tok.to_dict()})
+    summary = {'countdown_pass@1': acc, 'mean_response_tokens': n_tok, 'init_countdown_pass@1': acc0,
+               'init_mean_response_tokens': len0, 'n_examples': len(examples),
+               'example_mean_response_tokens': sum(len(e['response_ids']) for e in examples) / max(1, len(examples)),
+               'sft_steps': len(rows), 'final_sft_loss': rows[-1]['sft_loss'] if rows else None,
+               **(extra or {}), 'n_eval': len(cd_test), 'wall_seconds': round(time.time() - t0, 1)}
+    with open(os.path.join(stage_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    write_stage_report(stage_dir, name, summary, notes + ['', '![loss](loss.png)'] if rows else notes,
+                       {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})
+    print0(json.dumps(summary, indent=2))
+
+
+def write_stage_report(stage_dir, name, summary, notes, cfg):
+    lines = [f'# nanoR1 {name} report', '', *notes, '', '| metric | value |', '|---|---|',
+             *[f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()],
+             '', '## Config', '', '```json', json.dumps(cfg, indent=1), '```', '']
+    with open(os.path.join(stage_dir, 'report.md'), 'w') as f:
+        f.write('\n'.join(lines))
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+STAGES = ('pretrain', 'sft', 'grpo', 'rs', 'distill')   # --stage all = pretrain,grpo
+
+
+def parse_stages(stage):
+    """'pretrain,sft,grpo,rs,grpo' -> [(stage, its directory)]: a repeated stage writes grpo2, grpo3, ..."""
+    names = ['pretrain', 'grpo'] if stage == 'all' else [s.strip() for s in stage.split(',')]
+    for s in names:
+        if s not in STAGES:
+            sys.exit(f"train.py: error: unknown stage {s!r}; choose from {list(STAGES)}, 'all', or a comma-separated "
+                     "list such as pretrain,sft,grpo,rs,grpo")
+    if names.count('pretrain') > 1:
+        sys.exit("train.py: error: pretrain can appear once in a pipeline (it always writes <out_dir>/pretrain)")
+    dirs = [s if names[:i].count(s) == 0 else f"{s}{names[:i].count(s) + 1}" for i, s in enumerate(names)]
+    return list(zip(names, dirs))
+
+
+def stage_summary(tc, task_cfg, mc, d, wall):
+    """A stage's summary.json with the keys every stage shares (held-out greedy pass@1, mean response tokens,
+    stage wall seconds) filled in; pretrain gets its report.md here."""
+    path = os.path.join(tc.out_dir, d, 'summary.json')
+    s = json.load(open(path))
+    for key, names in (('countdown_pass@1', ('rl_countdown_pass@1', 'base_countdown_pass@1')),
+                       ('mean_response_tokens', ('rl_mean_response_tokens', 'base_countdown_mean_tokens'))):
+        s.setdefault(key, next((s[n] for n in names if n in s), None))
+    s['stage_wall_seconds'] = round(wall, 1)
+    with open(path, 'w') as f:
+        json.dump(s, f, indent=2)
+    if not os.path.isfile(os.path.join(tc.out_dir, d, 'report.md')):
+        write_stage_report(os.path.join(tc.out_dir, d), d, s, ['![loss](loss.png)'],
+                           {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()})
+    return s
 
 
 def main(argv=None):
@@ -759,10 +1027,32 @@ def main(argv=None):
     cfg = {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()}
     print0(json.dumps(cfg))
     t0 = time.time()
-    if tc.stage in ('pretrain', 'all'):
-        pretrain(tc, task_cfg, mc, rank, world, device)
-    if tc.stage in ('grpo', 'all'):
-        grpo_stage(tc, task_cfg, mc, rank, world, device, t0)
+    pipeline = parse_stages(tc.stage)
+    if world > 1 and [s for s, _ in pipeline] != ['pretrain']:
+        sys.exit("train.py: error: under torchrun only --stage pretrain runs (the other stages are one process)")
+    prev, stages = tc.init_from, {}   # --init-from: where the first stage that loads a model starts
+    for s, d in pipeline:
+        ts = time.time()
+        print0(f"=== stage {d} ({s})" + (f", from {prev}" if prev and s != 'pretrain' else ''))
+        if s == 'pretrain':
+            pretrain(tc, task_cfg, mc, rank, world, device)
+        elif s == 'grpo':
+            grpo_stage(tc, task_cfg, mc, rank, world, device, t0, name=d, init=prev)
+        else:
+            {'sft': sft_stage, 'rs': rs_stage, 'distill': distill_stage}[s](tc, task_cfg, device, d, prev)
+        prev = os.path.join(tc.out_dir, d, 'ckpt.pt')
+        if rank == 0:
+            stages[d] = stage_summary(tc, task_cfg, mc, d, time.time() - ts)
+    if rank == 0:
+        # the run level: the last stage's keys at the top (what `--stage all` always wrote), every stage's below
+        top = {**stages[pipeline[-1][1]], 'pipeline': [d for _, d in pipeline],
+               'stages': {d: {k: v[k] for k in ('countdown_pass@1', 'mean_response_tokens', 'stage_wall_seconds')}
+                          for d, v in stages.items()}, 'wall_seconds': round(time.time() - t0, 1)}
+        top.pop('stage_wall_seconds')
+        with open(os.path.join(tc.out_dir, 'summary.json'), 'w') as f:
+            json.dump(top, f, indent=2)
+        if len(pipeline) > 1:
+            print0(json.dumps(top['stages'], indent=2))
     if world > 1:
         dist.destroy_process_group()
 

@@ -133,6 +133,21 @@ def test_enumerated_trace_is_a_contiguous_run_of_a_brute_force_walk():
         countdown_trace(rng, p, TaskConfig(search='bfs'))
 
 
+def test_stop_at_yes_is_the_chance_of_stopping_at_a_hit():
+    ps = problems('countdown', 'train', 200, 0, TaskConfig())
+    def verdicts(q):
+        rng, out = random.Random(9), []
+        for p in ps:
+            think = countdown_trace(rng, p, TaskConfig(stop_at_yes=q)).split('<think>')[1].split('</think>')[0]
+            out.append([a.endswith('yes') for a in think.split('.') if a])
+        return out
+    always = verdicts(1.0)
+    assert all(True not in v[:-1] for v in always)            # never walks past a hit
+    assert sum(v[-1] for v in always) > 20                    # and does stop on hits
+    never = verdicts(0.0)
+    assert sum(True in v[:-1] for v in never) > 20            # without it, writers walk past hits
+
+
 def test_arithmetic_response_and_templates():
     cfg = TaskConfig()
     p = problems('arithmetic', 'test', 5, 0, cfg)[0]
