@@ -127,7 +127,7 @@ PRESETS = {
     # ~1M params, learns countdown by RL on a 2-core CPU in ~15 minutes (README, EXPERIMENTS.md)
     'tiny': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
                  pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
-                 rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
+                 rl_steps=75, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
                  max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=192, bpe_merges=20,
@@ -372,10 +372,12 @@ def score(kind, text, p):
 
 
 @torch.no_grad()
-def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, k=1, temperature=0.0, seed=0):
+def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, k=1, temperature=0.0, seed=0,
+             detail=False):
     """
     Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean
     response length in tokens. pass@k uses the unbiased estimator of Chen et al. 2021 with n = k samples.
+    detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy).
     """
     from sample import generate
     model.eval()
@@ -395,6 +397,9 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
             lengths.append(n)
     c = np.array(correct).reshape(len(probs), k)
     model.train()
+    if detail:
+        return {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
+                'mean_tokens': float(np.mean(lengths))}
     return float((c.max(1) > 0).mean()), float(np.mean(lengths))
 
 
@@ -520,9 +525,9 @@ def base_evals(model, tok, tc, task_cfg, mc):
     """Greedy held-out accuracy of a model on worked arithmetic and on countdown (R1-Zero template)."""
     ar_test = problems('arithmetic', 'test', tc.n_eval, tc.seed, task_cfg)
     cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
-    max_new = mc.block_size - 40
     arith, _ = evaluate(model, tok, ar_test, 'arithmetic', task_cfg.template, 40)
-    cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, max_new)
+    # the RL stage's budget, so that this is the base figure the grpo stage's step 0 reports too
+    cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
     return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}
 
 
@@ -756,7 +761,7 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start, name='grpo', init
         row.update({k: float(v) for k, v in stats.items()})
         if tc.length_weight:
             row['length_reward'] = float(length_rewards(pb.lengths.tolist(), acc, G).mean())
-        if tc.lang_weight:
+        if tc.lang_weight or task_cfg.words_frac:  # measured whenever the corpus has a second language
             row['lang_reward'] = float(lang_rewards(texts).mean())
         trained = gen.mask[rows_idx].sum(1)   # (rows,) tokens each trained row contributes
         drawn_rate = [cd_train[i].solve_rate for i in pb.drawn]   # the difficulty label of the new prompts
@@ -798,10 +803,15 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0, t_start,
     """Final evaluation, summary.json (stage and run level), plots and report.md."""
     tmpl = task_cfg.template
     base_cd = rows[0]['eval_pass@1'] if base_cd is None else base_cd
-    rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
-    sampled, _ = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, temperature=1.0, seed=1)
-    pass_k, _ = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, k=tc.pass_k,
-                         temperature=1.0, seed=2)
+    last = rows[-1] if rows else {}
+    if last.get('step') == tc.rl_steps and 'eval_pass@1' in last:  # the loop just evaluated the final model
+        rl_cd, rl_len = last['eval_pass@1'], last['eval_mean_tokens']
+    else:
+        rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
+    # one batch of k samples per problem at T=1 gives both the sampled pass@1 (their mean) and pass@k
+    d = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, k=tc.pass_k, temperature=1.0, seed=2,
+                 detail=True)
+    sampled, pass_k = d['pass@1'], d['pass@k']
     summary = {'base_countdown_pass@1': base_cd, 'rl_countdown_pass@1': rl_cd,
                'rl_countdown_pass@1_sampled': sampled, f'rl_countdown_pass@{tc.pass_k}': pass_k,
                'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': rows[0].get('eval_mean_tokens'),
