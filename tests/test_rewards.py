@@ -542,8 +542,8 @@ def test_100kb_adversarial_under_10ms(name):
     for label, fn, _ in all_rewards(text) + [('extract', lambda: extract_answer(text), None),
                                              ('parse', lambda: parse_expression(text), None)]:
         best = float('inf')
-        for _ in range(3):  # min of 3 runs: robust to noise from other processes on the machine
-            t0 = time.perf_counter()
+        for _ in range(5):  # min of 5 runs: robust to noise from other processes on the machine (mixed
+            t0 = time.perf_counter()  # scripts once took 10.6 ms beside a training job, before count_words used numpy)
             fn()
             best = min(best, time.perf_counter() - t0)
         assert best < BUDGET_S, (name, label, best)
