@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import grpo
 import train
+from distill import is_correct  # the rule check rejection sampling keeps by
 from tasks import TaskConfig, problems, format_prompt
 
 METHODS = ('merge', 'shortest', 'dpo', 'rl')
@@ -297,10 +298,6 @@ def response_logprobs(model, prompts, responses, pad_id):
     logits, _ = model(idx, pos=pos, mask=amask)
     lp = grpo.token_logprobs(logits[:, P - 1:P - 1 + L], tokens.to(device))         # (B, L)
     return (lp * mask.to(device)).sum(1)                                              # (B,)
-
-
-def is_correct(text, p):
-    return train.score('countdown', text, p) > 0
 
 
 @torch.no_grad()

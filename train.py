@@ -565,12 +565,13 @@ def load_policy(path, device, mc=None):
     return model, Tokenizer.from_dict(ck['tokenizer']), ck
 
 
-def rl_rewards(texts, probs, tc, G=1, lengths=None):
+def rl_rewards(texts, probs, tc, G=1, lengths=None, parts=None):
     """
     Accuracy (countdown rule check) + format_weight * strict format - repeat_weight * the share of attempts in
     the CoT that repeat an earlier one (Kimi k1.5's repeat penalty at the granularity of a search step)
     + length_weight * Kimi's length reward within each group of G consecutive samples (`lengths` in tokens)
     + lang_weight * R1's language consistency reward (the share of the CoT's words written in digits).
+    `parts`, a dict if given, receives the (N,) length and language terms that were computed (for metrics).
     """
     from rewards import countdown_reward, format_reward, repeat_ngram_fraction
     acc = torch.tensor([countdown_reward(t, p.numbers, p.target) for t, p in zip(texts, probs)])
@@ -579,10 +580,13 @@ def rl_rewards(texts, probs, tc, G=1, lengths=None):
     if tc.repeat_weight:
         attempts = [t.split('</think>')[0].split('.') for t in texts]
         reward = reward - tc.repeat_weight * torch.tensor([repeat_ngram_fraction(a, 1) for a in attempts])
+    parts = {} if parts is None else parts
     if tc.length_weight:
-        reward = reward + tc.length_weight * length_rewards(lengths, acc, G)
+        parts['length'] = length_rewards(lengths, acc, G)
+        reward = reward + tc.length_weight * parts['length']
     if tc.lang_weight:  # R1 sec 2.3.2: + the share of the CoT's words in the target language (here: digits)
-        reward = reward + tc.lang_weight * lang_rewards(texts)
+        parts['lang'] = lang_rewards(texts)
+        reward = reward + tc.lang_weight * parts['lang']
     return reward, acc, fmt
 
 
@@ -692,7 +696,8 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start, name='grpo', init
         gen, rprompts = pb.gen, pb.contexts   # rprompts: prompt + earlier segments, context only
         rprobs = [cd_train[i] for i in pb.ids for _ in range(G)]
         texts = [tok.decode(r) for r in pb.responses]
-        reward, acc, fmt = rl_rewards(texts, rprobs, tc, G, pb.lengths.tolist())
+        parts = {}
+        reward, acc, fmt = rl_rewards(texts, rprobs, tc, G, pb.lengths.tolist(), parts)
         sampler.update(pb.ids, acc.view(-1, G).mean(1).tolist())
         # 2. advantages: the group is the baseline (no critic)
         adv = grpo.group_advantages(reward, G, tc.adv_scale)
@@ -760,9 +765,9 @@ def grpo_stage(tc, task_cfg, mc, rank, world, device, t_start, name='grpo', init
                'grad_norm': float(gnorm), 'lr': lr, 'step_seconds': round(time.time() - ts, 3)}
         row.update({k: float(v) for k, v in stats.items()})
         if tc.length_weight:
-            row['length_reward'] = float(length_rewards(pb.lengths.tolist(), acc, G).mean())
+            row['length_reward'] = float(parts['length'].mean())
         if tc.lang_weight or task_cfg.words_frac:  # measured whenever the corpus has a second language
-            row['lang_reward'] = float(lang_rewards(texts).mean())
+            row['lang_reward'] = float(parts['lang'].mean() if 'lang' in parts else lang_rewards(texts).mean())
         trained = gen.mask[rows_idx].sum(1)   # (rows,) tokens each trained row contributes
         drawn_rate = [cd_train[i].solve_rate for i in pb.drawn]   # the difficulty label of the new prompts
         row.update(prompt_solve_rate=sum(drawn_rate) / len(drawn_rate) if drawn_rate else None,
