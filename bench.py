@@ -4,6 +4,7 @@ Benchmarks, one function per name, each with its own flags:
     python bench.py list
     python bench.py grpo_loss [--device cuda|cpu] [--n-tokens 16384] [--vocab 151936] [--dtype bf16] ...
     python bench.py mla_decode [--device cuda|cpu] [--batch 128] [--seqlen 4096] [--heads 16] [--layout paged] ...
+    python bench.py model [--device cuda|cpu] [--presets tiny,tiny-dense] [--threads 1]
 
 grpo_loss: the GRPO loss from logits, forward + backward, and the log-probs alone (what the old and the reference
 policy cost). On CUDA: ours (grpo.loss_from_logits, Triton) against the eager PyTorch reference
@@ -19,6 +20,10 @@ FlashMLA shape by default (b=128, s_k=4096, h_q=16, d_c=512, d_R=64, bf16, every
 (Triton, split-K) on the contiguous and the paged (64-token pages, shuffled table) cache, the PyTorch reference,
 and FlashMLA and FlashInfer's MLA decode when installed; bandwidth over the bytes that must move: the cache read
 once (B s_k (d_c + d_R) elements) plus the queries, outputs and lse. On CPU: the reference alone, small shape.
+
+model: what a preset's model costs end to end, with random weights: pretraining tokens/s (forward + backward +
+AdamW on pt_batch_size x block_size) and rollout tokens/s (sample.generate, 128 rows, a 24-token prompt, 160 new
+tokens at temperature 0.7, no early stop), one line per preset: the figures behind the tiny presets' choices.
 """
 import argparse
 import json
@@ -361,6 +366,50 @@ def mla_peer_cases(q_nope, q_pe, kv_pool, pe_pool, table, lens, scale, page):
 
 # -----------------------------------------------------------------------------
 
+def model(argv):
+    """a preset's model, random weights: pretraining tokens/s and rollout (cached sampling) tokens/s"""
+    from model import GPT
+    from sample import generate
+    from train import PRESETS, resolve
+    p = argparse.ArgumentParser(prog='bench.py model', description=model.__doc__)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda or cpu")
+    p.add_argument('--presets', default='tiny,tiny-dense', help="comma-separated train.py presets")
+    p.add_argument('--vocab', type=int, default=1024, help="vocabulary size (the tiny tokenizer's is ~1,000)")
+    p.add_argument('--rows', type=int, default=128, help="rollout rows (16 prompts x G = 8 in the tiny presets)")
+    p.add_argument('--new-tokens', type=int, default=160, help="sampled tokens per row")
+    p.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument('--iters', type=int, default=5, help="timed repetitions, median reported")
+    args = p.parse_args(argv)
+    device, gpu = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(dict(vars(args), torch_threads=torch.get_num_threads())))
+    print(f"{'preset':14s} {'params':>10s} {'train tok/s':>12s} {'rollout tok/s':>14s} {'ms/decode step':>15s}")
+    for name in args.presets.split(','):
+        if name not in PRESETS:
+            sys.exit(f"error: unknown preset {name!r}, expected one of {sorted(PRESETS)}")
+        tc, _, mc = resolve({**PRESETS[name], 'preset': name, 'vocab_size': args.vocab})
+        torch.manual_seed(0)
+        m = GPT(mc).to(device)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        x = torch.randint(0, args.vocab, (tc.pt_batch_size, mc.block_size + 1), device=device)
+
+        def train_step():
+            loss = m(x[:, :-1], targets=x[:, 1:])[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t_train = time_ms(train_step, device, 1, args.iters)
+        m.eval()
+        prompts = torch.randint(1, args.vocab, (args.rows, 24)).tolist()
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            t_gen = time_ms(lambda: generate(m, prompts, args.new_tokens, set(), 0, temperature=0.7,
+                                             generator=gen), device, 1, args.iters)
+        print(f"{name:14s} {m.num_params():>10,} {x[:, 1:].numel() / t_train * 1e3:>12,.0f} "
+              f"{args.rows * args.new_tokens / t_gen * 1e3:>14,.0f} {t_gen / args.new_tokens:>15.1f}")
+
+
 def _device(name):
     """torch.device and whether it is a GPU, with a one-line error when CUDA is asked for and missing."""
     device = torch.device(name)
@@ -369,7 +418,7 @@ def _device(name):
     return device, device.type == 'cuda'
 
 
-BENCHMARKS = {'grpo_loss': grpo_loss, 'mla_decode': mla_decode}
+BENCHMARKS = {'grpo_loss': grpo_loss, 'mla_decode': mla_decode, 'model': model}
 
 
 def main():

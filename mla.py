@@ -12,9 +12,13 @@ unchanged by DeepSeek-V3 (arXiv 2412.19437) section 2.1.1, eqs. 1-11.
 One module, two paths (config.mla_impl), equal up to float rounding (tests/test_mla.py):
 - 'naive':  decompress K and V per head and cache them (the obvious twin; cheapest for training and prefill).
 - 'absorb': cache only c_KV (after kv_norm) and the rotated k_R, i.e. kv_lora_rank + qk_rope_head_dim elements
-  per token per layer. W_UK is folded into the query (q_C . W_UK c_KV = (W_UK^T q_C) . c_KV) and W_UV into the
-  output, as V2 section 2.1.2 suggests, so attention is multi-query attention over the latent cache with
-  d_qk = kv_lora_rank + qk_rope_head_dim and d_v = kv_lora_rank. This is the decode path.
+  per token per layer, in one buffer [c_KV ; k_R]. W_UK is folded into the query (q_C . W_UK c_KV =
+  (W_UK^T q_C) . c_KV) and W_UV into the output, as V2 section 2.1.2 suggests, so attention is multi-query
+  attention over the latent cache with d_qk = kv_lora_rank + qk_rope_head_dim and d_v = kv_lora_rank: the H
+  heads fold into the query axis, so the cache is read once for all of them. This is the decode path.
+- 'auto': absorb when a cache is given (rollouts: the latent cache, folded decode), naive otherwise (training
+  and scoring, where T queries meet T keys and decompressing once beats folding per head). What serving
+  engines do; the tiny MLA presets use it.
 
 Conventions and deviations
 - RoPE layout. DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; model.apply_rope rotates
@@ -152,7 +156,10 @@ class MLA(nn.Module):
         mask, is_causal = resolve_mask(mask, T, start, x.device)  # chunked prefill needs an offset mask
         p_drop = self.dropout if self.training else 0.0
 
-        if self.impl == 'naive':
+        # 'auto': the latent cache whenever there is a cache (rollouts), decompressed K/V without one (training
+        # and scoring, where T queries meet T keys and decompressing once is cheaper than folding per head)
+        absorb = self.impl == 'absorb' or (self.impl == 'auto' and cache is not None)
+        if not absorb:
             kv = self.wkv_b(c_kv).view(B, T, H, dn + dv)                               # (B, T, H, dn+dv)
             k_nope, v = kv.split([dn, dv], dim=-1)                                     # (B, T, H, dn), (.., dv)
             k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)                # (B, T, H, dn+dr)
@@ -165,9 +172,12 @@ class MLA(nn.Module):
                 is_causal=is_causal, dropout_p=p_drop, scale=self.scale)               # (B, H, T, dv)
             y = y.transpose(1, 2)                                                      # (B, T, H, dv)
         else:
+            # one buffer per layer holds [c_KV ; k_R] per token, so the key is the buffer itself and the value
+            # its first d_c columns: no per-step concatenation of the whole cache
+            kvpe = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1)                          # (B, T, dc+dr)
             if cache is not None:
-                c_kv = cache.write(self.layer_id, 'kv', c_kv, start)                   # (B, Tk, dc)
-                k_pe = cache.write(self.layer_id, 'pe', k_pe.squeeze(2), start).unsqueeze(2)  # (B, Tk, 1, dr)
+                kvpe = cache.write(self.layer_id, 'kvpe', kvpe, start)                 # (B, Tk, dc+dr)
+            Tk = kvpe.shape[1]
             w = self.wkv_b.weight.view(H, dn + dv, dc)                                 # (H, dn+dv, dc)
             w_uk, w_uv = w[:, :dn], w[:, dn:]                                          # (H, dn, dc), (H, dv, dc)
             # fold W_UK into the query: the score against c_KV is (W_UK^T q_C) . c_KV
@@ -177,19 +187,25 @@ class MLA(nn.Module):
                 # one sampled token on the GPU: the Triton kernel below reads each cached latent once for all
                 # H heads. Without a mask every row has the same Tk valid slots; a left-padded batch (mask
                 # given) and training (no backward for the kernel) keep SDPA
-                lens = torch.full((B,), c_kv.shape[1], dtype=torch.int32, device=x.device)  # (B,)
-                y, _ = mla_decode(q_lat[:, 0], q_pe[:, 0], c_kv, k_pe[:, :, 0], lens, self.scale)  # (B, H, dc)
-                y = y.unsqueeze(2)                                                     # (B, H, 1, dc)
+                lens = torch.full((B,), Tk, dtype=torch.int32, device=x.device)       # (B,)
+                y, _ = mla_decode(q_lat[:, 0], q_pe[:, 0], kvpe[..., :dc], kvpe[..., dc:], lens,
+                                  self.scale)                                          # (B, H, dc)
+                y = y.unsqueeze(1)                                                     # (B, 1, H, dc)
             else:
-                q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)                   # (B, H, T, dc+dr)
-                k = torch.cat([c_kv.unsqueeze(2), k_pe], dim=-1).transpose(1, 2)       # (B, 1, Tk, dc+dr)
-                v = c_kv.unsqueeze(1)                                                  # (B, 1, Tk, dc)
-                # one latent key/value head serves all H query heads: multi-query attention
+                # multi-query attention with one latent head: fold the H heads into the query axis (row
+                # t*H + h), so one (T*H, Tk) score matrix per sequence serves every head and the cache is never
+                # repeated per head (SDPA's enable_gqa does that on its CPU path)
+                q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, T * H, dc + dr)     # (B, 1, T*H, dc+dr)
+                if is_causal:
+                    mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)  # (T, Tk)
+                if mask is not None:
+                    mask = mask.repeat_interleave(H, dim=-2)                           # (.., T*H, Tk)
                 y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p_drop, scale=self.scale,
-                    enable_gqa=True)                                                   # (B, H, T, dc)
+                    q, kvpe.unsqueeze(1), kvpe[..., :dc].unsqueeze(1), attn_mask=mask, dropout_p=p_drop,
+                    scale=self.scale)                                                  # (B, 1, T*H, dc)
+                y = y.view(B, T, H, dc)                                                # (B, T, H, dc)
             # fold W_UV into the output: each head's value is W_UV applied to its latent mixture
-            y = torch.einsum('bhtc,hdc->bthd', y, w_uv)                                # (B, T, H, dv)
+            y = torch.einsum('bthc,hdc->bthd', y, w_uv)                                # (B, T, H, dv)
         return self.wo(y.reshape(B, T, H * dv))                                        # (B, T, C)
 
 

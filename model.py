@@ -46,7 +46,8 @@ class ModelConfig:
     qk_nope_head_dim: int = 32      # per-head query/key width without RoPE
     qk_rope_head_dim: int = 16      # d_R: decoupled RoPE width, one rope key per token shared by all heads
     v_head_dim: int = 32            # per-head value width
-    mla_impl: str = 'naive'         # 'naive' caches per-head K/V; 'absorb' caches c_KV + k_R, folds W_UK/W_UV
+    mla_impl: str = 'naive'         # 'naive' caches per-head K/V; 'absorb' caches c_KV + k_R, folds W_UK/W_UV;
+                                    # 'auto' absorbs with a cache (decode), decompresses without (training)
     rope_factor: float = 1.0        # YaRN context-extension factor for MLA; 1 = plain RoPE
     rope_original_max_pos: int = 4096  # YaRN: context length of pretraining
     rope_beta_fast: float = 32.0    # YaRN: dims rotating more often than this over that context keep their freq
@@ -86,8 +87,8 @@ class ModelConfig:
         if self.moe_intermediate_size == 0:
             self.moe_intermediate_size = max(1, self.intermediate_size // self.num_experts_per_tok)
         if self.attn == 'mla':
-            if self.mla_impl not in ('naive', 'absorb'):
-                raise ValueError(f"mla_impl must be 'naive' or 'absorb', got {self.mla_impl!r}")
+            if self.mla_impl not in ('naive', 'absorb', 'auto'):
+                raise ValueError(f"mla_impl must be 'naive', 'absorb' or 'auto', got {self.mla_impl!r}")
             if self.kv_lora_rank <= 0 or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
                 raise ValueError("MLA needs kv_lora_rank > 0 and an even qk_rope_head_dim > 0")
             if self.rope_factor > 1 and self.rope_original_max_pos <= 0:
@@ -211,16 +212,27 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)    # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)    # (B, T, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x 2
         if cache is not None:
-            # the cache stores the rotated keys, so past tokens never need re-rotating
-            k = cache.write(self.layer_id, 'k', k, start)                # (B, start+T, Hkv, D)
-            v = cache.write(self.layer_id, 'v', v, start)                # (B, start+T, Hkv, D)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+            # the cache stores the rotated keys, so past tokens never need re-rotating; head-major (B, Hkv, L, D)
+            # so that each head's keys are contiguous when a decode step reads them all
+            k = cache.write(self.layer_id, 'k', k, start, dim=2)         # (B, Hkv, start+T, D)
+            v = cache.write(self.layer_id, 'v', v, start, dim=2)         # (B, Hkv, start+T, D)
         mask, is_causal = resolve_mask(mask, T, start, x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)                      # (B, H, T, D)
+        p_drop = self.dropout if self.training else 0.0
+        if T == 1 and p_drop == 0 and not x.is_cuda:
+            # one query per row (a decode step) on the CPU: two small batched matmuls, with the G = H / Hkv
+            # query heads of a group folded into rows, take about half the time of SDPA's CPU kernel there
+            G = self.n_head // self.n_kv_head
+            s = q.reshape(B, self.n_kv_head, G, self.head_dim) @ k.transpose(-1, -2)   # (B, Hkv, G, Tk)
+            s = s * self.head_dim ** -0.5
+            if mask is not None:                                          # (B or 1, 1, 1, Tk) bool
+                s = s.masked_fill(~mask, float('-inf'))
+            y = (s.softmax(-1) @ v).view(B, self.n_head, 1, self.head_dim)  # (B, H, 1, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p_drop,
+                enable_gqa=self.n_kv_head != self.n_head)                  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)   # (B, T, H*D)
         return self.o_proj(y)
 

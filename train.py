@@ -8,7 +8,7 @@ nanoR1's one entry point: presets, stages, checkpoints, distributed setup.
 Stages
 - pretrain: next-token prediction on the synthetic corpus (tasks.py), standing in for the web-scale base model
   that R1-Zero starts from (DeepSeek-R1 sec. 2.2: "RL directly on the base model").
-- grpo: R1-Zero's RL on the pretrained base with rule rewards (rl.py holds the loop).
+- grpo: R1-Zero's RL on the pretrained base with rule rewards (grpo_stage below; the loss is grpo.py's).
 - sft: R1's cold start (sec 2.3.1): SFT on a few readable long CoTs written by the task generator (distill.py).
 - rs: R1's rejection sampling (sec 2.3.3): correct samples of the previous stage's model + general (arithmetic)
   samples, then SFT of the base (the pretrain checkpoint) on them.
@@ -135,7 +135,7 @@ PRESETS = {
                  n_train_problems=200, rl_steps=4, rl_prompts=2, rl_group=4, rl_eval_interval=2,
                  max_new_tokens=24, pass_k=2, beta=0.05),
     # the tiny world on DeepSeek-V3's architecture: MLA (absorbed cache in rollouts) + DeepSeekMoE
-    'tiny-moe': dict(n_layer=4, n_head=4, n_embd=128, block_size=192, attn='mla', mla_impl='absorb',
+    'tiny-moe': dict(n_layer=4, n_head=4, n_embd=128, block_size=192, attn='mla', mla_impl='auto',
                      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                      ffn='moe', n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                      moe_intermediate_size=96, first_k_dense_replace=1,

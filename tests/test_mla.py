@@ -64,6 +64,23 @@ def test_cached_decode_matches_naive_and_uncached(variant):
 
 
 @torch.no_grad()
+def test_auto_decompresses_without_cache_and_absorbs_with_one():
+    """mla_impl='auto' (the tiny presets): an uncached forward is the naive path's, exactly; a cached run keeps
+    only the latent buffer and its step-by-step logits equal the naive model's uncached ones."""
+    naive, _ = twins(q_lora_rank=12)
+    auto = GPT(cfg(mla_impl='auto', q_lora_rank=12)).eval()
+    auto.load_state_dict(naive.state_dict())
+    x = tokens(T=16)
+    full = naive(x)[0]                                                    # (B, T, V)
+    assert torch.equal(auto(x)[0], full)
+    cache = auto.new_cache(2, 16)
+    steps = [auto(x[:, :6], cache=cache)[0]]
+    steps += [auto(x[:, t:t + 1], cache=cache, start=t)[0] for t in range(6, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert all(set(layer) == {'kvpe'} for layer in cache.layers)
+
+
+@torch.no_grad()
 def test_chunked_prefill_and_left_padding():
     """start > 0 with T > 1 needs an offset causal mask; a left-padded row with pos/mask equals its unpadded run."""
     for model in twins():
@@ -104,9 +121,9 @@ def test_cache_footprint():
         cache = model.new_cache(B, L)
         model(tokens(B=B, T=L), cache=cache)
         model.cache = cache
-    # absorbed: per layer one (B, L, kv_lora_rank) latent and one (B, L, qk_rope_head_dim) rope key
+    # absorbed: per layer one (B, L, kv_lora_rank + qk_rope_head_dim) buffer, the latent and the rope key
     for layer in absorb.cache.layers:
-        assert {k: tuple(t.shape) for k, t in layer.items()} == {'kv': (B, L, 16), 'pe': (B, L, 8)}
+        assert {k: tuple(t.shape) for k, t in layer.items()} == {'kvpe': (B, L, 16 + 8)}
     per_token = absorb.cache.nbytes() / (c.n_layer * B * L * 4)
     assert per_token == c.kv_lora_rank + c.qk_rope_head_dim == 24
     assert absorb.cache.nbytes() == kv_cache_bytes_per_token(c, 4)['mla'] * c.n_layer * B * L

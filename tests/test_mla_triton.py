@@ -216,7 +216,8 @@ def test_reference_matches_mla_module_decode_step():
     model(x[:, P:], cache=cache, start=P)                        # the decode step under test
     hook.remove()
     h, cos, sin = seen['args'][:3]                               # (B, 1, C), (B, 1, d_R) x 2
-    kv, pe = cache.layers[1]['kv'], cache.layers[1]['pe']        # (B, 12, d_c), (B, 12, d_R)
+    kvpe = cache.layers[1]['kvpe']                                # (B, 12, d_c + d_R)
+    kv, pe = kvpe[..., :-DR], kvpe[..., -DR:]                    # (B, 12, d_c), (B, 12, d_R) views
     kv[:, P + 1:], pe[:, P + 1:] = NAN, NAN                      # never written; now visibly garbage
 
     dn, dv = attn.qk_nope_head_dim, attn.v_head_dim

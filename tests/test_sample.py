@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig
-from sample import generate, generate_naive, group_rollouts, filter_logits
+from sample import generate, generate_naive, group_rollouts, filter_logits, pick
 
 V, PAD, EOS = 50, 0, 1
 
@@ -93,6 +93,20 @@ def test_logprobs_match_model_distribution_at_temperature_one():
         logits, _ = m(seq)
         lp = torch.log_softmax(logits[0, len(p) - 1:-1].float(), -1).gather(1, seq[0, len(p):, None]).squeeze(1)
         torch.testing.assert_close(gen.logprobs[r, :n], lp, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_pick_draws_from_the_filtered_distribution():
+    """pick's inverse-CDF draw against the distribution it samples: 200k draws of a 6-token softmax at T=0.7
+    after top-k 4 land within 4 standard errors of each probability, and never on a filtered token."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0, 1.5]]).repeat(200_000, 1)
+    tok, lp = pick(logits, 0.7, 4, 1.0, torch.Generator().manual_seed(0))
+    p = filter_logits(logits[:1] / 0.7, top_k=4).softmax(-1)[0]          # (6,) reference, zeros off the top 4
+    freq = torch.bincount(tok, minlength=6).double() / tok.numel()
+    se = (p * (1 - p) / tok.numel()).sqrt()
+    assert (freq[p == 0] == 0).all()
+    assert ((freq - p).abs() <= 4 * se + 1e-12).all(), (freq, p)
+    torch.testing.assert_close(lp, p.log()[tok].float())
 
 
 def test_filter_logits_by_hand():
