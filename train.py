@@ -124,28 +124,30 @@ class TrainConfig:
 
 
 PRESETS = {
-    # ~1M params, learns countdown by RL on a 2-core CPU in ~15 minutes (README, EXPERIMENTS.md)
-    'tiny': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
+    # DeepSeek-V3's architecture at ~1M active params: MLA (latent cache in rollouts) + DeepSeekMoE (8 fine-grained
+    # routed experts, top-2, one shared, first layer dense, aux-loss-free balancing); learns countdown by RL on a
+    # 2-core CPU in under 15 minutes (README, EXPERIMENTS.md "which half of tiny-moe costs the base")
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=192,
+                 attn='mla', mla_impl='auto', kv_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=32,
+                 v_head_dim=32, ffn='moe', n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                 moe_intermediate_size=96, first_k_dense_replace=1,
                  pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
                  rl_steps=75, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
                  max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
+    # the same world on a dense GQA/SwiGLU model (0.98M): the comparison, and the model of tiny-r1/tiny-distill
+    'tiny-dense': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
+                       pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
+                       rl_steps=75, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
+                       max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=192, bpe_merges=20,
                  pt_steps=6, pt_batch_size=4, pt_eval_interval=3, ckpt_interval=3, n_eval=8,
                  n_train_problems=200, rl_steps=4, rl_prompts=2, rl_group=4, rl_eval_interval=2,
                  max_new_tokens=24, pass_k=2, beta=0.05),
-    # the tiny world on DeepSeek-V3's architecture: MLA (absorbed cache in rollouts) + DeepSeekMoE
-    'tiny-moe': dict(n_layer=4, n_head=4, n_embd=128, block_size=192, attn='mla', mla_impl='auto',
-                     kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                     ffn='moe', n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                     moe_intermediate_size=96, first_k_dense_replace=1,
-                     pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
-                     rl_steps=100, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
-                     max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # one GPU: a wider, deeper model, same world
     'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384, block_size=192,
                   pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
-    # the R1 pipeline in the tiny world (~20 min on 2 CPU cores): a base whose CoTs mix digits and number words,
+    # the R1 pipeline in the tiny world on tiny-dense's model: a base whose CoTs mix digits and number words,
     # cold-start SFT, RL with the language consistency reward, rejection sampling + SFT of the base, RL again
     'tiny-r1': dict(stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2,
                     n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
@@ -155,7 +157,7 @@ PRESETS = {
                     max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=20,
                     lang_weight=0.2, rs_problems=400, rs_samples=4, rs_temperature=0.7, rs_general=100),
     # R1 sec 2.4 in the tiny world: a smaller dense student (2 layers, d=96), pretrained with tiny's corpus
-    # settings (so the same tokenizer), trained on the tiny grpo model's correct samples
+    # settings (so the same tokenizer), trained on the correct samples of the tiny (MLA + MoE) grpo model
     'tiny-distill': dict(stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt', distill_mode='sft',
                          n_layer=2, n_head=4, n_kv_head=4, n_embd=96, block_size=192,
                          pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
