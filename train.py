@@ -132,7 +132,7 @@ PRESETS = {
                  v_head_dim=32, ffn='moe', n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                  moe_intermediate_size=96, first_k_dense_replace=1,
                  pt_steps=720, pt_batch_size=32, pt_lr=3e-3, corpus_arith_frac=0.5, corpus_check_frac=0.1,
-                 rl_steps=75, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
+                 rl_steps=50, rl_prompts=16, rl_group=8, rl_lr=2e-4, beta=0.05, temperature=0.7,
                  max_new_tokens=176, format_weight=0.0, dynamic_sampling=True, rl_eval_interval=25),
     # the same world on a dense GQA/SwiGLU model (0.98M): the comparison, and the model of tiny-r1/tiny-distill
     'tiny-dense': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=192,
