@@ -97,3 +97,17 @@ def test_incompatible_checkpoint_and_missing_checkpoint(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
     p = run(['--preset', 'test', '--stage', 'grpo', '--out-dir', str(tmp_path / 'empty')], check=False)
     assert p.returncode != 0 and 'no checkpoint at' in p.stderr
+
+
+def test_bench_model_measures_a_preset():
+    """bench.py model builds each named preset's model and prints one row per preset; an unknown one is an error."""
+    bench = [sys.executable, os.path.join(ROOT, 'bench.py'), 'model', '--device', 'cpu', '--rows', '2',
+             '--new-tokens', '3', '--iters', '1', '--threads', '1']
+    p = subprocess.run(bench + ['--presets', 'test,tiny'], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in p.stdout.splitlines()[2:]}
+    assert set(rows) == {'test', 'tiny'}
+    assert int(rows['tiny'][0].replace(',', '')) > int(rows['test'][0].replace(',', ''))  # params
+    p = subprocess.run(bench + ['--presets', 'nope'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "unknown preset 'nope'" in p.stderr
