@@ -17,15 +17,15 @@ Supervised fine-tuning on sampled reasoning, and distillation: the non-RL steps 
 Where we deviate, and why
 - A batch is drawn uniformly from the examples each step (with reshuffled epochs), not sorted by length: the
   tiny world's responses are all of a similar length, and padding costs little there.
-- Warmup + cosine to 10% of the peak, as pretraining (train.lr_at); no weight decay, the datasets are small.
+- Warmup + cosine to 10% of the peak, as pretraining (model.lr_at); no weight decay, the datasets are small.
 """
-import math
 import random
 
 import torch
 import torch.nn.functional as F
 
 import sample
+from model import lr_at
 from rewards import countdown_reward
 from tasks import format_prompt
 
@@ -64,45 +64,61 @@ def is_correct(text, p):
 
 
 @torch.no_grad()
-def rejection_sample(model, tok, probs, n, temperature, max_new_tokens, template='short', keep='correct', seed=0,
-                     batch_prompts=64):
+def sample_scored(model, tok, probs, n, temperature, max_new_tokens, template='short', seed=0, batch_prompts=64):
     """
-    n samples per countdown problem, keep the correct ones. keep='correct': every distinct correct response;
-    keep='shortest': only the shortest correct one per problem (the first on ties). Each kept sample is a dict
-    {'problem', 'prompt_ids', 'response_ids' (ending with eos), 'text' (the decoded response, '<|eos|>' and all),
-    'n_tokens' (len of response_ids)}.
+    n samples per countdown problem, each checked by is_correct: one list per problem of dicts {'problem',
+    'prompt_ids', 'response_ids' (as sampled: ending with eos if it stopped), 'text' (decoded), 'n_tokens',
+    'correct'}. What rejection sampling filters and long2short's DPO pairs up.
     """
     from tqdm import tqdm
-    if keep not in ('correct', 'shortest'):
-        raise ValueError(f"unknown keep {keep!r}; choose 'correct' or 'shortest'")
     if n < 1:
         raise ValueError(f"need n >= 1 samples per problem, got {n}")
     was_training = model.training
     model.eval()
     g = torch.Generator(device=next(model.parameters()).device)
     g.manual_seed(seed)
-    out = []
-    for s in tqdm(range(0, len(probs), batch_prompts), desc=f'rejection sampling x{n}', mininterval=2):
+    groups = []
+    for s in tqdm(range(0, len(probs), batch_prompts), desc=f'sampling x{n}', mininterval=2):
         chunk = probs[s:s + batch_prompts]
         prompts = [[tok.bos] + tok.encode(format_prompt(p, template)) for p in chunk]
         gen = sample.group_rollouts(model, prompts, n, max_new_tokens, {tok.eos}, tok.pad,
                                     temperature=temperature, generator=g)
         for i, p in enumerate(chunk):
-            kept, seen = [], set()
+            group = []
             for r in range(i * n, (i + 1) * n):   # group_rollouts: rows [i*n, (i+1)*n) answer prompt i
                 ids = gen.tokens[r, :int(gen.lengths[r])].tolist()
                 text = tok.decode(ids)
-                if not is_correct(text, p) or tuple(ids) in seen:
-                    continue
-                seen.add(tuple(ids))
-                if ids[-1] != tok.eos:   # ran out of budget right after </answer>: an SFT target still ends
-                    ids = ids + [tok.eos]
-                kept.append({'problem': p, 'prompt_ids': prompts[i], 'response_ids': ids, 'text': text,
-                             'n_tokens': len(ids)})
-            if keep == 'shortest' and kept:
-                kept = [min(kept, key=lambda e: e['n_tokens'])]
-            out.extend(kept)
+                group.append({'problem': p, 'prompt_ids': prompts[i], 'response_ids': ids, 'text': text,
+                              'n_tokens': len(ids), 'correct': is_correct(text, p)})
+            groups.append(group)
     model.train(was_training)
+    return groups
+
+
+def rejection_sample(model, tok, probs, n, temperature, max_new_tokens, template='short', keep='correct', seed=0,
+                     batch_prompts=64):
+    """
+    n samples per countdown problem, keep the correct ones. keep='correct': every distinct correct response;
+    keep='shortest': only the shortest correct one per problem (the first on ties). Each kept sample is a dict
+    {'problem', 'prompt_ids', 'response_ids' (ending with eos), 'text' (the decoded response, '<|eos|>' and all),
+    'n_tokens' (len of response_ids), 'correct'}.
+    """
+    if keep not in ('correct', 'shortest'):
+        raise ValueError(f"unknown keep {keep!r}; choose 'correct' or 'shortest'")
+    out = []
+    for group in sample_scored(model, tok, probs, n, temperature, max_new_tokens, template, seed, batch_prompts):
+        kept, seen = [], set()
+        for e in group:
+            ids = e['response_ids']
+            if not e['correct'] or tuple(ids) in seen:
+                continue
+            seen.add(tuple(ids))
+            if ids[-1] != tok.eos:   # ran out of budget right after </answer>: an SFT target still ends
+                ids = ids + [tok.eos]
+            kept.append({**e, 'response_ids': ids, 'n_tokens': len(ids)})
+        if keep == 'shortest' and kept:
+            kept = [min(kept, key=lambda e: e['n_tokens'])]
+        out.extend(kept)
     return out
 
 
@@ -152,8 +168,7 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
     warmup = max(1, steps // 10)
     bar = tqdm(range(steps), desc=desc, mininterval=2)
     for step in bar:
-        t = max(0.0, (step - warmup) / max(1, steps - warmup))
-        lr_t = lr * (step + 1) / warmup if step < warmup else lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        lr_t = lr_at(step, steps, warmup, lr, 0.1)
         for g in opt.param_groups:
             g['lr'] = lr_t
         batch = []
@@ -165,22 +180,25 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
         idx, tgt, mask = sft_batch(batch, batch[0]['response_ids'][-1], device)
         logits, _ = model(idx)                                                 # (B, T, V)
         loss_sft = sft_loss(logits, tgt, mask)
-        loss, row = loss_sft, {'step': step + 1, 'sft_loss': loss_sft.item(), 'lr': lr_t,
-                               'response_tokens': int(mask.sum())}
+        loss, stats = loss_sft, {'sft_loss': loss_sft}
         if teacher is not None:
             with torch.no_grad():
                 t_logits, _ = teacher(idx)                                     # (B, T, V)
             loss_kd = logit_distill_loss(logits, t_logits, mask, kd_temperature)
             loss = loss + kd_weight * loss_kd
-            row['kd_loss'] = loss_kd.item()
+            stats['kd_loss'] = loss_kd
         loss.backward()
-        row['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        stats['grad_norm'] = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if model.config.ffn == 'moe':
             from moe import update_moe_biases
             update_moe_biases(model)   # DeepSeek-V3's aux-loss-free balancing, as in pretraining
-        row['loss'] = loss.item()
+        stats.update(loss=loss, response_tokens=mask.sum())
+        # one device sync for the step's metrics, not one per number
+        values = torch.stack([v.detach().float() for v in stats.values()]).tolist()
+        row = {'step': step + 1, 'lr': lr_t, **dict(zip(stats, values))}
+        row['response_tokens'] = int(row['response_tokens'])
         rows.append(row)
         if log is not None:
             log.log(**row)

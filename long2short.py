@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 import grpo
 import train
-from distill import is_correct  # the rule check rejection sampling keeps by
-from tasks import TaskConfig, problems, format_prompt
+from distill import sample_scored  # n checked samples per problem: DPO's pairs come from them
+from tasks import TaskConfig, problems
 
 METHODS = ('merge', 'shortest', 'dpo', 'rl')
 
@@ -300,33 +300,13 @@ def response_logprobs(model, prompts, responses, pad_id):
     return (lp * mask.to(device)).sum(1)                                              # (B,)
 
 
-@torch.no_grad()
-def sample_groups(model, tok, probs, n, temperature, max_new_tokens, template, seed, batch=256):
-    """n samples per problem, each scored: per problem a list of dicts (prompt_ids, response_ids, n_tokens, correct)."""
-    from sample import generate
-    g = torch.Generator(device=next(model.parameters()).device)
-    g.manual_seed(seed)
-    rows = [(i, [tok.bos] + tok.encode(format_prompt(p, template))) for i, p in enumerate(probs) for _ in range(n)]
-    groups = [[] for _ in probs]
-    for s in range(0, len(rows), batch):
-        chunk = rows[s:s + batch]
-        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, {tok.eos}, tok.pad, temperature=temperature,
-                       generator=g)
-        for r, (i, pr) in enumerate(chunk):
-            resp = gen.tokens[r, :int(gen.lengths[r])].tolist()
-            groups[i].append({'prompt_ids': pr, 'response_ids': resp, 'n_tokens': len(resp),
-                              'correct': is_correct(tok.decode(resp), probs[i])})
-    model.train()
-    return groups
-
-
 def run_dpo(cfg, src, out):
     from tqdm import tqdm
     t0 = time.time()
     model, tok, _ = train.load_policy(cfg.source, cfg.device)
     ref, _, _ = train.load_policy(cfg.source, cfg.device)
     ref.requires_grad_(False).eval()
-    groups = sample_groups(ref, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
+    groups = sample_scored(ref, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
                            src.task_cfg.template, src.seed + 31)
     pairs = [pr for grp in groups for pr in dpo_pairs(grp, cfg.dpo_ratio)]
     n_solved = sum(any(s['correct'] for s in grp) for grp in groups)

@@ -23,6 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def lr_at(step, total, warmup, peak, min_frac):
+    """Linear warmup over `warmup` steps, then cosine from `peak` down to min_frac * peak at step `total`
+    (pretraining and every SFT stage use it)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 2048          # tokenizer.n_vocab, rounded up by the caller if it likes

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, lr_at
 from tasks import TaskConfig, problems, corpus_document, format_prompt, arithmetic_response
 from tokenizer import Tokenizer, train_bpe
 
@@ -407,13 +407,6 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
 
 # -----------------------------------------------------------------------------
 # stage: pretrain
-
-def lr_at(step, total, warmup, peak, min_frac):
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
 
 def pretrain(tc, task_cfg, mc, rank, world, device):
     from tqdm import tqdm
@@ -881,19 +874,27 @@ def sft_stage(tc, task_cfg, device, name='sft', init=''):
                     "tasks.cold_start_trace: digits only, ending at the first attempt checked `yes`."])
 
 
-def rs_stage(tc, task_cfg, device, name='rs', init=''):
-    """R1 sec 2.3.3: the RL model's correct samples + general samples; SFT of the base on them."""
+def correct_samples(tc, task_cfg, model, tok, seed):
+    """rs and distill's data: rs_samples samples of rs_problems train problems, the distinct correct ones, minus
+    those whose CoT mixes in number words when rs_filter_mixed (R1 filters mixed languages out of its SFT data).
+    Returns (pool, kept samples, correct samples before the filter)."""
     import distill
     from tasks import has_number_words
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    pool = random.Random(seed).sample(cd_train, min(tc.rs_problems, len(cd_train)))
+    samples = distill.rejection_sample(model, tok, pool, tc.rs_samples, tc.rs_temperature, tc.max_new_tokens,
+                                       task_cfg.template, 'correct', seed=seed + 1)
+    n_correct = len(samples)
+    if tc.rs_filter_mixed:
+        samples = [e for e in samples if not has_number_words(e['text'])]
+    return pool, samples, n_correct
+
+
+def rs_stage(tc, task_cfg, device, name='rs', init=''):
+    """R1 sec 2.3.3: the RL model's correct samples + general samples; SFT of the base on them."""
     t0 = time.time()
     policy, ptok, _ = load_policy(init or os.path.join(tc.out_dir, 'grpo', 'ckpt.pt'), device)
-    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
-    pool = random.Random(tc.seed + 41).sample(cd_train, min(tc.rs_problems, len(cd_train)))
-    samples = distill.rejection_sample(policy, ptok, pool, tc.rs_samples, tc.rs_temperature, tc.max_new_tokens,
-                                       task_cfg.template, 'correct', seed=tc.seed + 42)
-    n_correct = len(samples)
-    if tc.rs_filter_mixed:  # R1 filters CoTs with mixed languages out of the SFT data
-        samples = [e for e in samples if not has_number_words(e['text'])]
+    pool, samples, n_correct = correct_samples(tc, task_cfg, policy, ptok, tc.seed + 41)
     base = tc.rs_base or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')
     model, tok, _ = load_policy(base, device)
     if tok.to_dict() != ptok.to_dict():
@@ -914,8 +915,6 @@ def rs_stage(tc, task_cfg, device, name='rs', init=''):
 
 def distill_stage(tc, task_cfg, device, name='distill', init=''):
     """R1 sec 2.4: SFT (or SFT + KL) of a student pretrained here on the teacher's correct samples."""
-    import distill
-    from tasks import has_number_words
     t0 = time.time()
     if tc.distill_mode not in ('sft', 'logits'):
         sys.exit(f"train.py: error: unknown distill_mode {tc.distill_mode!r}; choose 'sft' or 'logits'")
@@ -928,14 +927,8 @@ def distill_stage(tc, task_cfg, device, name='distill', init=''):
     if tc.distill_mode == 'logits' and not same_tok:
         sys.exit("train.py: error: distill_mode logits needs the teacher's vocabulary: pretrain the student with "
                  "the teacher's seed, corpus and task settings (the tokenizer is built from them)")
-    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
     cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
-    pool = random.Random(tc.seed + 51).sample(cd_train, min(tc.rs_problems, len(cd_train)))
-    samples = distill.rejection_sample(teacher, ttok, pool, tc.rs_samples, tc.rs_temperature, tc.max_new_tokens,
-                                       task_cfg.template, 'correct', seed=tc.seed + 52)
-    n_correct = len(samples)
-    if tc.rs_filter_mixed:
-        samples = [e for e in samples if not has_number_words(e['text'])]
+    pool, samples, n_correct = correct_samples(tc, task_cfg, teacher, ttok, tc.seed + 51)
     # text, not ids, crosses over: in sft mode a student with its own tokenizer re-encodes the teacher's samples
     examples = [{'prompt_ids': [tok.bos] + tok.encode(format_prompt(e['problem'], task_cfg.template)),
                  'response_ids': tok.encode(e['text'].removesuffix('<|eos|>')) + [tok.eos]} for e in samples]

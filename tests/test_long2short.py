@@ -163,12 +163,8 @@ def varied(monkeypatch):
     def gen(model, prompts, max_new_tokens, stop_ids, *args, **kw):
         return real(model, prompts, max_new_tokens, set(stop_ids) | set(range(40, 2048, 16)), *args, **kw)
     monkeypatch.setattr(sample, 'generate', gen)
-    monkeypatch.setattr(long2short, 'is_correct', lambda text, p: sum(map(ord, text)) % 3 == 0)
-    try:
-        import distill
-        monkeypatch.setattr(distill, 'is_correct', lambda text, p: sum(map(ord, text)) % 3 == 0, raising=False)
-    except ImportError:
-        pass
+    import distill   # the one correctness check, which long2short's sampling shares with rejection sampling
+    monkeypatch.setattr(distill, 'is_correct', lambda text, p: sum(map(ord, text)) % 3 == 0)
 
 
 def test_all_methods_end_to_end(source, tmp_path, varied):
