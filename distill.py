@@ -19,15 +19,23 @@ Where we deviate, and why
   tiny world's responses are all of a similar length, and padding costs little there.
 - Warmup + cosine to 10% of the peak, as pretraining (model.lr_at); no weight decay, the datasets are small.
 """
+import dataclasses
+import json
+import os
 import random
+import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import sample
+from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, load_policy, plot_curves,
+                     print0, save_checkpoint, write_json, write_report)
 from model import lr_at
+from moe import update_moe_biases
 from rewards import countdown_reward
-from tasks import format_prompt
+from tasks import arithmetic_response, cold_start_trace, has_number_words, problems
 
 
 def sft_loss(logits, targets, loss_mask):
@@ -70,7 +78,6 @@ def sample_scored(model, tok, probs, n, temperature, max_new_tokens, template='s
     'prompt_ids', 'response_ids' (as sampled: ending with eos if it stopped), 'text' (decoded), 'n_tokens',
     'correct'}. What rejection sampling filters and long2short's DPO pairs up.
     """
-    from tqdm import tqdm
     if n < 1:
         raise ValueError(f"need n >= 1 samples per problem, got {n}")
     was_training = model.training
@@ -80,7 +87,7 @@ def sample_scored(model, tok, probs, n, temperature, max_new_tokens, template='s
     groups = []
     for s in tqdm(range(0, len(probs), batch_prompts), desc=f'sampling x{n}', mininterval=2):
         chunk = probs[s:s + batch_prompts]
-        prompts = [[tok.bos] + tok.encode(format_prompt(p, template)) for p in chunk]
+        prompts = [encode_prompt(tok, p, template) for p in chunk]
         gen = sample.group_rollouts(model, prompts, n, max_new_tokens, {tok.eos}, tok.pad,
                                     temperature=temperature, generator=g)
         for i, p in enumerate(chunk):
@@ -151,7 +158,6 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
     AdamW, linear warmup over the first 10% of steps then cosine to 10% of lr, loss on response tokens only;
     with a teacher, loss = L_SFT + kd_weight * L_KD. Returns one metrics row per step (also written to `log`).
     """
-    from tqdm import tqdm
     if not examples:
         raise ValueError("sft needs at least one example")
     if teacher is not None and kd_weight <= 0:
@@ -192,7 +198,6 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
         opt.step()
         opt.zero_grad(set_to_none=True)
         if model.config.ffn == 'moe':
-            from moe import update_moe_biases
             update_moe_biases(model)   # DeepSeek-V3's aux-loss-free balancing, as in pretraining
         stats.update(loss=loss, response_tokens=mask.sum())
         # one device sync for the step's metrics, not one per number
@@ -206,3 +211,129 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
     bar.close()
     return rows
 
+
+
+# -----------------------------------------------------------------------------
+# the stages of train.py's pipeline: sft (R1's cold start), rs (rejection sampling + SFT of the base), distill
+
+def sft_stage(tc, task_cfg, device, name='sft', init=''):
+    """R1 sec 2.3.1: SFT the base on a few readable long CoTs that stop at their first verified hit."""
+    t0 = time.time()
+    model, tok, _ = load_policy(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device)
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    rng = random.Random(tc.seed + 31)
+    picks = rng.sample(cd_train, min(tc.sft_examples, len(cd_train)))
+    examples = [{'prompt_ids': encode_prompt(tok, p, task_cfg.template),
+                 'response_ids': tok.encode(cold_start_trace(rng, p, task_cfg)) + [tok.eos]} for p in picks]
+    # a trace longer than the response budget teaches a length that rollouts and evaluation never reach
+    examples = [e for e in examples if len(e['response_ids']) <= tc.max_new_tokens]
+    if not examples:
+        die(f"{name}: no cold-start trace fits in --max-new-tokens {tc.max_new_tokens}")
+    print0(f"{name}: cold start on {len(examples)} readable traces of {len(picks)} within {tc.max_new_tokens} "
+           f"tokens, {tc.sft_steps} steps x {tc.sft_batch_size}")
+    sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0,
+                   [f"Cold start (R1 sec 2.3.1) from `{init or 'pretrain'}` on {len(examples)} traces of "
+                    "tasks.cold_start_trace: digits only, ending at the first attempt checked `yes`."])
+
+
+def correct_samples(tc, task_cfg, model, tok, seed):
+    """rs and distill's data: rs_samples samples of rs_problems train problems, the distinct correct ones, minus
+    those whose CoT mixes in number words when rs_filter_mixed (R1 filters mixed languages out of its SFT data).
+    Returns (pool, kept samples, correct samples before the filter)."""
+    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
+    pool = random.Random(seed).sample(cd_train, min(tc.rs_problems, len(cd_train)))
+    samples = rejection_sample(model, tok, pool, tc.rs_samples, tc.rs_temperature, tc.max_new_tokens,
+                               task_cfg.template, 'correct', seed=seed + 1)
+    n_correct = len(samples)
+    if tc.rs_filter_mixed:
+        samples = [e for e in samples if not has_number_words(e['text'])]
+    return pool, samples, n_correct
+
+
+def rs_stage(tc, task_cfg, device, name='rs', init=''):
+    """R1 sec 2.3.3: the RL model's correct samples + general samples; SFT of the base on them."""
+    t0 = time.time()
+    policy, ptok, _ = load_policy(init or os.path.join(tc.out_dir, 'grpo', 'ckpt.pt'), device)
+    pool, samples, n_correct = correct_samples(tc, task_cfg, policy, ptok, tc.seed + 41)
+    base = tc.rs_base or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')
+    model, tok, _ = load_policy(base, device)
+    if tok.to_dict() != ptok.to_dict():
+        die(f"rs: {base} and the sampled model use different tokenizers")
+    general = [{'prompt_ids': encode_prompt(tok, p, task_cfg.template),
+                'response_ids': tok.encode(arithmetic_response(p)) + [tok.eos]}
+               for p in problems('arithmetic', 'train', tc.rs_general, tc.seed, task_cfg)] if tc.rs_general else []
+    print0(f"{name}: {n_correct} correct of {len(pool)} x {tc.rs_samples} samples, {len(samples)} kept, "
+           f"+ {len(general)} general; SFT of {base}")
+    sft_and_finish(tc, task_cfg, device, name, model, tok, samples + general, t0,
+                   [f"Rejection sampling (R1 sec 2.3.3) from `{init or 'grpo'}`: {n_correct} distinct correct "
+                    f"samples of {len(pool)} train problems x {tc.rs_samples} (temperature {tc.rs_temperature}), "
+                    f"{len(samples)} kept after the mixed-language filter, + {len(general)} worked-arithmetic "
+                    f"samples; SFT of the base `{base}`."],
+                   {'n_correct_samples': n_correct, 'n_reasoning_examples': len(samples),
+                    'n_general_examples': len(general)})
+
+
+def distill_stage(tc, task_cfg, device, name='distill', init=''):
+    """R1 sec 2.4: SFT (or SFT + KL) of a student pretrained here on the teacher's correct samples."""
+    t0 = time.time()
+    if tc.distill_mode not in ('sft', 'logits'):
+        die(f"unknown distill_mode {tc.distill_mode!r}; choose 'sft' or 'logits'")
+    if not tc.teacher_from or not os.path.isfile(tc.teacher_from):
+        die(f"no teacher checkpoint at {tc.teacher_from!r}: train one first (python train.py --preset tiny) or "
+            "pass --teacher-from")
+    teacher, ttok, _ = load_policy(tc.teacher_from, device)
+    model, tok, _ = load_policy(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device)
+    kd = tc.distill_mode == 'logits'
+    if kd and ttok.to_dict() != tok.to_dict():
+        die("distill_mode logits needs the teacher's vocabulary: pretrain the student with the teacher's seed, "
+            "corpus and task settings (the tokenizer is built from them)")
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    pool, samples, n_correct = correct_samples(tc, task_cfg, teacher, ttok, tc.seed + 51)
+    # text, not ids, crosses over: in sft mode a student with its own tokenizer re-encodes the teacher's samples
+    examples = [{'prompt_ids': encode_prompt(tok, e['problem'], task_cfg.template),
+                 'response_ids': tok.encode(e['text'].removesuffix('<|eos|>')) + [tok.eos]} for e in samples]
+    t_acc, t_len = evaluate(teacher, ttok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    print0(f"{name}: teacher {teacher.num_params():,} params (pass@1 {t_acc:.3f}), student {model.num_params():,}; "
+           f"{n_correct} correct samples, {len(examples)} kept; mode {tc.distill_mode}")
+    sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0,
+                   [f"Distillation (R1 sec 2.4), mode `{tc.distill_mode}`: teacher `{tc.teacher_from}` "
+                    f"({teacher.num_params():,} params), student {model.num_params():,} params; {n_correct} "
+                    f"distinct correct samples of {len(pool)} train problems x {tc.rs_samples}, {len(examples)} kept"
+                    + (f"; loss = SFT + {tc.kd_weight} x KL(teacher || student) at T={tc.kd_temperature}." if kd
+                       else "; plain SFT.")],
+                   {'teacher': tc.teacher_from, 'teacher_params': teacher.num_params(),
+                    'teacher_countdown_pass@1': t_acc, 'teacher_mean_response_tokens': t_len,
+                    'student_params': model.num_params(), 'distill_mode': tc.distill_mode,
+                    'n_correct_samples': n_correct},
+                   teacher=teacher if kd else None)
+
+
+def sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0, notes, extra=None, teacher=None):
+    """The SFT stages' shared half: held-out eval before and after, SFT, checkpoint, summary.json, report.md."""
+    stage_dir = os.path.join(tc.out_dir, name)
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    acc0, len0 = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    rows = []
+    if examples:
+        try:
+            rows = sft(model, examples, tc.sft_steps, tc.sft_batch_size, tc.sft_lr, device, desc=name,
+                       teacher=teacher, kd_weight=tc.kd_weight if teacher is not None else 0.0,
+                       kd_temperature=tc.kd_temperature, seed=tc.seed + 61,
+                       log=MetricsLog(os.path.join(stage_dir, 'metrics.jsonl')))
+        except ValueError as e:
+            die(f"{name}: {e}")
+        plot_curves(os.path.join(stage_dir, 'loss.png'), rows, ['loss', 'sft_loss', 'kd_loss'], name)
+    else:
+        print0(f"{name}: no examples, nothing to train on; the checkpoint is the initial model")
+    acc, n_tok = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), checkpoint(model, tok, tc, task_cfg, len(rows)))
+    summary = {'countdown_pass@1': acc, 'mean_response_tokens': n_tok, 'init_countdown_pass@1': acc0,
+               'init_mean_response_tokens': len0, 'n_examples': len(examples),
+               'example_mean_response_tokens': sum(len(e['response_ids']) for e in examples) / max(1, len(examples)),
+               'sft_steps': len(rows), 'final_sft_loss': rows[-1]['sft_loss'] if rows else None,
+               **(extra or {}), 'n_eval': len(cd_test), 'wall_seconds': round(time.time() - t0, 1)}
+    write_json(os.path.join(stage_dir, 'summary.json'), summary)
+    write_report(os.path.join(stage_dir, 'report.md'), f'nanoR1 {name} report',
+                 notes + ['', '![loss](loss.png)'] if rows else notes, summary,
+                 {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})
+    print0(json.dumps(summary, indent=2))

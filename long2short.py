@@ -44,8 +44,10 @@ import torch
 import torch.nn.functional as F
 
 import grpo
+import harness
 import train
 from distill import sample_scored  # n checked samples per problem: DPO's pairs come from them
+from sample import Generation, sequences_for_training
 from tasks import TaskConfig, problems
 
 METHODS = ('merge', 'shortest', 'dpo', 'rl')
@@ -126,7 +128,7 @@ class Source:
 
 
 def load_source(cfg):
-    model, tok, ck = train.load_policy(cfg.source, cfg.device)
+    model, tok, ck = harness.load_policy(cfg.source, cfg.device)
     tc = ck.get('train_config', {})
     names = {f.name for f in dataclasses.fields(TaskConfig)}
     task_cfg = TaskConfig(**{k: v for k, v in ck.get('task_config', {}).items() if k in names})
@@ -140,15 +142,13 @@ def load_source(cfg):
 
 def held_out(model, src):
     """Greedy countdown pass@1 and mean response tokens on the source's held-out split, at its budget."""
-    return train.evaluate(model, src.tok, src.test, 'countdown', src.task_cfg.template, src.max_new_tokens)
+    return harness.evaluate(model, src.tok, src.test, 'countdown', src.task_cfg.template, src.max_new_tokens)
 
 
 def save(path, model, src, cfg, **extra):
-    """train.py's checkpoint format, so train.load_policy and train.py --init-from take it."""
-    train.save_checkpoint(path, {'model': model.state_dict(), 'model_config': model.config.to_dict(),
-                                 'tokenizer': src.tok.to_dict(), 'train_config': src.ck.get('train_config', {}),
-                                 'task_config': dataclasses.asdict(src.task_cfg),
-                                 'long2short_config': dataclasses.asdict(cfg), **extra})
+    """The one checkpoint format (harness.checkpoint), so train.py --init-from takes it."""
+    harness.save_checkpoint(path, harness.checkpoint(model, src.tok, src.ck.get('train_config', {}), src.task_cfg,
+                                                     0, long2short_config=dataclasses.asdict(cfg), **extra))
 
 
 def finish(method, out, model, src, cfg, t0, extra=None, notes=()):
@@ -159,15 +159,12 @@ def finish(method, out, model, src, cfg, t0, extra=None, notes=()):
                'source_countdown_pass@1': s_acc, 'source_mean_response_tokens': s_tok,
                'n_eval': len(src.test), 'max_new_tokens': src.max_new_tokens, **(extra or {}),
                'wall_seconds': round(time.time() - t0, 1)}
-    with open(os.path.join(out, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-    lines = [f'# long2short: {method}', '', f"source `{cfg.source}`, {len(src.test)} held-out countdown problems, "
-             f"greedy, max_new_tokens {src.max_new_tokens}, wall {summary['wall_seconds']} s", '',
-             '| model | pass@1 | mean tokens |', '|---|---|---|', f'| source | {s_acc:.3f} | {s_tok:.1f} |',
-             f'| {method} | {acc:.3f} | {n_tok:.1f} |', '', *notes, '', '## Config', '', '```json',
-             json.dumps(dataclasses.asdict(cfg), indent=1), '```', '']
-    with open(os.path.join(out, 'report.md'), 'w') as f:
-        f.write('\n'.join(lines))
+    harness.write_json(os.path.join(out, 'summary.json'), summary)
+    harness.write_report(os.path.join(out, 'report.md'), f'long2short: {method}', [
+        f"source `{cfg.source}`, {len(src.test)} held-out countdown problems, greedy, max_new_tokens "
+        f"{src.max_new_tokens}, wall {summary['wall_seconds']} s", '', '| model | pass@1 | mean tokens |', '|---|---|---|',
+        f'| source | {s_acc:.3f} | {s_tok:.1f} |', f'| {method} | {acc:.3f} | {n_tok:.1f} |', '', *notes],
+        config=dataclasses.asdict(cfg))
     print(json.dumps(summary, indent=2), flush=True)
     return summary
 
@@ -214,7 +211,7 @@ def run_merge(cfg, src, out):
         sys.exit(f"long2short.py: error: no short-CoT checkpoint at {short} (pass --short CKPT)")
     ck_short = torch.load(short, map_location='cpu', weights_only=True)
     check_mergeable(cfg.source, src.ck, short, ck_short)
-    model, _, _ = train.load_policy(cfg.source, cfg.device)
+    model, _, _ = harness.load_policy(cfg.source, cfg.device)
     long_sd = {k: v.to(cfg.device) for k, v in src.ck['model'].items()}
     short_sd = {k: v.to(cfg.device) for k, v in ck_short['model'].items()}
     sweep = []
@@ -237,14 +234,14 @@ def run_merge(cfg, src, out):
 def run_shortest(cfg, src, out):
     import distill
     t0 = time.time()
-    model, tok, _ = train.load_policy(cfg.source, cfg.device)
+    model, tok, _ = harness.load_policy(cfg.source, cfg.device)
     examples = distill.rejection_sample(model, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
                                         template=src.task_cfg.template, keep='shortest', seed=src.seed + 21)
     print(f"shortest: {len(examples)} of {len(src.train)} problems have a correct sample in {cfg.n_samples}",
           flush=True)
     rows = []
     if examples:
-        log = train.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
+        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
         rows = distill.sft(model, examples, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.device,
                            desc='shortest', seed=src.seed + 22, log=log)
     save(os.path.join(out, 'ckpt.pt'), model, src, cfg)
@@ -284,7 +281,6 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta):
 
 def response_logprobs(model, prompts, responses, pad_id):
     """(B,) sum over the response tokens of log pi(token | prompt, earlier tokens); the prompt is never scored."""
-    from sample import Generation
     device = next(model.parameters()).device
     B, L = len(responses), max(len(r) for r in responses)
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
@@ -294,7 +290,7 @@ def response_logprobs(model, prompts, responses, pad_id):
         mask[b, :len(r)] = 1.0
     lengths = mask.sum(1).long()
     gen = Generation(tokens, torch.zeros(B, L), mask, lengths, torch.ones(B, dtype=torch.bool))
-    idx, pos, amask, P = train.sequences_for_training(prompts, gen, pad_id, device)   # (B, P + L)
+    idx, pos, amask, P = sequences_for_training(prompts, gen, pad_id, device)   # (B, P + L)
     logits, _ = model(idx, pos=pos, mask=amask)
     lp = grpo.token_logprobs(logits[:, P - 1:P - 1 + L], tokens.to(device))         # (B, L)
     return (lp * mask.to(device)).sum(1)                                              # (B,)
@@ -303,8 +299,8 @@ def response_logprobs(model, prompts, responses, pad_id):
 def run_dpo(cfg, src, out):
     from tqdm import tqdm
     t0 = time.time()
-    model, tok, _ = train.load_policy(cfg.source, cfg.device)
-    ref, _, _ = train.load_policy(cfg.source, cfg.device)
+    model, tok, _ = harness.load_policy(cfg.source, cfg.device)
+    ref, _, _ = harness.load_policy(cfg.source, cfg.device)
     ref.requires_grad_(False).eval()
     groups = sample_scored(ref, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
                            src.task_cfg.template, src.seed + 31)
@@ -319,7 +315,7 @@ def run_dpo(cfg, src, out):
         opt = torch.optim.AdamW(model.optim_groups(0.0), lr=cfg.dpo_lr, betas=(0.9, 0.99))
         g = torch.Generator().manual_seed(src.seed + 32)
         order, at = torch.randperm(len(pairs), generator=g), 0
-        log = train.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
+        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
         bar = tqdm(range(cfg.dpo_steps), desc='dpo', mininterval=2)
         for step in bar:
             if at + cfg.dpo_batch_size > len(order):   # a fresh permutation per epoch
@@ -350,7 +346,7 @@ def run_dpo(cfg, src, out):
              'dpo_steps': len(rows), 'final_loss': rows[-1]['loss'] if rows else None,
              'ckpt': os.path.join(out, 'ckpt.pt')}
     if rows:
-        train.plot_curves(os.path.join(out, 'dpo.png'), rows, ['loss', 'reward_margin', 'reward_acc'], 'dpo')
+        harness.plot_curves(os.path.join(out, 'dpo.png'), rows, ['loss', 'reward_margin', 'reward_acc'], 'dpo')
     return finish('dpo', out, model, src, cfg, t0, extra,
                   [f"{len(pairs)} pairs (chosen {extra['chosen_mean_tokens']:.1f} tokens on average, rejected "
                    f"{extra['rejected_mean_tokens']:.1f}), {len(rows)} steps of {cfg.dpo_batch_size} pairs, "
@@ -385,7 +381,7 @@ def run_rl(cfg, src, out):
     argv += [f'--{k.replace("_", "-")}={v}' for k, v in dataclasses.asdict(src.task_cfg).items()]
     train.main(argv)
     ckpt = os.path.join(out, 'grpo', 'ckpt.pt')
-    model, _, _ = train.load_policy(ckpt, cfg.device)
+    model, _, _ = harness.load_policy(ckpt, cfg.device)
     grpo_summary = json.load(open(os.path.join(out, 'grpo', 'summary.json')))
     return finish('rl', out, model, src, cfg, t0,
                   {'length_weight': cfg.length_weight, 'rl_steps': cfg.rl_steps, 'rl_max_new_tokens': budget,

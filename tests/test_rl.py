@@ -1,12 +1,134 @@
 """
-The GRPO stage end to end on the 'test' preset (seconds): outputs, report, resume after a kill.
-Run: python -m pytest tests/test_rl.py -q
+The GRPO stage: dynamic sampling's refill (sample.dynamic_batch) against scripted batches, the trainer's loss path
+(logits for the response positions only, grpo.loss_from_logits, the Triton kernel under the interpreter) against
+the full-logits reference, and the stage end to end on the 'test' preset (outputs, report, resume, errors).
+Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rl.py -q
 """
 import json
 import os
 
+import pytest
+import torch
+
+import grpo
+from model import GPT, ModelConfig
+from sample import Generation, RolloutBatch, dynamic_batch, sequences_for_training
 from test_train import run
 
+G, PAD = 4, 0
+
+
+# -----------------------------------------------------------------------------
+# dynamic sampling (DAPO sec 3.2): refill until the batch holds n_groups groups with signal
+
+def scripted(group_rewards):
+    """roll(n) hands out the next n groups of a script; each group's rewards are given, its tokens encode its id."""
+    queue = iter(enumerate(group_rewards))
+    calls = []
+
+    def roll(n):
+        groups = [next(queue) for _ in range(n)]
+        calls.append(n)
+        ids = [i for i, _ in groups]
+        N = len(ids) * G
+        tok = torch.tensor([[i + 1] * (2 + i % 3) + [PAD] * (2 - i % 3) for i in ids for _ in range(G)])
+        lengths = torch.tensor([2 + i % 3 for i in ids for _ in range(G)])
+        mask = (torch.arange(4)[None] < lengths[:, None]).float()
+        gen = Generation(tok, torch.zeros(N, 4), mask, lengths, torch.ones(N, dtype=torch.bool))
+        return RolloutBatch(ids, [[9]] * N, gen, [[i + 1] for i in ids for _ in range(G)], lengths,
+                            torch.zeros(N, dtype=torch.bool), ids, 0, 0)
+
+    def score(b):
+        r = torch.tensor([x for i in b.ids for x in group_rewards[i]], dtype=torch.float)
+        return r, {'accuracy': r.clone()}, [f'text{i}' for i in b.ids for _ in range(G)]
+    return roll, score, calls
+
+
+SIGNAL, FLAT = [1, 0, 0, 1], [0, 0, 0, 0]
+
+
+def test_dynamic_sampling_refills_to_the_requested_groups():
+    script = [SIGNAL, FLAT, FLAT, SIGNAL, FLAT, SIGNAL, SIGNAL, [1, 1, 1, 1], SIGNAL] + [SIGNAL] * 10
+    roll, score, calls = scripted(script)
+    batch, reward, terms, texts, seen = dynamic_batch(roll, score, G, 4, PAD, rounds=3)
+    # round 1: 4 groups, 2 kept (0, 3); round 2 draws the 2 missing x 4 drawn / 2 kept = 4 -> groups 4..7, of which
+    # 5 and 6 fill the batch (7 is flat; the rest of the round is cut)
+    assert calls == [4, 4] and len(seen) == 2
+    assert batch.ids == [0, 3, 5, 6] and texts == [f'text{i}' for i in (0, 3, 5, 6) for _ in range(G)]
+    assert reward.tolist() == [x for i in (0, 3, 5, 6) for x in script[i]] == terms['accuracy'].tolist()
+    assert batch.gen.tokens.shape == (16, 4) and batch.gen.lengths.tolist() == [2 + i % 3 for i in (0, 3, 5, 6)
+                                                                                  for _ in range(G)]
+    assert (batch.gen.tokens[:, 0] == torch.tensor([i + 1 for i in (0, 3, 5, 6) for _ in range(G)])).all()
+    # advantages over the kept batch: no group has A = 0 everywhere
+    A = grpo.group_advantages(reward, G, 'group').view(-1, G)
+    assert (A.abs().sum(1) > 0).all()
+
+
+def test_dynamic_sampling_stops_at_its_round_cap_and_keeps_all_without_the_filter():
+    roll, score, calls = scripted([FLAT] * 30)
+    batch, reward, _, _, seen = dynamic_batch(roll, score, G, 4, PAD, rounds=3)
+    assert len(seen) == 3 and len(calls) == 3 and calls[0] == 4
+    assert len(batch.ids) == calls[-1] and (reward == 0).all()      # nothing with signal: the last round whole
+    roll, score, calls = scripted([FLAT, SIGNAL, FLAT, FLAT])
+    batch, _, _, _, seen = dynamic_batch(roll, score, G, 4, PAD, rounds=1)
+    assert calls == [4] and batch.ids == [0, 1, 2, 3]                # rounds=1: no filter
+
+
+# -----------------------------------------------------------------------------
+# the trainer's loss path equals the full-logits reference, in value and in gradient
+
+def trainer_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, impl, loss_type):
+    """What grpo_stage computes for one micro-batch: logits of the response positions only, into
+    grpo.loss_from_logits (mu = 1: on-policy, old_logp None)."""
+    L = tokens.shape[1]
+    logits, _ = model(idx, pos=pos, mask=amask, logits_slice=slice(P - 1, P - 1 + L))
+    return grpo.loss_from_logits(logits / temperature, tokens, None, None, A, mask, loss_type=loss_type,
+                                 max_len=8, global_tokens=mask.sum(), impl=impl)[0]
+
+
+def reference_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, loss_type):
+    """The path before: the whole (B, P + L, V) logits, sliced, torch logprobs, policy_loss with old = logp."""
+    L = tokens.shape[1]
+    logits, _ = model(idx, pos=pos, mask=amask)
+    lp = grpo.token_logprobs(logits[:, P - 1:P - 1 + L] / temperature, tokens)
+    return grpo.policy_loss(lp, lp.detach(), None, A, mask, loss_type=loss_type, max_len=8,
+                            global_tokens=mask.sum())[0]
+
+
+@pytest.mark.parametrize('impl', ['torch', 'triton'])
+@pytest.mark.parametrize('arch', ['dense', 'mla_moe'])
+def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
+    if impl == 'triton' and grpo.triton is None:
+        pytest.skip('triton not installed')
+    kw = dict(attn='gqa', ffn='dense') if arch == 'dense' else dict(kv_lora_rank=16, qk_nope_head_dim=8,
+                                                                      qk_rope_head_dim=8, v_head_dim=8,
+                                                                      n_routed_experts=4, moe_intermediate_size=16)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, **kw))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 5, 4)]    # ragged: pos and mask
+    tokens = torch.randint(2, 40, (3, 6), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.float)
+    gen = Generation(tokens, torch.zeros(3, 6), mask, mask.sum(1).long(), torch.ones(3, dtype=torch.bool))
+    idx, pos, amask, P = sequences_for_training(prompts, gen, PAD, 'cpu', 32)
+    A = torch.tensor([0.7, -1.2, 0.4])
+    for loss_type in ('grpo', 'dapo', 'kimi'):
+        model.zero_grad()
+        a = trainer_loss(model, idx, pos, amask, P, tokens, A, mask, 0.7, impl, loss_type)
+        a.backward()
+        ga = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        b = reference_loss(model, idx, pos, amask, P, tokens, A, mask, 0.7, loss_type)
+        b.backward()
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert ga and any(v.abs().sum() > 0 for v in ga.values())
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(ga[n], p.grad, atol=1e-6, rtol=1e-4, msg=f"{loss_type} {n}")
+
+
+# -----------------------------------------------------------------------------
+# the stage end to end
 
 def test_stage_all_writes_summary_report_and_plots(tmp_path):
     out = str(tmp_path / 'run')
@@ -19,9 +141,9 @@ def test_stage_all_writes_summary_report_and_plots(tmp_path):
     g = os.path.join(out, 'grpo')
     for f in ('report.md', 'reward.png', 'length.png', 'stability.png', 'metrics.jsonl', 'samples.jsonl', 'ckpt.pt'):
         assert os.path.isfile(os.path.join(g, f)), f
-    rows = [json.loads(l) for l in open(os.path.join(g, 'metrics.jsonl'))]
+    rows = [json.loads(line) for line in open(os.path.join(g, 'metrics.jsonl'))]
     assert [r['step'] for r in rows] == [0, 1, 2, 3, 4]
-    assert all('kl' in r and 'clip_frac_low' in r and 'entropy' in r for r in rows[1:] if 'loss' in r)
+    assert all('kl' in r and 'clip_frac_low' in r and 'entropy' in r for r in rows[1:])
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
 
@@ -29,28 +151,44 @@ def test_grpo_resume_matches_uninterrupted(tmp_path):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     run(['--preset', 'test', '--stage', 'pretrain', '--out-dir', a])
     init = os.path.join(a, 'pretrain', 'ckpt.pt')
-    common = ['--preset', 'test', '--stage', 'grpo', '--init-from', init, '--ckpt-interval', '2']
+    common = ['--preset', 'test', '--stage', 'grpo', '--init-from', init, '--ckpt-interval', '2', '--loss-type', 'dapo',
+              '--dynamic-sampling', '--rl-mu', '2']
     run(common + ['--out-dir', a])
-    p = run(common + ['--out-dir', b, '--exit-after', '2'], check=False)
+    p = run(common + ['--out-dir', b, '--exit-after', '3'], check=False)
     assert p.returncode == 3
     run(common + ['--out-dir', b, '--resume'])
-    ra = [json.loads(l) for l in open(os.path.join(a, 'grpo', 'metrics.jsonl'))]
-    rb = [json.loads(l) for l in open(os.path.join(b, 'grpo', 'metrics.jsonl'))]
-    assert [r['step'] for r in rb] == [r['step'] for r in ra]
+    ra = [json.loads(line) for line in open(os.path.join(a, 'grpo', 'metrics.jsonl'))]
+    rb = [json.loads(line) for line in open(os.path.join(b, 'grpo', 'metrics.jsonl'))]
+    assert [r['step'] for r in rb] == [r['step'] for r in ra] == [0, 1, 2, 3, 4]   # each step once
     for x, y in zip(ra, rb):
-        for k in ('reward', 'response_len', 'eval_pass@1'):
+        for k in ('reward', 'response_len', 'eval_pass@1', 'loss'):
             if k in x:
                 assert abs(x[k] - y[k]) < 1e-6, (k, x, y)
+    p = run(common + ['--out-dir', b, '--resume'])                                  # finished: reported, not re-run
+    assert 'finished already' in p.stdout
+    assert [json.loads(line)['step'] for line in open(os.path.join(b, 'grpo', 'metrics.jsonl'))] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--loss-type', 'kimi', '--adv-scale', 'group'], '--adv-scale none'),
+    (['--loss-type', 'dr_grpo', '--adv-scale', 'batch'], '--adv-scale none'),
+])
+def test_loss_type_and_advantage_scale_that_disagree_are_refused(args, needle):
+    p = run(['--preset', 'test', '--stage', 'grpo'] + args, check=False)
+    assert p.returncode != 0 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_mla_moe_model_runs_the_pipeline(tmp_path):
     """The DeepSeek-V3 architecture (MLA with the absorbed cache in rollouts, DeepSeekMoE with the aux-loss-free
-    bias updated after each step, MTP) through pretrain and grpo."""
+    bias updated after each step, MTP) through pretrain and grpo, with DAPO's overlong shaping and filtering."""
     out = str(tmp_path / 'moe')
     run(['--preset', 'test', '--stage', 'all', '--out-dir', out, '--attn', 'mla', '--mla-impl', 'absorb',
          '--kv-lora-rank', '16', '--qk-nope-head-dim', '8', '--qk-rope-head-dim', '8', '--v-head-dim', '8',
          '--ffn', 'moe', '--n-routed-experts', '4', '--num-experts-per-tok', '2', '--moe-intermediate-size', '16',
-         '--mtp-depth', '1', '--log-interval', '1'])
-    rows = [json.loads(l) for l in open(os.path.join(out, 'pretrain', 'metrics.jsonl'))]
+         '--mtp-depth', '1', '--log-interval', '1', '--overlong-buffer', '8', '--mask-truncated'])
+    rows = [json.loads(line) for line in open(os.path.join(out, 'pretrain', 'metrics.jsonl'))]
     assert all('moe_max_over_mean' in r and 'mtp_loss' in r for r in rows)
-    assert os.path.isfile(os.path.join(out, 'summary.json'))
+    rl = [json.loads(line) for line in open(os.path.join(out, 'grpo', 'metrics.jsonl'))][1:]
+    # the test model never stops within 24 tokens: every response is truncated, so the overlong term is -1 and
+    # DAPO's filter leaves no token to train
+    assert all(r['overlong_reward'] == -1.0 and r['truncated_frac'] == 1.0 and r['trained_tokens'] == 0 for r in rl)

@@ -14,6 +14,7 @@ import torch
 
 import grpo
 import train
+from sample import sequences_for_training
 from model import GPT, ModelConfig
 from rewards import is_repeating
 from sample import PartialRollouts, generate
@@ -86,7 +87,8 @@ def test_sampler_state_round_trip():
 # -----------------------------------------------------------------------------
 # partial rollouts
 
-def run_partial(m, budget, steps, temperature=1.0, repeat_stop=0.0, G=2, groups=3, max_new=14, stops=(EOS, 7, 11)):
+def run_partial(m, budget, steps, temperature=1.0, repeat_stop=0.0, G=2, groups=3, max_new=14, stops=(EOS, 7, 11),
+                update=None):
     pr = PartialRollouts(G, max_new, groups, budget=budget, max_groups=groups + 1, repeat_stop=repeat_stop)
     prompts = {i: torch.randint(2, V, (1 + i % 4,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(1000)}
@@ -95,7 +97,9 @@ def run_partial(m, budget, steps, temperature=1.0, repeat_stop=0.0, G=2, groups=
     out = []
     for _ in range(steps):
         pb = pr.step(m, lambda n: [next(nxt) for _ in range(n)], prompts.__getitem__, set(stops), PAD,
-                     temperature=temperature, generator=gen_rng)
+                     temperature=temperature, generator=gen_rng, version=len(out))
+        if update is not None:   # the trainer's optimizer step: the policy changes between iterations
+            update(m, pb)
         assert pb.buffered == len(pr.groups) <= groups + 1                         # the bound
         assert sum(not r['done'] for g in pr.groups for r in g['rows']) <= groups * G
         out.append((pb, prompts))
@@ -126,7 +130,7 @@ def test_earlier_segments_carry_no_gradient():
     m = tiny_model().train()
     batches = [pb for pb, _ in run_partial(m, budget=4, steps=6)]
     pb = next(b for b in batches if b.continued.any())
-    idx, pos, mask, P = train.sequences_for_training(pb.contexts, pb.gen, PAD, 'cpu')
+    idx, pos, mask, P = sequences_for_training(pb.contexts, pb.gen, PAD, 'cpu')
     logits, _ = m(idx, pos=pos, mask=mask)                                         # (B, P + L, V)
     logits.retain_grad()
     L = pb.gen.tokens.shape[1]
@@ -141,6 +145,28 @@ def test_earlier_segments_carry_no_gradient():
         # (all left of P - 1) and the pads after the segment get exactly none
         assert (g[b, :P - 1] == 0).all() and (g[b, P - 1 + n:] == 0).all()
         assert (g[b, P - 1:P - 1 + n] > 0).all() or A[b] == 0
+
+
+def test_segments_of_an_earlier_policy_are_not_trained():
+    """Kimi k1.5 sec 2.6.2: with the weights changed between iterations, a trajectory that ended under an earlier
+    policy and waited for its group is excluded from the loss. Every token left in the loss is on-policy: its
+    stored behaviour logprob equals the current model's logprob of it (what rho == 1 assumes)."""
+    seen = {'on': 0, 'stale': 0}
+
+    def check_then_step(model, pb):
+        idx, pos, mask, P = sequences_for_training(pb.contexts, pb.gen, PAD, 'cpu')
+        L = pb.gen.tokens.shape[1]
+        with torch.no_grad():
+            logits, _ = model(idx, pos=pos, mask=mask)
+            lp = grpo.token_logprobs(logits[:, P - 1:P - 1 + L], pb.gen.tokens)    # (B, L) under the current policy
+            on = pb.gen.mask.bool()
+            torch.testing.assert_close(lp[on], pb.gen.logprobs[on], atol=1e-4, rtol=0)
+            seen['on'] += int(on.sum())
+            seen['stale'] += int(((pb.gen.lengths > 0) & ~on.any(1)).sum())     # a segment, all of it masked
+            for p in model.parameters():   # the optimizer step: the next iteration samples from another policy
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seen['on'])))
+    run_partial(tiny_model(), budget=2, steps=12, max_new=12, update=check_then_step)
+    assert seen['on'] > 0 and seen['stale'] > 0
 
 
 def test_small_budget_buffer_stays_bounded_and_fills_the_batch():

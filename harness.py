@@ -1,0 +1,298 @@
+"""
+The run harness: what every stage shares and no paper defines. The process group and the device, the one
+checkpoint format (atomic, verified, never non-finite), RNG state, the metrics log, plots, the one report
+writer, and held-out evaluation (greedy pass@1, sampled pass@k).
+
+A stage (train.py's pretrain and grpo, distill.py's sft / rs / distill, long2short.py's methods) builds on
+these; none of them builds on another stage's file.
+"""
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import GPT, ModelConfig
+from rewards import arithmetic_reward, countdown_reward
+from sample import generate
+from tasks import format_prompt
+from tokenizer import Tokenizer
+
+
+def die(msg):
+    """One clear line on stderr and a non-zero exit: what a user sees instead of a traceback."""
+    sys.exit(f"{os.path.basename(sys.argv[0]) or 'nanoR1'}: error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# processes and devices (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+def setup_distributed():
+    """(rank, world, local_rank); without torchrun's variables a single process (0, 1, 0)."""
+    if 'RANK' not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    dist.init_process_group(backend)
+    if backend == 'nccl':
+        torch.cuda.set_device(local)
+    return rank, world, local
+
+
+def print0(*a, **kw):
+    """print on rank 0 only: under torchrun every rank runs the same lines."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+def pick_device(name='', local_rank=0):
+    if name:
+        if name.startswith('cuda') and not torch.cuda.is_available():
+            die("--device cuda but CUDA is not available here")
+        return name
+    return f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
+
+
+def encode_prompt(tok, problem, template):
+    """A problem's prompt ids, as every stage and the evaluation build them: <|bos|> + the template."""
+    return [tok.bos] + tok.encode(format_prompt(problem, template))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one format for every stage
+
+def config_dict(c):
+    return c.to_dict() if hasattr(c, 'to_dict') else dict(vars(c)) if hasattr(c, '__dataclass_fields__') else dict(c)
+
+
+def checkpoint(model, tok, train_config, task_config, step, **state):
+    """The one checkpoint format: weights, what rebuilds the model and its tokenizer, the configs that defined the
+    run, the step it ended, plus stage state (optimizer, rng, sampler, ...) as keyword arguments."""
+    return {'model': model.state_dict(), 'model_config': model.config.to_dict(), 'tokenizer': tok.to_dict(),
+            'train_config': config_dict(train_config), 'task_config': config_dict(task_config), 'step': step,
+            **state}
+
+
+def _nonfinite(obj, prefix=''):
+    """The name of the first non-finite floating tensor in a (nested) state, or None."""
+    if torch.is_tensor(obj):
+        return prefix if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _nonfinite(v, f"{prefix}.{k}" if prefix else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def save_checkpoint(path, obj):
+    """
+    Write to a temp file, read it back, then rename over the old one: a kill mid-write never leaves a torn
+    checkpoint, and a non-finite weight or optimizer moment (a run that diverged) never replaces a good one.
+    """
+    bad = _nonfinite({'model': obj['model'], 'optimizer': obj.get('optimizer', {})})
+    if bad is not None:
+        die(f"refusing to save {path}: {bad} is not finite (the run diverged; the previous checkpoint is kept)")
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    back = torch.load(tmp, map_location='cpu', weights_only=True, mmap=True)   # verify before it replaces
+    if set(back['model']) != set(obj['model']):
+        die(f"checkpoint {tmp} did not read back whole; {path} is kept")
+    os.replace(tmp, path)
+
+
+REQUIRED_KEYS = ('model', 'model_config', 'tokenizer')
+
+
+def load_checkpoint(path, mc=None):
+    """A checkpoint of ours, or one line naming the file and what is wrong with it."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle that needs code to load
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        die(f"{path} is not a nanoR1 checkpoint: missing {missing}")
+    if mc is not None:
+        stored = ck['model_config']
+        diff = {k: (stored.get(k), v) for k, v in mc.to_dict().items() if stored.get(k) != v}
+        if diff:
+            die(f"checkpoint {path} has an incompatible model config (field: stored vs requested): {diff}")
+    return ck
+
+
+def load_policy(path, device):
+    """(model, tokenizer, checkpoint dict) from one of our checkpoints."""
+    ck = load_checkpoint(path)
+    try:
+        model = GPT(ModelConfig.from_dict(ck['model_config']))
+        model.load_state_dict(ck['model'])
+        tok = Tokenizer.from_dict(ck['tokenizer'])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        die(f"{path}: cannot rebuild the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    return model.to(device), tok, ck
+
+
+# what --resume may change: where and how fast a run goes, and the RL step budget (its lr is constant after
+# warmup); anything else defines the data, the tokenizer or the schedule, and a mismatch is refused
+RESUME_MAY_CHANGE = {'resume', 'overwrite', 'exit_after', 'threads', 'device', 'compile', 'log_interval',
+                     'ckpt_interval', 'pt_eval_interval', 'rl_eval_interval', 'stage', 'out_dir', 'init_from',
+                     'rl_steps', 'pass_k', 'preset'}
+
+
+def open_stage(tc, task_cfg, stage_dir, total_steps):
+    """
+    The checkpoint to continue from (--resume), or None to start afresh. Refuses to replace a checkpoint without
+    --resume or --overwrite, and to resume with settings that change the data, tokenizer or schedule (one line
+    naming the fields). Returns 'done' when --resume finds the stage finished.
+    """
+    path = os.path.join(stage_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return None
+    if not tc.resume:
+        if not tc.overwrite:
+            die(f"{path} exists: pass --resume to continue it or --overwrite to start the stage over")
+        return None
+    ck = load_checkpoint(path)
+    now = {**config_dict(tc), **config_dict(task_cfg)}
+    was = {**ck.get('train_config', {}), **ck.get('task_config', {})}
+    diff = {k: (was[k], v) for k, v in now.items() if k in was and was[k] != v and k not in RESUME_MAY_CHANGE}
+    if diff:
+        die(f"--resume {path}: these settings differ from the run that wrote it (field: stored vs now): {diff}")
+    if ck.get('step', 0) >= total_steps and os.path.isfile(os.path.join(stage_dir, 'summary.json')):
+        return 'done'
+    return ck
+
+
+def rng_state():
+    return {'python': list(random.getstate()[1]), 'python_pos': random.getstate()[2],
+            'numpy': np.random.get_state()[1].tolist(), 'torch': torch.get_rng_state()}
+
+
+def set_rng_state(s):
+    random.setstate((3, tuple(s['python']), s['python_pos']))
+    st = np.random.get_state()
+    np.random.set_state((st[0], np.array(s['numpy'], dtype=np.uint32), *st[2:]))
+    torch.set_rng_state(s['torch'])
+
+
+# -----------------------------------------------------------------------------
+# what a run writes: metrics.jsonl, plots, report.md
+
+class MetricsLog:
+    """
+    A jsonl file, one object per line, flushed at once so a killed run keeps what it logged. Resuming from a
+    checkpoint at step s keeps the lines with step <= s and drops the rest (the steps between the checkpoint and
+    the kill run again), so every step is in the file once.
+    """
+
+    def __init__(self, path, resume_step=None):
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        keep = []
+        if resume_step is not None and os.path.isfile(path):
+            for line in open(path):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:   # a line torn by the kill
+                    continue
+                if row.get('step', 0) <= resume_step:
+                    keep.append(line if line.endswith('\n') else line + '\n')
+        self.f = open(path, 'w')
+        self.f.writelines(keep)
+        self.f.flush()
+
+    def log(self, **kv):
+        self.f.write(json.dumps(kv) + '\n')
+        self.f.flush()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def plot_curves(path, rows, keys, title):
+    """One PNG, one panel per key, against step. Quietly skipped when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r['step'], r[k]) for r in rows if r.get(k) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='.' if len(pts) < 30 else None)
+        ax.set_title(k)
+        ax.set_xlabel('step')
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_report(path, title, body, summary=None, config=None):
+    """The one report writer: a title, the stage's own markdown lines, its summary as a table, its config."""
+    lines = [f'# {title}', '', *body, '']
+    if summary:
+        lines += ['| metric | value |', '|---|---|']
+        lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()
+                  if not isinstance(v, (dict, list))]
+        lines.append('')
+    if config:
+        lines += ['## Config', '', '```json', json.dumps(config, indent=1), '```', '']
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines))
+
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy and sampled pass@k on held-out problems
+
+def score(kind, text, p):
+    return countdown_reward(text, p.numbers, p.target) if kind == 'countdown' else arithmetic_reward(text, p.result)
+
+
+@torch.no_grad()
+def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, k=1, temperature=0.0, seed=0,
+             detail=False):
+    """
+    Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean response
+    length in tokens. With n = k samples the unbiased pass@k estimator of Chen et al. 2021 is "any correct".
+    detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy).
+    """
+    was_training = model.training
+    model.eval()
+    prompts = [encode_prompt(tok, p, template) for p in probs]
+    correct, lengths = [], []
+    g = torch.Generator(device=next(model.parameters()).device)
+    g.manual_seed(seed)
+    rows = [(i, pr) for i, pr in enumerate(prompts) for _ in range(k)]
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, {tok.eos}, tok.pad,
+                       temperature=temperature, generator=g)
+        for r, (i, _) in enumerate(chunk):
+            n = int(gen.lengths[r])
+            correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
+            lengths.append(n)
+    model.train(was_training)
+    c = np.array(correct).reshape(len(probs), k)
+    out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
+           'mean_tokens': float(np.mean(lengths)) if lengths else math.nan}
+    return out if detail else (out['pass@k'], out['mean_tokens'])
