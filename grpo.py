@@ -41,7 +41,8 @@ LOSS_NEAR_ZERO_NOTE = ("note: a policy loss near 0 is expected with one update p
                        "progress by reward, KL, clip fraction and entropy, not by the loss")
 
 LOSS_TYPES = ('grpo', 'bnpo', 'dapo', 'dr_grpo', 'kimi')
-ADVANTAGE_SCALES = ('group', 'batch', 'none')
+ADVANTAGE_SCALES = ('group', 'batch', 'none')                # what group_advantages takes
+ADVANTAGE_SCALE_CHOICES = ('auto',) + ADVANTAGE_SCALES        # what advantage_scale takes (--adv-scale)
 
 
 # -----------------------------------------------------------------------------
@@ -78,6 +79,26 @@ def group_advantages(rewards, group_size, scale='group', eps=1e-4):
         std = r.std()                                          # () one std for the whole batch
     # eps outside the std: a group whose rewards are all equal gets exactly 0 / eps = 0
     return (centred / (std + eps)).view(-1)                    # (N,)
+
+
+def advantage_scale(loss_type, adv_scale='auto'):
+    """The group_advantages scale a loss type needs: 'auto' picks it, an explicit choice is checked.
+    Kimi k1.5 sec 2.3.2 writes A = r - mean(r): a std division would make its KL temperature tau * std per group.
+    Dr.GRPO (Liu et al. 2025) sec 3.1 drops the std division on purpose (it up-weights the questions whose
+    rewards barely vary, the too easy and the too hard). So both take 'none' only; grpo, bnpo and dapo default
+    to 'group' and may take 'batch' or 'none' (an ablation)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}, expected one of {LOSS_TYPES}")
+    if adv_scale not in ADVANTAGE_SCALE_CHOICES:
+        raise ValueError(f"unknown advantage scale {adv_scale!r}, expected one of {ADVANTAGE_SCALE_CHOICES}")
+    unscaled = loss_type in ('kimi', 'dr_grpo')
+    if adv_scale == 'auto':
+        return 'none' if unscaled else 'group'
+    if unscaled and adv_scale != 'none':
+        paper = ("Kimi k1.5 sec 2.3.2 writes A = r - mean(r)" if loss_type == 'kimi' else
+                 "Dr.GRPO sec 3.1 removes the std division")
+        raise ValueError(f"--loss-type {loss_type} needs --adv-scale none or auto ({paper}); got {adv_scale}")
+    return adv_scale
 
 
 def zero_variance_groups(rewards, group_size):

@@ -1,6 +1,7 @@
 """
-Tests for grpo.py: advantages, per-token log-probs, every loss_type's value and gradient, clipping, the KL term,
-Kimi's gradient against the paper's formula, and the DAPO micro-batch identity. Every expected number is worked
+Tests for grpo.py: advantages and the scale each loss type needs, per-token log-probs, every loss_type's value
+and gradient, clipping, the KL term, Kimi's gradient against the paper's formula, and the DAPO micro-batch
+identity. Every expected number is worked
 by hand in the comments and computed here with plain Python arithmetic, never through grpo.py's internals.
 
 Run:  python -m pytest tests/test_grpo.py -q      (CPU, about a second)
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import (LOSS_NEAR_ZERO_NOTE, group_advantages, kl_k3, masked_entropy, policy_loss,  # noqa: E402
-                  token_logprobs, zero_variance_groups)
+from grpo import (LOSS_NEAR_ZERO_NOTE, LOSS_TYPES, advantage_scale, group_advantages, kl_k3,  # noqa: E402
+                  masked_entropy, policy_loss, token_logprobs, zero_variance_groups)
 
 
 def close(a, b, tol=1e-5):
@@ -60,6 +61,55 @@ def test_advantages_bad_inputs():
         group_advantages(torch.zeros(8), 1, scale='group')
     with pytest.raises(ValueError, match="1-D"):
         group_advantages(torch.zeros(2, 4), 4)
+
+
+def test_advantage_scale_auto_and_allowed():
+    assert [advantage_scale(t) for t in LOSS_TYPES] == ['group', 'group', 'group', 'none', 'none']
+    assert advantage_scale('kimi', 'none') == advantage_scale('dr_grpo', 'none') == 'none'
+    # the std-free ablation of grpo-like losses, and the batch std, are legitimate choices
+    assert advantage_scale('grpo', 'none') == 'none' and advantage_scale('dapo', 'batch') == 'batch'
+
+
+@pytest.mark.parametrize('loss_type', ['kimi', 'dr_grpo'])
+@pytest.mark.parametrize('scale', ['group', 'batch'])
+def test_advantage_scale_rejects_std_for_kimi_and_dr_grpo(loss_type, scale):
+    with pytest.raises(ValueError, match=f"--loss-type {loss_type} needs --adv-scale none.*got {scale}$"):
+        advantage_scale(loss_type, scale)
+
+
+def test_advantage_scale_bad_inputs():
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        advantage_scale('ppo')
+    with pytest.raises(ValueError, match="unknown advantage scale"):
+        advantage_scale('grpo', 'rank')
+    with pytest.raises(ValueError, match="unknown advantage scale"):
+        group_advantages(torch.zeros(8), 4, scale='auto')      # the caller resolves 'auto' first
+
+
+def test_group_scale_changes_kimis_temperature():
+    # the defect advantage_scale prevents. Groups [1,0,0,0] and [1,1,0,0]:
+    #   r - mean = [0.75, -0.25, -0.25, -0.25 | 0.5, 0.5, -0.5, -0.5]      (Kimi's A = r - rbar)
+    #   unbiased std: 0.5 and sqrt((4 * 0.25) / 3) = 1/sqrt(3); with eps = 0 the group scale gives
+    #   [1.5, -0.5, -0.5, -0.5 | sqrt(3)/2, sqrt(3)/2, -sqrt(3)/2, -sqrt(3)/2]
+    rewards = torch.tensor([1., 0., 0., 0., 1., 1., 0., 0.])
+    centred = [0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5]
+    sigma = [0.5] * 4 + [1 / math.sqrt(3)] * 4
+    h = math.sqrt(3) / 2
+    scaled = group_advantages(rewards, 4, 'group', eps=0.0)
+    close(scaled, [1.5, -0.5, -0.5, -0.5, h, h, -h, -h])
+    assert (scaled - torch.tensor(centred)).abs().max() > 0.5
+    close(group_advantages(rewards, 4, advantage_scale('kimi')), centred)
+    # with the scaled A, Kimi's gradient on row i is -(A_i / sigma_i - tau s_i) / B per token
+    #   = -(1 / sigma_i) (A_i - (tau sigma_i) s_i) / B: a temperature tau * sigma_i that differs per group
+    tau, B = 0.5, 8
+    g = torch.Generator().manual_seed(5)
+    logp = (-torch.rand(B, 3, generator=g)).requires_grad_()
+    old = logp.detach() + 0.2 * torch.randn(B, 3, generator=g)
+    s = (logp.detach() - old).sum(1).tolist()                   # sequence log ratios, every token trained
+    loss, _ = policy_loss(logp, old, None, scaled, torch.ones(B, 3), 'kimi', tau=tau)
+    loss.backward()
+    expected = [[-(centred[i] - tau * sigma[i] * s[i]) / (sigma[i] * B)] * 3 for i in range(B)]
+    close(logp.grad, expected)
 
 
 def test_zero_variance_groups():
