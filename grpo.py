@@ -312,10 +312,13 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
 # m and s = sum exp(z - m), rescale s when m grows) and writes per token logp, the lse, the clipped surrogate
 # and the k3 term and their derivatives w.r.t. logp. The backward reads the row again and writes
 # dlogits = g * (onehot(token) - softmax) in the logits' dtype, g = dloss/dlogp, the softmax recomputed from
-# the lse. Two reads and one write are the roofline: 3 N V elements, 6 N V bytes in bf16 (REFERENCE.md sec 3).
+# the lse. With the gradient left to the backward, the logits must be read twice and their gradient written
+# once: 3 N V elements, 6 N V bytes in bf16, the least traffic for this design and what it moves (a gradient
+# computed in the forward saves one read but has to fix the normalisation inside the kernel; see below).
 # The reduction over tokens (every loss_type, Kimi's per-sequence square) stays in torch on (B, T) tensors with
-# _aggregate / _kimi_loss, so autograd hands the kernel g per token whatever the loss_type: a fast path with its
-# own normalisation is how a peer once shipped gradients 100x off (REFERENCE.md sec 1).
+# _aggregate / _kimi_loss, so autograd hands the kernel g per token whatever the loss_type: a fused path with
+# its own normalisation can silently drift from its reference (Liger-Kernel issue #1082: a fused GRPO loss with
+# ~100x its trainer's gradient norm, from a missing correction factor and a different dapo normaliser).
 try:  # Triton is optional: without it (e.g. a CPU-only install) only the PyTorch path exists
     import triton
     import triton.language as tl
