@@ -5,16 +5,21 @@ What it implements
 - GRPO, DeepSeekMath (Shao et al. 2024) sec 4.1, eq. 3, with the outcome-supervision advantage of sec 4.1.2:
   every token of completion o_i gets A_i = (r_i - mean(r_group)) / std(r_group). DeepSeek-R1 sec 2.2.1 uses
   the same objective with rule rewards. The KL to the reference model is the "k3" estimator of eq. 4.
-- Aggregation variants of the same per-token term (named as in REFERENCE.md sec 1):
-    grpo     mean over sequences of (sum_t l_it / |o_i|)                     DeepSeekMath eq. 3
-    bnpo     sum_it l_it / sum_i |o_i|, over the local batch                  token mean
-    dapo     sum_it l_it / (tokens in the whole global batch)                 DAPO (Yu et al. 2025) eq. 8
-    dr_grpo  sum_it l_it / (B * max_len), advantages without std division     Dr.GRPO (Liu et al. 2025)
-  plus DAPO's clip-higher (eps_low != eps_high) and dynamic-sampling filter (`zero_variance_groups`).
+- Aggregation variants of the same per-token term l_it (named as TRL's GRPOTrainer names its `loss_type`). Each
+  is a sum over this micro-batch's tokens or sequences divided by a normaliser of the whole batch, so the losses
+  of a batch's micro-batches add up to the batch loss:
+    grpo     sum_i (sum_t l_it / |o_i|) / batch_rows           per-sequence mean      DeepSeekMath eq. 3
+    bnpo     sum_it l_it / batch_tokens                        local batch token mean
+    dapo     sum_it l_it / global_tokens                       global token mean      DAPO (Yu et al. 2025) eq. 8
+    dr_grpo  sum_it l_it / (batch_rows * max_len), A = r - mean(r)                    Dr.GRPO (Liu et al. 2025)
+  batch_rows: completions in this process's batch; batch_tokens: trained tokens in it (all its micro-batches);
+  global_tokens: trained tokens in the global batch (all ranks). Left out, batch_rows and batch_tokens default
+  to this micro-batch's own count (a call on the whole batch). Plus DAPO's clip-higher (eps_low != eps_high)
+  and dynamic-sampling filter (`zero_variance_groups`). `advantage_scale` ties the advantage to the loss type.
 - Kimi k1.5 (Kimi Team 2025) sec 2.3.2: the online-mirror-descent squared surrogate
     L = E[(r - rbar - tau * log(pi_theta(y|x) / pi_i(y|x)))^2]
   with the sequence-level log ratio, scaled so that its gradient is exactly minus the paper's update direction
-  (derivation at `_kimi_loss`).
+  (derivation at `_kimi_loss`); E is sum_i / batch_rows, as for grpo.
 
 Every loss here is the paper's objective with its sign flipped: the objectives are maximised, we minimise.
 
@@ -41,7 +46,8 @@ LOSS_NEAR_ZERO_NOTE = ("note: a policy loss near 0 is expected with one update p
                        "progress by reward, KL, clip fraction and entropy, not by the loss")
 
 LOSS_TYPES = ('grpo', 'bnpo', 'dapo', 'dr_grpo', 'kimi')
-ADVANTAGE_SCALES = ('group', 'batch', 'none')
+ADVANTAGE_SCALES = ('group', 'batch', 'none')                # what group_advantages takes
+ADVANTAGE_SCALE_CHOICES = ('auto',) + ADVANTAGE_SCALES        # what advantage_scale takes (--adv-scale)
 
 
 # -----------------------------------------------------------------------------
@@ -78,6 +84,26 @@ def group_advantages(rewards, group_size, scale='group', eps=1e-4):
         std = r.std()                                          # () one std for the whole batch
     # eps outside the std: a group whose rewards are all equal gets exactly 0 / eps = 0
     return (centred / (std + eps)).view(-1)                    # (N,)
+
+
+def advantage_scale(loss_type, adv_scale='auto'):
+    """The group_advantages scale a loss type needs: 'auto' picks it, an explicit choice is checked.
+    Kimi k1.5 sec 2.3.2 writes A = r - mean(r): a std division would make its KL temperature tau * std per group.
+    Dr.GRPO (Liu et al. 2025) sec 3.1 drops the std division on purpose (it up-weights the questions whose
+    rewards barely vary, the too easy and the too hard). So both take 'none' only; grpo, bnpo and dapo default
+    to 'group' and may take 'batch' or 'none' (an ablation)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}, expected one of {LOSS_TYPES}")
+    if adv_scale not in ADVANTAGE_SCALE_CHOICES:
+        raise ValueError(f"unknown advantage scale {adv_scale!r}, expected one of {ADVANTAGE_SCALE_CHOICES}")
+    unscaled = loss_type in ('kimi', 'dr_grpo')
+    if adv_scale == 'auto':
+        return 'none' if unscaled else 'group'
+    if unscaled and adv_scale != 'none':
+        paper = ("Kimi k1.5 sec 2.3.2 writes A = r - mean(r)" if loss_type == 'kimi' else
+                 "Dr.GRPO sec 3.1 removes the std division")
+        raise ValueError(f"--loss-type {loss_type} needs --adv-scale none or auto ({paper}); got {adv_scale}")
+    return adv_scale
 
 
 def zero_variance_groups(rewards, group_size):
@@ -136,23 +162,24 @@ def masked_entropy(logits, mask, chunk=256):
 # the loss
 
 
-def _aggregate(x, mask, loss_type, global_tokens, max_len):
-    """Reduce a per-token term x (B, T) to a scalar by the named aggregation (module docstring)."""
+def _aggregate(x, mask, loss_type, batch_rows, batch_tokens, global_tokens, max_len):
+    """This micro-batch's share of the batch aggregate of a per-token term x (B, T) (module docstring)."""
     x = x * mask                                               # (B, T) untrained tokens contribute nothing
+    rows = x.size(0) if batch_rows is None else batch_rows
     if loss_type in ('grpo', 'kimi'):
         # 1/|o_i| per sequence: every completion weighs the same, whatever its length (DeepSeekMath eq. 3)
-        return (x.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()   # (B,) -> ()
+        return (x.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / rows   # (B,) -> ()
     if loss_type == 'bnpo':
-        # every token weighs the same within this micro-batch; the weight still depends on the batch's lengths
-        return x.sum() / mask.sum().clamp(min=1)
+        # every token of this process's batch weighs the same; the weight still depends on the batch's lengths
+        return x.sum() / (mask.sum().clamp(min=1) if batch_tokens is None else batch_tokens)
     if loss_type == 'dapo':
-        # every token in the global batch weighs the same: micro-batch losses add up to the full token mean
+        # every token of the global batch (all ranks) weighs the same
         return x.sum() / global_tokens
     # dr_grpo: a constant normaliser removes the length bias of 1/|o_i| (Dr.GRPO sec 3.1)
-    return x.sum() / (x.size(0) * max_len)
+    return x.sum() / (rows * max_len)
 
 
-def _kimi_loss(logp, old_logp, advantages, mask, tau):
+def _kimi_loss(logp, old_logp, advantages, mask, tau, batch_rows):
     """Kimi k1.5 sec 2.3.2, scaled to 1 / (2 tau) of the paper's squared surrogate:
 
         L = 1/(2 tau) * mean_i (A_i - tau * s_i)^2,   s_i = sum_t mask_it (logp_it - old_logp_it) = log pi/pi_i
@@ -164,10 +191,12 @@ def _kimi_loss(logp, old_logp, advantages, mask, tau):
     which is exactly minus the paper's gradient 1/k sum_j [grad log pi(y_j) (r_j - rbar) - tau/2 grad s_j^2],
     so a descent step on L is the paper's ascent step. Unscaled, the paper's L has gradient -2 tau times that
     direction: it would couple the learning rate to tau. The value at s = 0 is mean(A^2) / (2 tau), not 0.
+    The mean is over the batch's batch_rows sequences (default: this micro-batch's B), like grpo's.
     """
     s = ((logp - old_logp) * mask).sum(dim=1)                  # (B,) sequence log ratio log pi_theta / pi_i
     # (A - tau s) is the residual of the closed-form optimum tau * log(pi*/pi_i) = r - tau log Z ~ r - rbar
-    return ((advantages - tau * s) ** 2).mean() / (2 * tau)
+    rows = s.size(0) if batch_rows is None else batch_rows
+    return ((advantages - tau * s) ** 2).sum() / (rows * 2 * tau)
 
 
 @torch.no_grad()
@@ -190,7 +219,7 @@ def _metrics(rho, A_tok, mask, eps_low, eps_high, pg_loss, kl_loss, kl):
 
 
 def _check_policy_inputs(logp, old_logp, ref_logp, advantages, mask, loss_type, beta, tau, max_len,
-                         global_tokens):
+                         global_tokens, batch_rows, batch_tokens):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}, expected one of {LOSS_TYPES}")
     if logp.dim() != 2:
@@ -204,9 +233,10 @@ def _check_policy_inputs(logp, old_logp, ref_logp, advantages, mask, loss_type, 
         raise ValueError(f"beta={beta} needs ref_logp for the KL term")
     if loss_type == 'dapo' and global_tokens is None:
         raise ValueError("loss_type='dapo' needs global_tokens: the token count of the whole global batch")
-    if loss_type == 'dapo' and isinstance(global_tokens, (int, float)) and global_tokens <= 0:
-        # (a tensor count, e.g. after all_reduce, is not checked: reading it would sync the device)
-        raise ValueError(f"global_tokens must be positive, got {global_tokens}")
+    # python numbers only: a tensor count (e.g. mask.sum(), or after an all_reduce) would sync the device to read
+    for name, n in (('global_tokens', global_tokens), ('batch_rows', batch_rows), ('batch_tokens', batch_tokens)):
+        if isinstance(n, (int, float)) and n <= 0:
+            raise ValueError(f"{name} must be positive, got {n}")
     if loss_type == 'dr_grpo' and (max_len is None or max_len <= 0):
         raise ValueError(f"loss_type='dr_grpo' needs max_len, the generation budget in tokens, got {max_len}")
     if loss_type == 'kimi' and tau <= 0:
@@ -214,7 +244,7 @@ def _check_policy_inputs(logp, old_logp, ref_logp, advantages, mask, loss_type, 
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', beta=0.0, eps_low=0.2,
-                eps_high=0.2, tau=1.0, max_len=None, global_tokens=None):
+                eps_high=0.2, tau=1.0, max_len=None, global_tokens=None, batch_rows=None, batch_tokens=None):
     """The policy loss (the objective with its sign flipped) and detached metrics.
 
     logp (B, T) log pi_theta of the sampled tokens, with grad; old_logp (B, T) the same under the rollout policy,
@@ -231,12 +261,16 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
     Its gradient is not: grad rho = rho * grad log pi, so the loss pushes -A_i grad log pi(o_it). The loss value is
     therefore no progress measure; watch reward, KL, clip fraction and entropy (LOSS_NEAR_ZERO_NOTE).
 
-    Gradient accumulation / DDP: grpo, bnpo and dr_grpo return a mean over this micro-batch, so divide by the
-    number of micro-batches as usual; dapo returns this micro-batch's exact share of the global token mean, so
-    sum it as is (and multiply by world_size if DDP averages gradients over ranks).
+    Gradient accumulation / DDP: given the whole batch's normalisers (batch_rows, batch_tokens, global_tokens),
+    every loss type returns this micro-batch's exact share of the batch loss: sum the micro-batch losses, divide
+    by nothing. For dr_grpo pass a constant batch_rows (the requested prompts x G) so that dropping zero-variance
+    groups never changes the normaliser. DDP averages gradients over ranks, which is right for the per-rank
+    normalisers (grpo, kimi, bnpo, dr_grpo: the mean of the ranks' batch losses); dapo's global_tokens already
+    counts every rank, so multiply its loss by world_size to get the global token mean.
     """
     _check_policy_inputs(logp, old_logp, ref_logp, advantages, mask, loss_type, beta, tau, max_len,
-                         global_tokens)
+                         global_tokens, batch_rows, batch_tokens)
+    norm = (batch_rows, batch_tokens, global_tokens, max_len)  # the batch's normalisers, for _aggregate
     mask = mask.to(logp.dtype)                                 # (B, T) bool -> float
     A = advantages.to(logp.dtype)                              # (B,)
     log_ratio = logp - old_logp.detach()                       # (B, T) the rollout policy is a constant
@@ -244,20 +278,20 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
     A_tok = A.unsqueeze(1)                                     # (B, 1) the same advantage on every token of o_i
 
     if loss_type == 'kimi':
-        pg_loss = _kimi_loss(logp, old_logp.detach(), A, mask, tau)
+        pg_loss = _kimi_loss(logp, old_logp.detach(), A, mask, tau, batch_rows)
     else:
         unclipped = rho * A_tok                                # (B, T)
         clipped = rho.clamp(1 - eps_low, 1 + eps_high) * A_tok  # (B, T)
         # the pessimistic (min) bound: once rho has moved past the trust region in the direction A favours, the
         # clipped branch wins and is constant in theta, so that token's gradient is 0
         surrogate = torch.minimum(unclipped, clipped)          # (B, T)
-        pg_loss = _aggregate(-surrogate, mask, loss_type, global_tokens, max_len)  # minus: we minimise
+        pg_loss = _aggregate(-surrogate, mask, loss_type, *norm)  # minus: we minimise
 
     if ref_logp is not None and beta != 0:
         kl = kl_k3(logp, ref_logp.detach())                    # (B, T)
         # + beta * KL: the objective subtracts it, the loss (its negation) adds it; same aggregation as the
         # policy term (per sequence for kimi), so the loss is exactly the aggregated l_it above
-        kl_loss = beta * _aggregate(kl, mask, loss_type, global_tokens, max_len)
+        kl_loss = beta * _aggregate(kl, mask, loss_type, *norm)
     else:
         kl, kl_loss = None, torch.zeros((), device=logp.device, dtype=logp.dtype)
     loss = pg_loss + kl_loss
@@ -278,10 +312,13 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
 # m and s = sum exp(z - m), rescale s when m grows) and writes per token logp, the lse, the clipped surrogate
 # and the k3 term and their derivatives w.r.t. logp. The backward reads the row again and writes
 # dlogits = g * (onehot(token) - softmax) in the logits' dtype, g = dloss/dlogp, the softmax recomputed from
-# the lse. Two reads and one write are the roofline: 3 N V elements, 6 N V bytes in bf16 (REFERENCE.md sec 3).
+# the lse. With the gradient left to the backward, the logits must be read twice and their gradient written
+# once: 3 N V elements, 6 N V bytes in bf16, the least traffic for this design and what it moves (a gradient
+# computed in the forward saves one read but has to fix the normalisation inside the kernel; see below).
 # The reduction over tokens (every loss_type, Kimi's per-sequence square) stays in torch on (B, T) tensors with
-# _aggregate / _kimi_loss, so autograd hands the kernel g per token whatever the loss_type: a fast path with its
-# own normalisation is how a peer once shipped gradients 100x off (REFERENCE.md sec 1).
+# _aggregate / _kimi_loss, so autograd hands the kernel g per token whatever the loss_type: a fused path with
+# its own normalisation can silently drift from its reference (Liger-Kernel issue #1082: a fused GRPO loss with
+# ~100x its trainer's gradient norm, from a missing correction factor and a different dapo normaliser).
 try:  # Triton is optional: without it (e.g. a CPU-only install) only the PyTorch path exists
     import triton
     import triton.language as tl
@@ -475,20 +512,21 @@ def logprobs_from_logits(logits, tokens, impl='auto', block_v=None):
 
 
 def loss_from_logits(logits, tokens, old_logp, ref_logp, advantages, mask, loss_type='grpo', beta=0.0,
-                     eps_low=0.2, eps_high=0.2, tau=1.0, max_len=None, global_tokens=None, impl='auto',
-                     block_v=None):
-    """policy_loss(token_logprobs(logits, tokens), ...) with the same arguments, value, gradient and metrics,
-    through the fused kernel where select_impl picks it. block_v overrides the kernel's block over V (tests
-    use a small one to cross many blocks)."""
+                     eps_low=0.2, eps_high=0.2, tau=1.0, max_len=None, global_tokens=None, batch_rows=None,
+                     batch_tokens=None, impl='auto', block_v=None):
+    """policy_loss(token_logprobs(logits, tokens), ...) with the same arguments (normalisers included), value,
+    gradient and metrics, through the fused kernel where select_impl picks it. block_v overrides the kernel's
+    block over V (tests use a small one to cross many blocks)."""
     if select_impl(logits, impl) == 'torch':
         return policy_loss(token_logprobs(logits, tokens), old_logp, ref_logp, advantages, mask, loss_type,
-                           beta, eps_low, eps_high, tau, max_len, global_tokens)
+                           beta, eps_low, eps_high, tau, max_len, global_tokens, batch_rows, batch_tokens)
     _check_logits(logits, tokens)
     if old_logp is None:
         raise ValueError("old_logp is required: the rollout policy's log-probs of the tokens (B, T)")
     # tokens stand in for logp: same (B, T) shape, already checked against the logits
     _check_policy_inputs(tokens, old_logp, ref_logp, advantages, mask, loss_type, beta, tau, max_len,
-                         global_tokens)
+                         global_tokens, batch_rows, batch_tokens)
+    norm = (batch_rows, batch_tokens, global_tokens, max_len)
     # old and ref are constants. The kernel computes pg and kl per token: pg except for kimi (its sequence term
     # is taken from logp below), kl whenever ref is given (for the metric, even with beta == 0)
     old = old_logp.detach() if loss_type != 'kimi' else None
@@ -500,11 +538,11 @@ def loss_from_logits(logits, tokens, old_logp, ref_logp, advantages, mask, loss_
 
     # from here on it is policy_loss on (B, T) tensors: same aggregation, same sign, same metrics
     if loss_type == 'kimi':
-        pg_loss = _kimi_loss(logp, old_logp.detach(), A_tok.squeeze(1), mask, tau)
+        pg_loss = _kimi_loss(logp, old_logp.detach(), A_tok.squeeze(1), mask, tau, batch_rows)
     else:
-        pg_loss = _aggregate(pg, mask, loss_type, global_tokens, max_len)
+        pg_loss = _aggregate(pg, mask, loss_type, *norm)
     if kl is not None and beta != 0:
-        kl_loss = beta * _aggregate(kl, mask, loss_type, global_tokens, max_len)
+        kl_loss = beta * _aggregate(kl, mask, loss_type, *norm)
     else:
         kl_loss = torch.zeros((), device=logp.device, dtype=logp.dtype)
     loss = pg_loss + kl_loss

@@ -1,6 +1,7 @@
 """
-Tests for grpo.py: advantages, per-token log-probs, every loss_type's value and gradient, clipping, the KL term,
-Kimi's gradient against the paper's formula, and the DAPO micro-batch identity. Every expected number is worked
+Tests for grpo.py: advantages and the scale each loss type needs, per-token log-probs, every loss_type's value
+and gradient, clipping, the KL term, Kimi's gradient against the paper's formula, and the micro-batch identity
+(micro-batch losses given the batch's normalisers sum to the whole batch's loss). Every expected number is worked
 by hand in the comments and computed here with plain Python arithmetic, never through grpo.py's internals.
 
 Run:  python -m pytest tests/test_grpo.py -q      (CPU, about a second)
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import (LOSS_NEAR_ZERO_NOTE, group_advantages, kl_k3, masked_entropy, policy_loss,  # noqa: E402
-                  token_logprobs, zero_variance_groups)
+from grpo import (LOSS_NEAR_ZERO_NOTE, LOSS_TYPES, advantage_scale, group_advantages, kl_k3,  # noqa: E402
+                  masked_entropy, policy_loss, token_logprobs, zero_variance_groups)
 
 
 def close(a, b, tol=1e-5):
@@ -60,6 +61,55 @@ def test_advantages_bad_inputs():
         group_advantages(torch.zeros(8), 1, scale='group')
     with pytest.raises(ValueError, match="1-D"):
         group_advantages(torch.zeros(2, 4), 4)
+
+
+def test_advantage_scale_auto_and_allowed():
+    assert [advantage_scale(t) for t in LOSS_TYPES] == ['group', 'group', 'group', 'none', 'none']
+    assert advantage_scale('kimi', 'none') == advantage_scale('dr_grpo', 'none') == 'none'
+    # the std-free ablation of grpo-like losses, and the batch std, are legitimate choices
+    assert advantage_scale('grpo', 'none') == 'none' and advantage_scale('dapo', 'batch') == 'batch'
+
+
+@pytest.mark.parametrize('loss_type', ['kimi', 'dr_grpo'])
+@pytest.mark.parametrize('scale', ['group', 'batch'])
+def test_advantage_scale_rejects_std_for_kimi_and_dr_grpo(loss_type, scale):
+    with pytest.raises(ValueError, match=f"--loss-type {loss_type} needs --adv-scale none.*got {scale}$"):
+        advantage_scale(loss_type, scale)
+
+
+def test_advantage_scale_bad_inputs():
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        advantage_scale('ppo')
+    with pytest.raises(ValueError, match="unknown advantage scale"):
+        advantage_scale('grpo', 'rank')
+    with pytest.raises(ValueError, match="unknown advantage scale"):
+        group_advantages(torch.zeros(8), 4, scale='auto')      # the caller resolves 'auto' first
+
+
+def test_group_scale_changes_kimis_temperature():
+    # the defect advantage_scale prevents. Groups [1,0,0,0] and [1,1,0,0]:
+    #   r - mean = [0.75, -0.25, -0.25, -0.25 | 0.5, 0.5, -0.5, -0.5]      (Kimi's A = r - rbar)
+    #   unbiased std: 0.5 and sqrt((4 * 0.25) / 3) = 1/sqrt(3); with eps = 0 the group scale gives
+    #   [1.5, -0.5, -0.5, -0.5 | sqrt(3)/2, sqrt(3)/2, -sqrt(3)/2, -sqrt(3)/2]
+    rewards = torch.tensor([1., 0., 0., 0., 1., 1., 0., 0.])
+    centred = [0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5]
+    sigma = [0.5] * 4 + [1 / math.sqrt(3)] * 4
+    h = math.sqrt(3) / 2
+    scaled = group_advantages(rewards, 4, 'group', eps=0.0)
+    close(scaled, [1.5, -0.5, -0.5, -0.5, h, h, -h, -h])
+    assert (scaled - torch.tensor(centred)).abs().max() > 0.5
+    close(group_advantages(rewards, 4, advantage_scale('kimi')), centred)
+    # with the scaled A, Kimi's gradient on row i is -(A_i / sigma_i - tau s_i) / B per token
+    #   = -(1 / sigma_i) (A_i - (tau sigma_i) s_i) / B: a temperature tau * sigma_i that differs per group
+    tau, B = 0.5, 8
+    g = torch.Generator().manual_seed(5)
+    logp = (-torch.rand(B, 3, generator=g)).requires_grad_()
+    old = logp.detach() + 0.2 * torch.randn(B, 3, generator=g)
+    s = (logp.detach() - old).sum(1).tolist()                   # sequence log ratios, every token trained
+    loss, _ = policy_loss(logp, old, None, scaled, torch.ones(B, 3), 'kimi', tau=tau)
+    loss.backward()
+    expected = [[-(centred[i] - tau * sigma[i] * s[i]) / (sigma[i] * B)] * 3 for i in range(B)]
+    close(logp.grad, expected)
 
 
 def test_zero_variance_groups():
@@ -159,6 +209,25 @@ def test_dr_grpo_mu1():
     loss, grad, _ = run_loss('dr_grpo', max_len=4)
     close(loss, 0.5)
     close(grad, [[-0.125, -0.125, 0.], [0.25, 0.25, 0.25]])
+
+
+def test_batch_normalisers_by_hand():
+    # these 2 rows as a micro-batch of a batch of batch_rows = 5 completions holding batch_tokens = 8 tokens:
+    #   grpo:    (-1 + 2) / 5 = 0.2           grad -A_i / (|o_i| * 5)
+    #   bnpo:    4 / 8 = 0.5                  grad -A_i / 8
+    #   dr_grpo: 4 / (5 * max_len 4) = 0.2    grad -A_i / 20, the constant normaliser
+    #   kimi at s = 0: (1 + 4) / (5 * 2 * tau 0.25) = 2
+    loss, grad, _ = run_loss('grpo', batch_rows=5, batch_tokens=8)
+    close(loss, 0.2)
+    close(grad, [[-0.1, -0.1, 0.], [2 / 15, 2 / 15, 2 / 15]])
+    loss, grad, _ = run_loss('bnpo', batch_rows=5, batch_tokens=8)
+    close(loss, 0.5)
+    close(grad, [[-0.125, -0.125, 0.], [0.25, 0.25, 0.25]])
+    loss, grad, _ = run_loss('dr_grpo', batch_rows=5, batch_tokens=8, max_len=4)
+    close(loss, 0.2)
+    close(grad, [[-0.05, -0.05, 0.], [0.1, 0.1, 0.1]])
+    loss, _, _ = run_loss('kimi', batch_rows=5, tau=0.25)
+    close(loss, 2.0)
 
 
 # Kimi: log ratios logp - old = [[0.1, 0.2, 5.0 (masked)], [-0.1, 0.0, 0.3]] -> s = [0.3, 0.2]; tau = 0.25
@@ -267,7 +336,7 @@ def test_loss_near_zero_at_mu1_but_grad_is_not():
 
 
 # -----------------------------------------------------------------------------
-# dapo: global normalisation makes micro-batches add up
+# micro-batches: given the batch's normalisers, their losses add up to the batch loss
 
 def _random_batch(seed, B=4, T=5):
     g = torch.Generator().manual_seed(seed)
@@ -302,6 +371,41 @@ def test_dapo_microbatches_sum_to_full_bnpo():
     close(g_total, g_full)
 
 
+def test_bnpo_microbatches_sum_to_batch_token_mean():
+    # completions of 5, 1, 2 and 3 tokens; micro-batches [row 0] (5 tokens) and [rows 1-3] (6 tokens)
+    logp, old, A, _ = _random_batch(6)
+    mask = torch.arange(5) < torch.tensor([5, 1, 2, 3])[:, None]          # (4, 5)
+    # the batch token mean, by hand: l_it = -min(rho A, clip(rho, 0.8, 1.2) A), summed over 11 tokens / 11
+    rho = torch.exp(logp - old)
+    l = -torch.minimum(rho * A[:, None], rho.clamp(0.8, 1.2) * A[:, None])
+    token_mean = (l * mask).sum() / 11
+    g_mean = torch.autograd.grad(token_mean, logp)[0]
+    mbs = (slice(0, 1), slice(1, 4))
+    parts = [policy_loss(logp[s], old[s], None, A[s], mask[s], 'bnpo', batch_tokens=11)[0] for s in mbs]
+    close(sum(parts), token_mean)
+    close(torch.autograd.grad(sum(parts), logp)[0], g_mean)
+    # the old recipe, each micro-batch's own token mean weighted by its share of rows, is not the token mean:
+    # it weighs row 0's tokens by 1/4 / 5 = 1/20 and the others' by 3/4 / 6 = 1/8 instead of 1/11 each
+    old_recipe = sum(policy_loss(logp[s], old[s], None, A[s], mask[s], 'bnpo')[0] * w
+                     for s, w in zip(mbs, (1 / 4, 3 / 4)))
+    assert abs(float(old_recipe.detach() - token_mean.detach())) > 1e-3
+
+
+@pytest.mark.parametrize('loss_type', LOSS_TYPES)
+def test_microbatches_sum_to_whole_batch(loss_type):
+    # what the trainer relies on: every loss type, the KL term included, micro-batches of unequal size
+    logp, old, A, mask = _random_batch(7)
+    ref = logp.detach() + 0.2 * torch.randn(4, 5, generator=torch.Generator().manual_seed(8))
+    n = mask.sum()                                               # tensor counts, as the trainer has them
+    kw = dict(loss_type=loss_type, beta=0.05, tau=0.5, max_len=7, global_tokens=n)
+    whole, _ = policy_loss(logp, old, ref, A, mask, **kw)
+    g_whole = torch.autograd.grad(whole, logp)[0]
+    total = sum(policy_loss(logp[s], old[s], ref[s], A[s], mask[s], batch_rows=4, batch_tokens=n, **kw)[0]
+                for s in (slice(0, 1), slice(1, 4)))
+    close(total, whole)
+    close(torch.autograd.grad(total, logp)[0], g_whole)
+
+
 # -----------------------------------------------------------------------------
 # bad inputs
 
@@ -331,3 +435,16 @@ def test_policy_loss_bad_inputs():
         policy_loss(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1), None, A, MASK)
     with pytest.raises(ValueError, match="tokens"):
         token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_batch_normalisers_must_be_positive():
+    logp = torch.zeros(2, 3)
+    ok = dict(old_logp=logp, ref_logp=None, advantages=torch.zeros(2), mask=MASK)
+    with pytest.raises(ValueError, match="batch_rows must be positive, got 0"):
+        policy_loss(logp, **ok, batch_rows=0)
+    with pytest.raises(ValueError, match="batch_tokens must be positive, got -3"):
+        policy_loss(logp, **ok, loss_type='bnpo', batch_tokens=-3)
+    with pytest.raises(ValueError, match="global_tokens must be positive"):
+        policy_loss(logp, **ok, loss_type='grpo', global_tokens=0.0)
+    # a tensor count is not read (that would sync the device): it passes the check
+    policy_loss(logp, **ok, loss_type='bnpo', batch_rows=torch.tensor(2), batch_tokens=torch.tensor(0.))

@@ -2,7 +2,8 @@
 The fused GRPO loss kernel in grpo.py (loss_from_logits, logprobs_from_logits) against the PyTorch reference
 policy_loss(token_logprobs(logits, tokens), ...) with autograd: the loss, every metric and the logits' gradient,
 for every loss_type, beta 0 and > 0, vocabularies that are not a power of two and span many kernel blocks,
-masked tokens (and a sequence with none), fp32 within 1e-5 and bf16 within one bf16 rounding of the gradient.
+masked tokens (and a sequence with none), fp32 within 1e-5 and bf16 within one bf16 rounding of the gradient;
+and micro-batches given the batch's normalisers summing to the whole batch's loss, as the trainer sums them.
 
 Without CUDA the kernels run in Triton's interpreter (numpy on the CPU, slow), so shapes are tiny (B*T = 24).
 TRITON_INTERPRET=1 must be set before anything imports triton (it is read when a kernel is decorated): this
@@ -166,6 +167,23 @@ def test_default_block_and_large_logits():
     assert torch.isfinite(loss_f)
     assert_close(loss_f, loss_r, atol=1e-4, rtol=1e-4)  # |logits| ~ 1e4: fp32 keeps ~1e-3 absolute in z
     assert_close(logits.grad, grad_r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('loss_type', LOSS_TYPES)
+def test_microbatches_sum_to_whole_batch(loss_type):
+    # micro-batches of 1 and 3 rows through the kernel, each given the whole batch's normalisers, add up to the
+    # reference loss of the whole batch, value and logits' gradient
+    logits, tokens, old, ref, adv, mask = make_batch(37)
+    n = mask.sum()                                                            # a tensor count, as in training
+    kw = {**kwargs(loss_type, 0.04), 'global_tokens': n}
+    loss_r, _, grad_r = reference(logits, tokens, old, ref, adv, mask, **kw)
+    logits = logits.detach().requires_grad_()
+    total = sum(loss_from_logits(logits[s], tokens[s], old[s], ref[s], adv[s], mask[s], batch_rows=B,
+                                 batch_tokens=n, impl='triton', block_v=block(37), **kw)[0]
+                for s in (slice(0, 1), slice(1, B)))
+    total.backward()
+    assert_close(total.detach(), loss_r)
+    assert_close(logits.grad, grad_r)
 
 
 # -----------------------------------------------------------------------------
