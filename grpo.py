@@ -248,7 +248,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
     """The policy loss (the objective with its sign flipped) and detached metrics.
 
     logp (B, T) log pi_theta of the sampled tokens, with grad; old_logp (B, T) the same under the rollout policy,
-    detached; ref_logp (B, T) under the frozen reference model, or None when beta == 0; advantages (B,) one per
+    detached, or None when the batch is trained once (mu = 1: the policy is its own old policy, rho == 1 exactly
+    in value with the gradient of log pi); ref_logp (B, T) under the frozen reference model, or None when beta == 0; advantages (B,) one per
     completion; mask (B, T) float or bool, 1 on the response tokens to train on.
 
     grpo/bnpo/dapo/dr_grpo, per token (DeepSeekMath eq. 3, DAPO clip-higher):
@@ -271,6 +272,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
     _check_policy_inputs(logp, old_logp, ref_logp, advantages, mask, loss_type, beta, tau, max_len,
                          global_tokens, batch_rows, batch_tokens)
     norm = (batch_rows, batch_tokens, global_tokens, max_len)  # the batch's normalisers, for _aggregate
+    old_logp = logp.detach() if old_logp is None else old_logp  # on-policy: rho == 1
     mask = mask.to(logp.dtype)                                 # (B, T) bool -> float
     A = advantages.to(logp.dtype)                              # (B,)
     log_ratio = logp - old_logp.detach()                       # (B, T) the rollout policy is a constant
@@ -517,12 +519,13 @@ def loss_from_logits(logits, tokens, old_logp, ref_logp, advantages, mask, loss_
     """policy_loss(token_logprobs(logits, tokens), ...) with the same arguments (normalisers included), value,
     gradient and metrics, through the fused kernel where select_impl picks it. block_v overrides the kernel's
     block over V (tests use a small one to cross many blocks)."""
-    if select_impl(logits, impl) == 'torch':
-        return policy_loss(token_logprobs(logits, tokens), old_logp, ref_logp, advantages, mask, loss_type,
-                           beta, eps_low, eps_high, tau, max_len, global_tokens, batch_rows, batch_tokens)
+    if select_impl(logits, impl) == 'torch' or old_logp is None:
+        # on-policy (old_logp None): the kernel's logprobs, then the surrogate on (B, T) tensors in torch
+        logp = token_logprobs(logits, tokens) if select_impl(logits, impl) == 'torch' else \
+            logprobs_from_logits(logits, tokens, impl, block_v)
+        return policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type, beta, eps_low, eps_high, tau,
+                           max_len, global_tokens, batch_rows, batch_tokens)
     _check_logits(logits, tokens)
-    if old_logp is None:
-        raise ValueError("old_logp is required: the rollout policy's log-probs of the tokens (B, T)")
     # tokens stand in for logp: same (B, T) shape, already checked against the logits
     _check_policy_inputs(tokens, old_logp, ref_logp, advantages, mask, loss_type, beta, tau, max_len,
                          global_tokens, batch_rows, batch_tokens)

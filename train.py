@@ -484,7 +484,7 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         n_tok = mask.sum().clamp(min=1)   # tokens in the loss (1 when DAPO's filter left none: a zero loss)
         # every loss returns its micro-batch's share of the batch loss; Dr.GRPO's normaliser is the requested
         # batch (a constant: dropped groups must not reweight the rest)
-        norm = dict(batch_rows=tc.rl_prompts * G if tc.loss_type == 'dr_grpo' else N, batch_tokens=n_tok,
+        norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N, batch_tokens=n_tok,
                     global_tokens=n_tok, max_len=tc.max_new_tokens)
         slices = [slice(i, i + tc.rl_micro) for i in range(0, N, tc.rl_micro)]
 

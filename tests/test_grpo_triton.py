@@ -243,8 +243,6 @@ def test_errors():
         call(tokens=tokens.float())
     with pytest.raises(ValueError, match='old_logp'):
         call(old_logp=old[:, :-1])
-    with pytest.raises(ValueError, match='old_logp is required'):
-        call(old_logp=None)
     with pytest.raises(ValueError, match='advantages'):
         call(advantages=adv[:-1])
     with pytest.raises(ValueError, match='needs ref_logp'):
@@ -264,3 +262,21 @@ def test_out_of_range_id_reads_nan():
     bad = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
     bad[1, 2] = bad[2, 3] = True
     assert logp[bad].isnan().all() and logp[~bad].isfinite().all()
+
+
+@pytest.mark.parametrize('loss_type', LOSS_TYPES)
+def test_on_policy_without_old_logp_equals_the_reference_with_old_equal_to_logp(loss_type):
+    """old_logp=None is the trainer's mu = 1 path: rho == 1 exactly, gradient -A grad log pi (+ the KL's)."""
+    logits, tokens, _, ref, adv, mask = make_batch(100)
+
+    def on_policy_reference():
+        x = logits.detach().requires_grad_()
+        lp = token_logprobs(x, tokens)
+        loss, _ = policy_loss(lp, lp.detach(), ref, adv, mask, **kwargs(loss_type, 0.1))
+        loss.backward()
+        return loss.detach(), x.grad
+    want_loss, want_grad = on_policy_reference()
+    got_loss, metrics, got_grad = fused(logits, tokens, None, ref, adv, mask, **kwargs(loss_type, 0.1))
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+    assert float(metrics['ratio_mean']) == pytest.approx(1.0, abs=1e-6)
