@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import RMSNorm, apply_rope, resolve_mask
+from layers import RMSNorm, apply_rope, resolve_mask
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -62,7 +62,7 @@ def softmax_scale(config):
 
 
 def yarn_rope_table(config):
-    """cos/sin (block_size, qk_rope_head_dim) with YaRN frequencies, halves duplicated like model.rope_table.
+    """cos/sin (block_size, qk_rope_head_dim) with YaRN frequencies, halves duplicated like layers.rope_table.
 
     Dimensions that rotate fewer than beta_slow times over the original context are interpolated (divided by
     the factor), those rotating more than beta_fast times are kept, with a linear ramp between (YaRN's

@@ -2,13 +2,12 @@
 A decoder-only transformer in the DeepSeek / Llama family, small enough to read in one sitting.
 
 What it implements
-- RMSNorm (Zhang & Sennrich 2019), pre-norm residual blocks.
-- Rotary position embeddings (RoFormer, Su et al. 2021, eq. 34) in the "rotate half" layout that
-  Hugging Face Llama/Qwen2 checkpoints use, so real weights load without a permutation.
+- Pre-norm residual blocks of RMSNorm, RoPE and SwiGLU (layers.py: Zhang & Sennrich 2019, RoFormer, Shazeer 2020),
+  in the "rotate half" RoPE layout Hugging Face Llama/Qwen2 checkpoints use, so real weights load unpermuted.
 - Grouped-query attention (Ainslie et al. 2023) through F.scaled_dot_product_attention.
-- SwiGLU feed-forward (Shazeer 2020).
-- Seams for the DeepSeek-V2/V3 pieces: `attn='mla'` plugs in Multi-head Latent Attention (mla.py),
-  `ffn='moe'` plugs in DeepSeekMoE (moe.py). The block never needs to know which one it holds.
+- The DeepSeek-V2/V3 pieces: `attn='mla'` plugs in Multi-head Latent Attention (mla.py), `ffn='moe'` plugs in
+  DeepSeekMoE (moe.py), `mtp_depth > 0` adds multi-token prediction (DeepSeek-V3 section 2.2, `MTP` below).
+  The block never needs to know which attention or FFN it holds. The defaults are the tiny MLA + MoE model.
 
 The KV cache is explicit: `KVCache` is a list of per-layer dicts of preallocated buffers; an attention
 module writes its keys/values (or, for MLA, its latents) at [start, start + T) and reads [0, start + T).
@@ -21,6 +20,10 @@ from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from layers import MLP, RMSNorm, apply_rope, resolve_mask, rope_table
+from mla import MLA, yarn_rope_table
+from moe import MoE
 
 
 def lr_at(step, total, warmup, peak, min_frac):
@@ -133,49 +136,6 @@ class ModelConfig:
 # -----------------------------------------------------------------------------
 # building blocks
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalise in fp32 (bf16 squares lose precision), cast back
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
-
-
-def rope_table(dim, max_pos, theta):
-    """cos/sin of RoPE for positions [0, max_pos): each (max_pos, dim), halves duplicated."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (dim/2,)
-    t = torch.arange(max_pos, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)                                                  # (max_pos, dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)                                           # (max_pos, dim)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x, cos, sin):
-    """x (B, T, H, D); cos/sin (B, T, D). Rotate-half layout (HF Llama): pairs are (i, i + D/2)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    rot = torch.cat([-x2, x1], dim=-1)                            # (B, T, H, D)
-    return x * cos.unsqueeze(2) + rot * sin.unsqueeze(2)
-
-
-def resolve_mask(mask, T, start, device):
-    """
-    (mask, is_causal) for SDPA. Without a mask, queries [start, start+T) see keys [0, start+T); SDPA's
-    is_causal aligns its triangle top-left, which is only right when start == 0, so a chunked prefill
-    (start > 0, T > 1) gets an explicit offset mask instead.
-    """
-    if mask is not None or T == 1:
-        return mask, False
-    if start == 0:
-        return None, True
-    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start), False   # (T, Tk)
-
-
 class KVCache:
     """Per-layer buffers for cached generation. `layers[i]` is a dict the i-th attention fills."""
 
@@ -246,31 +206,13 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, n_embd, hidden):
-        super().__init__()
-        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        if config.attn == 'mla':
-            from mla import MLA  # imported here so the dense model never needs mla.py
-            self.attn = MLA(config, layer_id)
-        else:
-            self.attn = Attention(config, layer_id)
-        if config.ffn == 'moe' and layer_id >= getattr(config, 'first_k_dense_replace', 0):
-            from moe import MoE
+        self.attn = MLA(config, layer_id) if config.attn == 'mla' else Attention(config, layer_id)
+        if config.ffn == 'moe' and layer_id >= config.first_k_dense_replace:
             self.mlp = MoE(config)
         else:
             self.mlp = MLP(config.n_embd, config.intermediate_size)
@@ -321,11 +263,12 @@ class GPT(nn.Module):
         # depth 0 allocates nothing: the module list is absent, not empty
         self.mtp = nn.ModuleList([MTP(config, config.n_layer + k) for k in range(config.mtp_depth)]) \
             if config.mtp_depth > 0 else None
-        rope_dim = getattr(config, 'qk_rope_head_dim', 0) if config.attn == 'mla' else config.head_dim
-        cos, sin = rope_table(rope_dim, config.block_size, config.rope_theta)
+        # MLA rotates only its decoupled d_R dims (V2 section 2.1.3); YaRN rescales them for long contexts
         if config.attn == 'mla' and config.rope_factor > 1:
-            from mla import yarn_rope_table
             cos, sin = yarn_rope_table(config)
+        else:
+            rope_dim = config.qk_rope_head_dim if config.attn == 'mla' else config.head_dim
+            cos, sin = rope_table(rope_dim, config.block_size, config.rope_theta)
         self.aux_loss = self.mtp_loss = None  # the extra loss terms of the last forward (see forward)
         # non-persistent: derived from the config, so checkpoints stay small and loadable elsewhere
         self.register_buffer('rope_cos', cos, persistent=False)

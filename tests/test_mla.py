@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from layers import rope_table  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from mla import kv_cache_bytes_per_token, yarn_rope_table  # noqa: E402
 
@@ -143,7 +144,6 @@ def test_kv_cache_bytes_deepseek_v3():
 
 def test_yarn_table_reduces_to_plain_rope_at_long_wavelengths():
     """YaRN keeps the fast dimensions (first columns) and divides the slowest ones' frequency by the factor."""
-    from model import rope_table
     c = cfg(rope_factor=4.0, rope_original_max_pos=4096, rope_mscale=1.0, rope_mscale_all_dim=1.0,
             qk_rope_head_dim=64, rope_theta=10000.0, block_size=64)
     cos, sin = yarn_rope_table(c)

@@ -26,7 +26,8 @@ if not CUDA:
 pytest.importorskip('triton')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mla import mla_decode, mla_decode_ref, select_impl, triton_interpreted  # noqa: E402
-from model import GPT, ModelConfig, apply_rope  # noqa: E402
+from layers import apply_rope  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
 
 if not CUDA and not triton_interpreted():
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the "

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from model import GPT, MLP, ModelConfig  # noqa: E402
+from layers import MLP  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
 from moe import MoE, moe_load_stats, update_moe_biases  # noqa: E402
 
 torch.set_num_threads(1)  # tiny shapes: extra threads only spin on a shared 2-core box
