@@ -274,10 +274,11 @@ class GPT(nn.Module):
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2 style: scale the residual-stream writes by 1/sqrt(2 n_layer) so the stream's
-        # variance does not grow with depth at init
+        # GPT-2 style: scale the residual-stream writes by 1/sqrt(2 n_layer) so the stream's variance does not
+        # grow with depth at init. The writes are GQA's o_proj, MLA's wo and every SwiGLU's down_proj (the dense
+        # MLP, each routed expert and the shared experts of MoE, which are all layers.MLP)
         for name, p in self.named_parameters():
-            if name.endswith(('o_proj.weight', 'down_proj.weight', 'wo.weight', 'w2.weight')):
+            if name.endswith(('o_proj.weight', 'wo.weight', 'down_proj.weight')):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -366,11 +367,6 @@ class GPT(nn.Module):
         no_decay = [p for n, p in params.items() if p.dim() < 2]
         return [{'params': decay, 'weight_decay': weight_decay},
                 {'params': no_decay, 'weight_decay': 0.0}]
-
-    def flops_per_token(self):
-        """6N + attention term (PaLM appendix B): used for MFU."""
-        c = self.config
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints (hf.py holds the name and config mapping)
