@@ -300,17 +300,21 @@ class GPT(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
         return KVCache(self.config.n_layer, batch_size, max_len)
 
-    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, start=0):
+    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, start=0, logits_slice=None):
         """
         idx (B, T) token ids; targets (B, T) with -1 where no loss is taken.
         pos (B, T) positions for RoPE (default start + arange(T)); mask (B, 1, T, Tk) bool, True = attend
         (default causal); cache a KVCache written at [start, start + T).
-        Returns (logits (B, T, V) fp32-castable, loss or None).
+        logits_slice, a slice over the time axis (e.g. slice(P - 1, P - 1 + L) for a response of L tokens after
+        a prompt of P), computes logits only there (HF's logits_to_keep); it excludes targets.
+        Returns (logits (B, T, V) fp32-castable, or (B, T', V) for the T' sliced positions; loss or None).
         In training mode with targets, loss also holds mtp_loss_weight * the MTP loss and the MoE balance loss;
         after every call `self.mtp_loss` and `self.aux_loss` hold those terms (tensors with grad, or None) so
         the trainer can log them, or add `aux_loss` to an RL loss computed from the logits.
         """
         B, T = idx.shape
+        if logits_slice is not None and targets is not None:
+            raise ValueError("logits_slice computes only some positions' logits: pass targets=None")
         if pos is None:
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -323,7 +327,9 @@ class GPT(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, start)
         x = self.norm(x)
-        logits = self.lm_head(x)                                                 # (B, T, V)
+        # the RL trainer scores only response tokens: slicing before lm_head skips the (T, V) matmul and
+        # the logits memory of the prompt positions, the largest activation of a small model with a big vocab
+        logits = self.lm_head(x if logits_slice is None else x[:, logits_slice])  # (B, T or T', V)
         aux = [b.mlp.aux_loss for b in self.layers if getattr(b.mlp, 'aux_loss', None) is not None]
         self.aux_loss = sum(aux) if aux else None
         self.mtp_loss = None
