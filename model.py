@@ -230,7 +230,10 @@ class MTP(nn.Module):
     output head are the main model's, `norm` is this depth's final norm before that head. h_0 is the main
     model's output after its final norm and h_k the block output of depth k. Deviation: the paper
     writes [h; Emb] (eq. 21); we concatenate [Emb; h] because that is how DeepSeek-V3's released eh_proj
-    weights are laid out, so save_pretrained writes a checkpoint other MTP implementations read.
+    weights are laid out, so save_pretrained writes a checkpoint other MTP implementations read. Depth k's
+    cross-entropy is the mean over the positions it scores (T - k, less the -1 targets), where eq. 24 writes
+    1/T: the same choice the main loss makes, and what ignore_index gives. tests/test_mtp.py checks eqs. 21-25
+    written out position by position.
     """
 
     def __init__(self, config, layer_id):
