@@ -98,7 +98,7 @@ def rope_deinterleave(dim):
 
 
 def kv_cache_bytes_per_token(config, dtype_bytes=2):
-    """Cache bytes per token per layer of MLA and of the MHA/GQA it replaces (REFERENCE.md section 2).
+    """Cache bytes per token per layer of MLA and of the MHA/GQA it replaces (DeepSeek-V2 section 2.1.4, Table 1).
 
     MHA and GQA use n_head heads of width d_h = v_head_dim (DeepSeek-V2's comparison: 2 n_h d_h and 2 n_g d_h,
     with n_g = config.n_kv_head groups); 'mla_naive' is what the naive path caches, 'mla' the absorbed path.

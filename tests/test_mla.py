@@ -134,7 +134,8 @@ def test_cache_footprint():
 
 
 def test_kv_cache_bytes_deepseek_v3():
-    """REFERENCE.md: V3 caches 576 elements per token per layer, GQA with 2.25 groups of d_h = 128."""
+    """DeepSeek-V2 section 2.1.4, Table 1 (same dims in V3): MLA caches (d_c + d_R) = 576 elements per token per
+    layer, as much as GQA with 2.25 groups of d_h = 128."""
     v3 = ModelConfig(n_embd=7168, n_head=128, n_kv_head=8, attn='mla', kv_lora_rank=512, qk_nope_head_dim=128,
                      qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536)
     b = kv_cache_bytes_per_token(v3, dtype_bytes=2)
