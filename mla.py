@@ -18,10 +18,10 @@ One module, two paths (config.mla_impl), equal up to float rounding (tests/test_
   heads fold into the query axis, so the cache is read once for all of them. This is the decode path.
 - 'auto': absorb when a cache is given (rollouts: the latent cache, folded decode), naive otherwise (training
   and scoring, where T queries meet T keys and decompressing once beats folding per head). What serving
-  engines do; the tiny MLA presets use it.
+  engines do, and the default.
 
 Conventions and deviations
-- RoPE layout. DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; model.apply_rope rotates
+- RoPE layout. DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; layers.apply_rope rotates
   halves (x_i, x_{i + D/2}). Instead of a second RoPE code path, GPT.from_pretrained permutes the rope rows of
   wq/wq_b and wkv_a once (even dims first, then odd: `rope_deinterleave`), which makes the rotate-half rotation
   compute exactly what the interleaved one does; save_pretrained permutes them back. Dot products, hence logits,

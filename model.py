@@ -37,29 +37,30 @@ def lr_at(step, total, warmup, peak, min_frac):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 2048          # tokenizer.n_vocab, rounded up by the caller if it likes
-    block_size: int = 256           # longest sequence (prompt + response) the RoPE table covers
-    n_layer: int = 4                # transformer blocks
-    n_head: int = 4                 # query heads
-    n_kv_head: int = 4              # key/value heads (GQA when < n_head)
-    n_embd: int = 128               # residual width
-    head_dim: int = 0               # 0 -> n_embd // n_head
-    intermediate_size: int = 0      # SwiGLU hidden width; 0 -> 8/3 n_embd rounded up to 32
-    rope_theta: float = 10000.0     # RoPE base
+    """The model's shape. The defaults are the tiny preset's DeepSeek-V3-style model (MLA + DeepSeekMoE), so a
+    preset lists only what differs; each field's one-line comment is written to serve as its --help text."""
+    vocab_size: int = 2048          # vocabulary size (tokenizer.n_vocab, rounded up by the caller if it likes)
+    block_size: int = 192           # longest sequence (prompt + response) in tokens; the RoPE table covers it
+    n_layer: int = 4                # number of transformer blocks
+    n_head: int = 4                 # number of query heads
+    n_kv_head: int = 4              # key/value heads of GQA, a divisor of n_head (= n_head: MHA, 1: MQA)
+    n_embd: int = 128               # residual stream width
+    head_dim: int = 0               # per-head width of GQA; 0 = n_embd // n_head
+    intermediate_size: int = 0      # hidden width of the dense SwiGLU; 0 = 8/3 n_embd rounded up to a multiple of 32
+    rope_theta: float = 10000.0     # RoPE base theta
     norm_eps: float = 1e-6          # RMSNorm epsilon
-    tie_embeddings: bool = True     # share the token embedding with the output head
-    attn_bias: bool = False         # biases on q/k/v projections (Qwen2 has them)
-    dropout: float = 0.0            # attention/residual dropout (0 for RL: logprobs must be deterministic)
-    attn: str = 'gqa'               # 'gqa' (also MHA/MQA) or 'mla' (mla.py)
-    ffn: str = 'dense'              # 'dense' SwiGLU or 'moe' (moe.py)
+    tie_embeddings: bool = True     # share the token embedding matrix with the output head
+    attn_bias: bool = False         # biases on the GQA q/k/v projections (Qwen2 has them)
+    dropout: float = 0.0            # attention/residual dropout probability (keep 0 for RL: logprobs must be exact)
+    attn: str = 'mla'               # attention: 'mla' (Multi-head Latent Attention, mla.py) or 'gqa' (also MHA/MQA)
+    ffn: str = 'moe'                # feed-forward: 'moe' (DeepSeekMoE, moe.py) or 'dense' (one SwiGLU)
     # Multi-head Latent Attention (mla.py), used when attn == 'mla'
-    q_lora_rank: int = 0            # query compression rank; 0 = one direct wq projection (DeepSeek-V2-Lite)
-    kv_lora_rank: int = 64          # d_c: width of the compressed KV latent c_KV (what the absorbed path caches)
-    qk_nope_head_dim: int = 32      # per-head query/key width without RoPE
-    qk_rope_head_dim: int = 16      # d_R: decoupled RoPE width, one rope key per token shared by all heads
-    v_head_dim: int = 32            # per-head value width
-    mla_impl: str = 'naive'         # 'naive' caches per-head K/V; 'absorb' caches c_KV + k_R, folds W_UK/W_UV;
-                                    # 'auto' absorbs with a cache (decode), decompresses without (training)
+    q_lora_rank: int = 0            # MLA query compression rank d_c'; 0 = one direct wq projection (V2-Lite)
+    kv_lora_rank: int = 96          # MLA d_c: width of the compressed KV latent c_KV (what the absorbed path caches)
+    qk_nope_head_dim: int = 32      # MLA per-head query/key width without RoPE
+    qk_rope_head_dim: int = 32      # MLA d_R: decoupled RoPE width (even); one rope key per token for all heads
+    v_head_dim: int = 32            # MLA per-head value width
+    mla_impl: str = 'auto'          # MLA path: naive (caches K/V) | absorb (caches c_KV, k_R) | auto (absorb in decode)
     rope_factor: float = 1.0        # YaRN context-extension factor for MLA; 1 = plain RoPE
     rope_original_max_pos: int = 4096  # YaRN: context length of pretraining
     rope_beta_fast: float = 32.0    # YaRN: dims rotating more often than this over that context keep their freq
@@ -67,21 +68,21 @@ class ModelConfig:
     rope_mscale: float = 1.0        # YaRN: mscale of the cos/sin attention factor (DeepSeek-V3: 1.0)
     rope_mscale_all_dim: float = 1.0  # YaRN: softmax scale times (0.1 * this * ln factor + 1)^2; 0 = off
     # DeepSeekMoE (moe.py), used when ffn == 'moe'
-    n_routed_experts: int = 8       # fine-grained routed experts per MoE layer
-    n_shared_experts: int = 1       # always-on experts, stored as one SwiGLU of n_shared * moe_intermediate_size
-    moe_intermediate_size: int = 0  # width of one expert; 0 -> intermediate_size // num_experts_per_tok
-    num_experts_per_tok: int = 2    # K: routed experts per token
-    n_group: int = 1                # expert groups for group-limited routing (1 = off)
-    topk_group: int = 1             # groups a token may route into
-    scoring_func: str = 'sigmoid'   # 'sigmoid' (V3, with the correction bias) or 'softmax' (V2)
-    norm_topk_prob: bool = True     # renormalise the K chosen weights to sum to 1
-    routed_scaling_factor: float = 1.0  # multiplies the routed output (V3: 2.5)
-    first_k_dense_replace: int = 0  # the first k layers keep a dense SwiGLU
-    bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing (MoE.update_bias after each step)
-    aux_loss_alpha: float = 0.0     # alpha of the sequence-wise balance loss (V3: 1e-4); 0 = off
+    n_routed_experts: int = 8       # MoE: fine-grained routed experts per layer
+    n_shared_experts: int = 1       # MoE: always-on experts (0 = none), stored as one wider SwiGLU
+    moe_intermediate_size: int = 96  # MoE: hidden width of one expert; 0 = intermediate_size // num_experts_per_tok
+    num_experts_per_tok: int = 2    # MoE: K, routed experts per token
+    n_group: int = 1                # MoE: expert groups for group-limited routing; 1 = off
+    topk_group: int = 1             # MoE: groups a token may route into (1 .. n_group)
+    scoring_func: str = 'sigmoid'   # MoE gate: 'sigmoid' (V3, with the balancing bias) or 'softmax' (V2)
+    norm_topk_prob: bool = True     # MoE: renormalise the K chosen gate weights to sum to 1
+    routed_scaling_factor: float = 1.0  # MoE: multiplies the routed experts' output (V3: 2.5)
+    first_k_dense_replace: int = 1  # MoE: the first k layers keep a dense SwiGLU
+    bias_update_speed: float = 0.001  # MoE: gamma of aux-loss-free balancing (bias step after each optimizer step)
+    aux_loss_alpha: float = 0.0     # MoE: alpha of the sequence-wise balance loss (V3: 1e-4); 0 = off
     # Multi-token prediction (DeepSeek-V3 section 2.2)
-    mtp_depth: int = 0              # D extra modules predicting tokens i+2 .. i+1+D; 0 = none
-    mtp_loss_weight: float = 0.3    # lambda: loss += lambda * mean over depths of the MTP cross-entropy
+    mtp_depth: int = 0              # MTP: D extra modules predicting tokens i+2 .. i+1+D; 0 = none
+    mtp_loss_weight: float = 0.3    # MTP: lambda, loss += lambda * mean over depths of the MTP cross-entropy
 
     def __post_init__(self):
         if self.head_dim == 0:

@@ -21,7 +21,7 @@ V = 64
 
 def cfg(**kw):
     base = dict(vocab_size=V, block_size=48, n_layer=2, n_head=4, n_embd=32, attn='mla', kv_lora_rank=16,
-                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, ffn='dense')
     base.update(kw)
     return ModelConfig(**base)
 

@@ -197,7 +197,8 @@ def test_auto_picks_torch_on_cpu():
 def tiny_mla(**kw):
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=H, n_embd=32, attn='mla', mla_impl='absorb',
-                    q_lora_rank=12, kv_lora_rank=DC, qk_nope_head_dim=8, qk_rope_head_dim=DR, v_head_dim=12, **kw)
+                    q_lora_rank=12, kv_lora_rank=DC, qk_nope_head_dim=8, qk_rope_head_dim=DR, v_head_dim=12,
+                    ffn='dense', **kw)
     return GPT(c).eval()
 
 

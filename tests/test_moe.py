@@ -19,8 +19,9 @@ torch.set_num_threads(1)  # tiny shapes: extra threads only spin on a shared 2-c
 
 
 def cfg(**kw):
-    base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=16, ffn='moe', n_routed_experts=8,
-                n_shared_experts=1, moe_intermediate_size=12, num_experts_per_tok=2)
+    base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=16, attn='gqa', ffn='moe',
+                n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=12, num_experts_per_tok=2,
+                first_k_dense_replace=0)
     base.update(kw)
     return ModelConfig(**base)
 

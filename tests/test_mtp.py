@@ -20,8 +20,8 @@ V = 32
 
 
 def cfg(**kw):
-    base = dict(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, mtp_depth=2,
-                mtp_loss_weight=0.3)
+    base = dict(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, attn='gqa', ffn='dense',
+                mtp_depth=2, mtp_loss_weight=0.3)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -125,7 +125,7 @@ def test_mtp_loss_matches_the_paper_position_by_position(kw):
 def test_adam_steps_lower_mtp_loss():
     torch.manual_seed(0)
     model = GPT(cfg(attn='mla', ffn='moe', kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                    v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16)).train()
+                    v_head_dim=8, n_routed_experts=4, moe_intermediate_size=16, first_k_dense_replace=0)).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = pattern_batch()
     losses = []

@@ -10,6 +10,7 @@ V, PAD, EOS = 50, 0, 1
 
 def tiny_model(**kw):
     torch.manual_seed(0)
+    kw = {'attn': 'gqa', 'ffn': 'dense', **kw}  # a dense GQA model unless a test asks for MLA/MoE
     cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, **kw)
     m = GPT(cfg).eval()
     # bigger weights than the 0.02 init so that logits are far from uniform and the stop token gets hit
