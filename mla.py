@@ -18,10 +18,10 @@ One module, two paths (config.mla_impl), equal up to float rounding (tests/test_
   heads fold into the query axis, so the cache is read once for all of them. This is the decode path.
 - 'auto': absorb when a cache is given (rollouts: the latent cache, folded decode), naive otherwise (training
   and scoring, where T queries meet T keys and decompressing once beats folding per head). What serving
-  engines do; the tiny MLA presets use it.
+  engines do, and the default.
 
 Conventions and deviations
-- RoPE layout. DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; model.apply_rope rotates
+- RoPE layout. DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; layers.apply_rope rotates
   halves (x_i, x_{i + D/2}). Instead of a second RoPE code path, GPT.from_pretrained permutes the rope rows of
   wq/wq_b and wkv_a once (even dims first, then odd: `rope_deinterleave`), which makes the rotate-half rotation
   compute exactly what the interleaved one does; save_pretrained permutes them back. Dot products, hence logits,
@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import RMSNorm, apply_rope, resolve_mask
+from layers import RMSNorm, apply_rope, resolve_mask
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -62,7 +62,7 @@ def softmax_scale(config):
 
 
 def yarn_rope_table(config):
-    """cos/sin (block_size, qk_rope_head_dim) with YaRN frequencies, halves duplicated like model.rope_table.
+    """cos/sin (block_size, qk_rope_head_dim) with YaRN frequencies, halves duplicated like layers.rope_table.
 
     Dimensions that rotate fewer than beta_slow times over the original context are interpolated (divided by
     the factor), those rotating more than beta_fast times are kept, with a linear ramp between (YaRN's
@@ -98,7 +98,7 @@ def rope_deinterleave(dim):
 
 
 def kv_cache_bytes_per_token(config, dtype_bytes=2):
-    """Cache bytes per token per layer of MLA and of the MHA/GQA it replaces (REFERENCE.md section 2).
+    """Cache bytes per token per layer of MLA and of the MHA/GQA it replaces (DeepSeek-V2 section 2.1.4, Table 1).
 
     MHA and GQA use n_head heads of width d_h = v_head_dim (DeepSeek-V2's comparison: 2 n_h d_h and 2 n_g d_h,
     with n_g = config.n_kv_head groups); 'mla_naive' is what the naive path caches, 'mla' the absorbed path.

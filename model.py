@@ -2,13 +2,12 @@
 A decoder-only transformer in the DeepSeek / Llama family, small enough to read in one sitting.
 
 What it implements
-- RMSNorm (Zhang & Sennrich 2019), pre-norm residual blocks.
-- Rotary position embeddings (RoFormer, Su et al. 2021, eq. 34) in the "rotate half" layout that
-  Hugging Face Llama/Qwen2 checkpoints use, so real weights load without a permutation.
+- Pre-norm residual blocks of RMSNorm, RoPE and SwiGLU (layers.py: Zhang & Sennrich 2019, RoFormer, Shazeer 2020),
+  in the "rotate half" RoPE layout Hugging Face Llama/Qwen2 checkpoints use, so real weights load unpermuted.
 - Grouped-query attention (Ainslie et al. 2023) through F.scaled_dot_product_attention.
-- SwiGLU feed-forward (Shazeer 2020).
-- Seams for the DeepSeek-V2/V3 pieces: `attn='mla'` plugs in Multi-head Latent Attention (mla.py),
-  `ffn='moe'` plugs in DeepSeekMoE (moe.py). The block never needs to know which one it holds.
+- The DeepSeek-V2/V3 pieces: `attn='mla'` plugs in Multi-head Latent Attention (mla.py), `ffn='moe'` plugs in
+  DeepSeekMoE (moe.py), `mtp_depth > 0` adds multi-token prediction (DeepSeek-V3 section 2.2, `MTP` below).
+  The block never needs to know which attention or FFN it holds. The defaults are the tiny MLA + MoE model.
 
 The KV cache is explicit: `KVCache` is a list of per-layer dicts of preallocated buffers; an attention
 module writes its keys/values (or, for MLA, its latents) at [start, start + T) and reads [0, start + T).
@@ -22,6 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layers import MLP, RMSNorm, apply_rope, resolve_mask, rope_table
+from mla import MLA, yarn_rope_table
+from moe import MoE
+
 
 def lr_at(step, total, warmup, peak, min_frac):
     """Linear warmup over `warmup` steps, then cosine from `peak` down to min_frac * peak at step `total`
@@ -34,29 +37,30 @@ def lr_at(step, total, warmup, peak, min_frac):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 2048          # tokenizer.n_vocab, rounded up by the caller if it likes
-    block_size: int = 256           # longest sequence (prompt + response) the RoPE table covers
-    n_layer: int = 4                # transformer blocks
-    n_head: int = 4                 # query heads
-    n_kv_head: int = 4              # key/value heads (GQA when < n_head)
-    n_embd: int = 128               # residual width
-    head_dim: int = 0               # 0 -> n_embd // n_head
-    intermediate_size: int = 0      # SwiGLU hidden width; 0 -> 8/3 n_embd rounded up to 32
-    rope_theta: float = 10000.0     # RoPE base
+    """The model's shape. The defaults are the tiny preset's DeepSeek-V3-style model (MLA + DeepSeekMoE), so a
+    preset lists only what differs; each field's one-line comment is written to serve as its --help text."""
+    vocab_size: int = 2048          # vocabulary size (tokenizer.n_vocab, rounded up by the caller if it likes)
+    block_size: int = 192           # longest sequence (prompt + response) in tokens; the RoPE table covers it
+    n_layer: int = 4                # number of transformer blocks
+    n_head: int = 4                 # number of query heads
+    n_kv_head: int = 4              # key/value heads of GQA, a divisor of n_head (= n_head: MHA, 1: MQA)
+    n_embd: int = 128               # residual stream width
+    head_dim: int = 0               # per-head width of GQA; 0 = n_embd // n_head
+    intermediate_size: int = 0      # hidden width of the dense SwiGLU; 0 = 8/3 n_embd rounded up to a multiple of 32
+    rope_theta: float = 10000.0     # RoPE base theta
     norm_eps: float = 1e-6          # RMSNorm epsilon
-    tie_embeddings: bool = True     # share the token embedding with the output head
-    attn_bias: bool = False         # biases on q/k/v projections (Qwen2 has them)
-    dropout: float = 0.0            # attention/residual dropout (0 for RL: logprobs must be deterministic)
-    attn: str = 'gqa'               # 'gqa' (also MHA/MQA) or 'mla' (mla.py)
-    ffn: str = 'dense'              # 'dense' SwiGLU or 'moe' (moe.py)
+    tie_embeddings: bool = True     # share the token embedding matrix with the output head
+    attn_bias: bool = False         # biases on the GQA q/k/v projections (Qwen2 has them)
+    dropout: float = 0.0            # attention/residual dropout probability (keep 0 for RL: logprobs must be exact)
+    attn: str = 'mla'               # attention: 'mla' (Multi-head Latent Attention, mla.py) or 'gqa' (also MHA/MQA)
+    ffn: str = 'moe'                # feed-forward: 'moe' (DeepSeekMoE, moe.py) or 'dense' (one SwiGLU)
     # Multi-head Latent Attention (mla.py), used when attn == 'mla'
-    q_lora_rank: int = 0            # query compression rank; 0 = one direct wq projection (DeepSeek-V2-Lite)
-    kv_lora_rank: int = 64          # d_c: width of the compressed KV latent c_KV (what the absorbed path caches)
-    qk_nope_head_dim: int = 32      # per-head query/key width without RoPE
-    qk_rope_head_dim: int = 16      # d_R: decoupled RoPE width, one rope key per token shared by all heads
-    v_head_dim: int = 32            # per-head value width
-    mla_impl: str = 'naive'         # 'naive' caches per-head K/V; 'absorb' caches c_KV + k_R, folds W_UK/W_UV;
-                                    # 'auto' absorbs with a cache (decode), decompresses without (training)
+    q_lora_rank: int = 0            # MLA query compression rank d_c'; 0 = one direct wq projection (V2-Lite)
+    kv_lora_rank: int = 96          # MLA d_c: width of the compressed KV latent c_KV (what the absorbed path caches)
+    qk_nope_head_dim: int = 32      # MLA per-head query/key width without RoPE
+    qk_rope_head_dim: int = 32      # MLA d_R: decoupled RoPE width (even); one rope key per token for all heads
+    v_head_dim: int = 32            # MLA per-head value width
+    mla_impl: str = 'auto'          # MLA path: naive (caches K/V) | absorb (caches c_KV, k_R) | auto (absorb in decode)
     rope_factor: float = 1.0        # YaRN context-extension factor for MLA; 1 = plain RoPE
     rope_original_max_pos: int = 4096  # YaRN: context length of pretraining
     rope_beta_fast: float = 32.0    # YaRN: dims rotating more often than this over that context keep their freq
@@ -64,21 +68,21 @@ class ModelConfig:
     rope_mscale: float = 1.0        # YaRN: mscale of the cos/sin attention factor (DeepSeek-V3: 1.0)
     rope_mscale_all_dim: float = 1.0  # YaRN: softmax scale times (0.1 * this * ln factor + 1)^2; 0 = off
     # DeepSeekMoE (moe.py), used when ffn == 'moe'
-    n_routed_experts: int = 8       # fine-grained routed experts per MoE layer
-    n_shared_experts: int = 1       # always-on experts, stored as one SwiGLU of n_shared * moe_intermediate_size
-    moe_intermediate_size: int = 0  # width of one expert; 0 -> intermediate_size // num_experts_per_tok
-    num_experts_per_tok: int = 2    # K: routed experts per token
-    n_group: int = 1                # expert groups for group-limited routing (1 = off)
-    topk_group: int = 1             # groups a token may route into
-    scoring_func: str = 'sigmoid'   # 'sigmoid' (V3, with the correction bias) or 'softmax' (V2)
-    norm_topk_prob: bool = True     # renormalise the K chosen weights to sum to 1
-    routed_scaling_factor: float = 1.0  # multiplies the routed output (V3: 2.5)
-    first_k_dense_replace: int = 0  # the first k layers keep a dense SwiGLU
-    bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing (MoE.update_bias after each step)
-    aux_loss_alpha: float = 0.0     # alpha of the sequence-wise balance loss (V3: 1e-4); 0 = off
+    n_routed_experts: int = 8       # MoE: fine-grained routed experts per layer
+    n_shared_experts: int = 1       # MoE: always-on experts (0 = none), stored as one wider SwiGLU
+    moe_intermediate_size: int = 96  # MoE: hidden width of one expert; 0 = intermediate_size // num_experts_per_tok
+    num_experts_per_tok: int = 2    # MoE: K, routed experts per token
+    n_group: int = 1                # MoE: expert groups for group-limited routing; 1 = off
+    topk_group: int = 1             # MoE: groups a token may route into (1 .. n_group)
+    scoring_func: str = 'sigmoid'   # MoE gate: 'sigmoid' (V3, with the balancing bias) or 'softmax' (V2)
+    norm_topk_prob: bool = True     # MoE: renormalise the K chosen gate weights to sum to 1
+    routed_scaling_factor: float = 1.0  # MoE: multiplies the routed experts' output (V3: 2.5)
+    first_k_dense_replace: int = 1  # MoE: the first k layers keep a dense SwiGLU
+    bias_update_speed: float = 0.001  # MoE: gamma of aux-loss-free balancing (bias step after each optimizer step)
+    aux_loss_alpha: float = 0.0     # MoE: alpha of the sequence-wise balance loss (V3: 1e-4); 0 = off
     # Multi-token prediction (DeepSeek-V3 section 2.2)
-    mtp_depth: int = 0              # D extra modules predicting tokens i+2 .. i+1+D; 0 = none
-    mtp_loss_weight: float = 0.3    # lambda: loss += lambda * mean over depths of the MTP cross-entropy
+    mtp_depth: int = 0              # MTP: D extra modules predicting tokens i+2 .. i+1+D; 0 = none
+    mtp_loss_weight: float = 0.3    # MTP: lambda, loss += lambda * mean over depths of the MTP cross-entropy
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -132,49 +136,6 @@ class ModelConfig:
 
 # -----------------------------------------------------------------------------
 # building blocks
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalise in fp32 (bf16 squares lose precision), cast back
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
-
-
-def rope_table(dim, max_pos, theta):
-    """cos/sin of RoPE for positions [0, max_pos): each (max_pos, dim), halves duplicated."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (dim/2,)
-    t = torch.arange(max_pos, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)                                                  # (max_pos, dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)                                           # (max_pos, dim)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x, cos, sin):
-    """x (B, T, H, D); cos/sin (B, T, D). Rotate-half layout (HF Llama): pairs are (i, i + D/2)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    rot = torch.cat([-x2, x1], dim=-1)                            # (B, T, H, D)
-    return x * cos.unsqueeze(2) + rot * sin.unsqueeze(2)
-
-
-def resolve_mask(mask, T, start, device):
-    """
-    (mask, is_causal) for SDPA. Without a mask, queries [start, start+T) see keys [0, start+T); SDPA's
-    is_causal aligns its triangle top-left, which is only right when start == 0, so a chunked prefill
-    (start > 0, T > 1) gets an explicit offset mask instead.
-    """
-    if mask is not None or T == 1:
-        return mask, False
-    if start == 0:
-        return None, True
-    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start), False   # (T, Tk)
-
 
 class KVCache:
     """Per-layer buffers for cached generation. `layers[i]` is a dict the i-th attention fills."""
@@ -246,31 +207,13 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, n_embd, hidden):
-        super().__init__()
-        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        if config.attn == 'mla':
-            from mla import MLA  # imported here so the dense model never needs mla.py
-            self.attn = MLA(config, layer_id)
-        else:
-            self.attn = Attention(config, layer_id)
-        if config.ffn == 'moe' and layer_id >= getattr(config, 'first_k_dense_replace', 0):
-            from moe import MoE
+        self.attn = MLA(config, layer_id) if config.attn == 'mla' else Attention(config, layer_id)
+        if config.ffn == 'moe' and layer_id >= config.first_k_dense_replace:
             self.mlp = MoE(config)
         else:
             self.mlp = MLP(config.n_embd, config.intermediate_size)
@@ -288,7 +231,10 @@ class MTP(nn.Module):
     output head are the main model's, `norm` is this depth's final norm before that head. h_0 is the main
     model's output after its final norm and h_k the block output of depth k. Deviation: the paper
     writes [h; Emb] (eq. 21); we concatenate [Emb; h] because that is how DeepSeek-V3's released eh_proj
-    weights are laid out, so save_pretrained writes a checkpoint other MTP implementations read.
+    weights are laid out, so save_pretrained writes a checkpoint other MTP implementations read. Depth k's
+    cross-entropy is the mean over the positions it scores (T - k, less the -1 targets), where eq. 24 writes
+    1/T: the same choice the main loss makes, and what ignore_index gives. tests/test_mtp.py checks eqs. 21-25
+    written out position by position.
     """
 
     def __init__(self, config, layer_id):
@@ -321,20 +267,22 @@ class GPT(nn.Module):
         # depth 0 allocates nothing: the module list is absent, not empty
         self.mtp = nn.ModuleList([MTP(config, config.n_layer + k) for k in range(config.mtp_depth)]) \
             if config.mtp_depth > 0 else None
-        rope_dim = getattr(config, 'qk_rope_head_dim', 0) if config.attn == 'mla' else config.head_dim
-        cos, sin = rope_table(rope_dim, config.block_size, config.rope_theta)
+        # MLA rotates only its decoupled d_R dims (V2 section 2.1.3); YaRN rescales them for long contexts
         if config.attn == 'mla' and config.rope_factor > 1:
-            from mla import yarn_rope_table
             cos, sin = yarn_rope_table(config)
+        else:
+            rope_dim = config.qk_rope_head_dim if config.attn == 'mla' else config.head_dim
+            cos, sin = rope_table(rope_dim, config.block_size, config.rope_theta)
         self.aux_loss = self.mtp_loss = None  # the extra loss terms of the last forward (see forward)
         # non-persistent: derived from the config, so checkpoints stay small and loadable elsewhere
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2 style: scale the residual-stream writes by 1/sqrt(2 n_layer) so the stream's
-        # variance does not grow with depth at init
+        # GPT-2 style: scale the residual-stream writes by 1/sqrt(2 n_layer) so the stream's variance does not
+        # grow with depth at init. The writes are GQA's o_proj, MLA's wo and every SwiGLU's down_proj (the dense
+        # MLP, each routed expert and the shared experts of MoE, which are all layers.MLP)
         for name, p in self.named_parameters():
-            if name.endswith(('o_proj.weight', 'down_proj.weight', 'wo.weight', 'w2.weight')):
+            if name.endswith(('o_proj.weight', 'wo.weight', 'down_proj.weight')):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -356,17 +304,21 @@ class GPT(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
         return KVCache(self.config.n_layer, batch_size, max_len)
 
-    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, start=0):
+    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, start=0, logits_slice=None):
         """
         idx (B, T) token ids; targets (B, T) with -1 where no loss is taken.
         pos (B, T) positions for RoPE (default start + arange(T)); mask (B, 1, T, Tk) bool, True = attend
         (default causal); cache a KVCache written at [start, start + T).
-        Returns (logits (B, T, V) fp32-castable, loss or None).
+        logits_slice, a slice over the time axis (e.g. slice(P - 1, P - 1 + L) for a response of L tokens after
+        a prompt of P), computes logits only there (HF's logits_to_keep); it excludes targets.
+        Returns (logits (B, T, V) fp32-castable, or (B, T', V) for the T' sliced positions; loss or None).
         In training mode with targets, loss also holds mtp_loss_weight * the MTP loss and the MoE balance loss;
         after every call `self.mtp_loss` and `self.aux_loss` hold those terms (tensors with grad, or None) so
         the trainer can log them, or add `aux_loss` to an RL loss computed from the logits.
         """
         B, T = idx.shape
+        if logits_slice is not None and targets is not None:
+            raise ValueError("logits_slice computes only some positions' logits: pass targets=None")
         if pos is None:
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -379,7 +331,9 @@ class GPT(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, start)
         x = self.norm(x)
-        logits = self.lm_head(x)                                                 # (B, T, V)
+        # the RL trainer scores only response tokens: slicing before lm_head skips the (T, V) matmul and
+        # the logits memory of the prompt positions, the largest activation of a small model with a big vocab
+        logits = self.lm_head(x if logits_slice is None else x[:, logits_slice])  # (B, T or T', V)
         aux = [b.mlp.aux_loss for b in self.layers if getattr(b.mlp, 'aux_loss', None) is not None]
         self.aux_loss = sum(aux) if aux else None
         self.mtp_loss = None
@@ -423,11 +377,6 @@ class GPT(nn.Module):
         no_decay = [p for n, p in params.items() if p.dim() < 2]
         return [{'params': decay, 'weight_decay': weight_decay},
                 {'params': no_decay, 'weight_decay': 0.0}]
-
-    def flops_per_token(self):
-        """6N + attention term (PaLM appendix B): used for MFU."""
-        c = self.config
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints (hf.py holds the name and config mapping)

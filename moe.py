@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MLP
+from layers import MLP
 
 
 class MoE(nn.Module):

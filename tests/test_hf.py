@@ -131,7 +131,7 @@ def test_save_loads_into_reference(name, tmp_path):
 @pytest.mark.parametrize('kw', [dict(attn='mla', ffn='dense'),
                                 dict(attn='mla', ffn='moe', q_lora_rank=8, n_group=2, topk_group=1, mtp_depth=1,
                                      routed_scaling_factor=2.5, first_k_dense_replace=1),
-                                dict(attn='gqa', n_kv_head=2, tie_embeddings=False)])
+                                dict(attn='gqa', ffn='dense', n_kv_head=2, tie_embeddings=False)])
 @torch.no_grad()
 def test_native_model_exports(kw, tmp_path):
     """A model we built (not one transformers built) exports to a folder transformers reproduces."""
@@ -157,7 +157,7 @@ def test_mtp_roundtrip(tmp_path):
     from model import ModelConfig
     c = ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=32, attn='mla', ffn='moe',
                     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-                    mtp_depth=1, tie_embeddings=False)
+                    first_k_dense_replace=0, mtp_depth=1, tie_embeddings=False)
     torch.manual_seed(0)
     ours = GPT(c)
     ours.save_pretrained(str(tmp_path))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from layers import rope_table  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from mla import kv_cache_bytes_per_token, yarn_rope_table  # noqa: E402
 
@@ -20,7 +21,7 @@ V = 64
 
 def cfg(**kw):
     base = dict(vocab_size=V, block_size=48, n_layer=2, n_head=4, n_embd=32, attn='mla', kv_lora_rank=16,
-                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, ffn='dense')
     base.update(kw)
     return ModelConfig(**base)
 
@@ -133,7 +134,8 @@ def test_cache_footprint():
 
 
 def test_kv_cache_bytes_deepseek_v3():
-    """REFERENCE.md: V3 caches 576 elements per token per layer, GQA with 2.25 groups of d_h = 128."""
+    """DeepSeek-V2 section 2.1.4, Table 1 (same dims in V3): MLA caches (d_c + d_R) = 576 elements per token per
+    layer, as much as GQA with 2.25 groups of d_h = 128."""
     v3 = ModelConfig(n_embd=7168, n_head=128, n_kv_head=8, attn='mla', kv_lora_rank=512, qk_nope_head_dim=128,
                      qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536)
     b = kv_cache_bytes_per_token(v3, dtype_bytes=2)
@@ -143,7 +145,6 @@ def test_kv_cache_bytes_deepseek_v3():
 
 def test_yarn_table_reduces_to_plain_rope_at_long_wavelengths():
     """YaRN keeps the fast dimensions (first columns) and divides the slowest ones' frequency by the factor."""
-    from model import rope_table
     c = cfg(rope_factor=4.0, rope_original_max_pos=4096, rope_mscale=1.0, rope_mscale_all_dim=1.0,
             qk_rope_head_dim=64, rope_theta=10000.0, block_size=64)
     cos, sin = yarn_rope_table(c)

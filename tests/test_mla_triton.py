@@ -26,7 +26,8 @@ if not CUDA:
 pytest.importorskip('triton')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mla import mla_decode, mla_decode_ref, select_impl, triton_interpreted  # noqa: E402
-from model import GPT, ModelConfig, apply_rope  # noqa: E402
+from layers import apply_rope  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
 
 if not CUDA and not triton_interpreted():
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the "
@@ -196,7 +197,8 @@ def test_auto_picks_torch_on_cpu():
 def tiny_mla(**kw):
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=H, n_embd=32, attn='mla', mla_impl='absorb',
-                    q_lora_rank=12, kv_lora_rank=DC, qk_nope_head_dim=8, qk_rope_head_dim=DR, v_head_dim=12, **kw)
+                    q_lora_rank=12, kv_lora_rank=DC, qk_nope_head_dim=8, qk_rope_head_dim=DR, v_head_dim=12,
+                    ffn='dense', **kw)
     return GPT(c).eval()
 
 

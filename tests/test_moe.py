@@ -11,15 +11,17 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from model import GPT, MLP, ModelConfig  # noqa: E402
+from layers import MLP  # noqa: E402
+from model import GPT, ModelConfig  # noqa: E402
 from moe import MoE, moe_load_stats, update_moe_biases  # noqa: E402
 
 torch.set_num_threads(1)  # tiny shapes: extra threads only spin on a shared 2-core box
 
 
 def cfg(**kw):
-    base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=16, ffn='moe', n_routed_experts=8,
-                n_shared_experts=1, moe_intermediate_size=12, num_experts_per_tok=2)
+    base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=16, attn='gqa', ffn='moe',
+                n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=12, num_experts_per_tok=2,
+                first_k_dense_replace=0)
     base.update(kw)
     return ModelConfig(**base)
 

@@ -10,6 +10,7 @@ V, PAD, EOS = 50, 0, 1
 
 def tiny_model(**kw):
     torch.manual_seed(0)
+    kw = {'attn': 'gqa', 'ffn': 'dense', **kw}  # a dense GQA model unless a test asks for MLA/MoE
     cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, **kw)
     m = GPT(cfg).eval()
     # bigger weights than the 0.02 init so that logits are far from uniform and the stop token gets hit
@@ -130,3 +131,29 @@ def test_chunked_prefill_equals_full_forward():
     a, _ = m(x[:, :5], cache=cache, start=0)
     b, _ = m(x[:, 5:], cache=cache, start=5)
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+
+
+MLA_MOE = dict(attn='mla', ffn='moe', kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+               n_routed_experts=4, moe_intermediate_size=16, first_k_dense_replace=1, aux_loss_alpha=0.01)
+
+
+@pytest.mark.parametrize('kw', [{}, MLA_MOE], ids=['dense', 'mla_moe'])
+@torch.no_grad()
+def test_logits_slice_equals_slicing_the_full_logits(kw):
+    """logits_slice (the RL trainer's response positions) gives exactly those columns of the full logits, and
+    the MoE balance loss of the forward is still recorded."""
+    m = tiny_model(**kw).train()  # train mode: MoE computes aux_loss, and no dropout is configured
+    x = torch.randint(2, V, (3, 20))
+    full, _ = m(x)
+    aux_full = m.aux_loss
+    for s in (slice(7, 19), slice(0, 1), slice(19, 20), slice(None)):
+        part, loss = m(x, logits_slice=s)
+        assert loss is None and part.shape == full[:, s].shape
+        torch.testing.assert_close(part, full[:, s], atol=1e-6, rtol=0)
+        if kw:
+            assert m.aux_loss is not None
+            torch.testing.assert_close(m.aux_loss, aux_full)
+        else:
+            assert m.aux_loss is None
+    with pytest.raises(ValueError, match='targets'):
+        m(x, x, logits_slice=slice(7, 19))
