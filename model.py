@@ -251,6 +251,35 @@ class MTP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# pretraining helpers: the number-token init and the packed-document mask
+
+def fourier_number_init(emb, number_ids, periods=(2, 5, 10, 20, 50, 100, 200, 500, 1000), scale=0.05):
+    """
+    Seed the embedding of each number token n with cos/sin(2 pi n / P) for a few periods P (the Fourier number
+    features of FoNE, Zhou et al. 2025), on top of the random init. Transformers trained on arithmetic end up with
+    such features anyway (Nanda et al. 2023); starting from them is what lets a 1M-parameter model learn sums like
+    56+7=63 exactly within minutes (EXPERIMENTS.md exp2). With tied embeddings the same features decode the result.
+    """
+    with torch.no_grad():
+        ids = torch.tensor(list(number_ids.values()))
+        n = torch.tensor(list(number_ids.keys()), dtype=torch.float32)
+        ang = 2 * math.pi * n[:, None] / torch.tensor(periods, dtype=torch.float32)[None]  # (N, F)
+        feats = torch.cat([ang.cos(), ang.sin()], 1) * scale                              # (N, 2F)
+        emb.weight[ids, :feats.shape[1]] += feats.to(emb.weight.dtype)
+
+
+def document_mask(x, bos):
+    """
+    (B, 1, T, T) causal mask that keeps each packed document to itself (a new document starts at each <|bos|>).
+    Without it the base learnt to copy numbers from the *previous* problem in the row (EXPERIMENTS.md full2).
+    """
+    T = x.shape[1]
+    seg = (x == bos).long().cumsum(1)                                          # (B, T) document index
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]           # (B, 1, T, T)
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 class GPT(nn.Module):

@@ -41,7 +41,7 @@ import grpo
 from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, load_checkpoint, load_policy,
                      pick_device, plot_curves, print0, read_jsonl, rng_state, save_checkpoint, set_rng_state,
                      setup_distributed, write_json, write_report, open_stage)
-from model import GPT, ModelConfig, lr_at
+from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
 from sample import PartialRollouts, dynamic_batch, sequences_for_training
@@ -235,21 +235,6 @@ def build_world(tc, task_cfg):
     return cd_train, ar_train, Tokenizer(train_bpe(docs, tc.bpe_merges))
 
 
-def fourier_number_init(emb, number_ids, periods=(2, 5, 10, 20, 50, 100, 200, 500, 1000), scale=0.05):
-    """
-    Seed the embedding of each number token n with cos/sin(2 pi n / P) for a few periods P (the Fourier number
-    features of FoNE, Zhou et al. 2025), on top of the random init. Transformers trained on arithmetic end up with
-    such features anyway (Nanda et al. 2023); starting from them is what lets a 1M-parameter model learn sums like
-    56+7=63 exactly within minutes (EXPERIMENTS.md exp2). With tied embeddings the same features decode the result.
-    """
-    with torch.no_grad():
-        ids = torch.tensor(list(number_ids.values()))
-        n = torch.tensor(list(number_ids.keys()), dtype=torch.float32)
-        ang = 2 * math.pi * n[:, None] / torch.tensor(periods, dtype=torch.float32)[None]  # (N, F)
-        feats = torch.cat([ang.cos(), ang.sin()], 1) * scale                              # (N, 2F)
-        emb.weight[ids, :feats.shape[1]] += feats.to(emb.weight.dtype)
-
-
 def pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, n_seqs, T, seed):
     """(n_seqs, T + 1) packed token rows: <|bos|> doc <|eos|> <|bos|> doc ..., documents cut at row ends."""
     rng = random.Random(seed)
@@ -258,17 +243,6 @@ def pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, n_seqs, T, seed):
         doc = corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac, tc.corpus_check_frac)
         buf.extend([tok.bos] + tok.encode(doc) + [tok.eos])
     return torch.tensor(buf[:need], dtype=torch.long).view(n_seqs, T + 1)
-
-
-def document_mask(x, bos):
-    """
-    (B, 1, T, T) causal mask that keeps each packed document to itself (a new document starts at each <|bos|>).
-    Without it the base learnt to copy numbers from the *previous* problem in the row (EXPERIMENTS.md full2).
-    """
-    T = x.shape[1]
-    seg = (x == bos).long().cumsum(1)                                          # (B, T) document index
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]           # (B, 1, T, T)
 
 
 @torch.no_grad()
