@@ -82,12 +82,15 @@ def test_merge_refuses_mismatched_checkpoints(source, tmp_path):
 
 def test_dpo_pairs_kimi_rule():
     s = [dict(id=i, n_tokens=n, correct=c) for i, (n, c) in
-         enumerate([(10, False), (20, True), (12, True), (18, True), (19, True), (30, False), (12, True)])]
+         enumerate([(10, False), (20, True), (12, True), (18, True), (19, True), (30, False), (12, True),
+                    (12, False), (13, False)])]
     pairs = dpo_pairs(s, 1.5)
     assert all(c['id'] == 2 for c, _ in pairs)   # the shortest correct one, the first of the two 12s
-    # wrong ones (even the shorter 10) and correct ones longer than 1.5 * 12 = 18; 18 itself is not longer
-    assert sorted(r['id'] for _, r in pairs) == [0, 1, 4, 5]
+    # Kimi's negatives are the longer responses: wrong ones longer than 12 (13 and 30, not the shorter 10 nor the
+    # equal 12) and correct ones longer than 1.5 * 12 = 18 (19 and 20; 18 itself is not longer)
+    assert sorted(r['id'] for _, r in pairs) == [1, 4, 5, 8]
     assert dpo_pairs([dict(n_tokens=5, correct=False)] * 3) == []
+    assert dpo_pairs([dict(n_tokens=5, correct=True), dict(n_tokens=4, correct=False)]) == []
 
 
 def test_dpo_loss_by_hand_and_gradient_direction():
