@@ -11,7 +11,7 @@ Kimi k1.5's long2short (Kimi Team 2025, sec 2.4): four ways to keep a long-CoT m
 2. shortest: shortest rejection sampling: n = 8 samples per train problem, keep the shortest correct one, SFT the
    long model on those (distill.rejection_sample(keep='shortest') and distill.sft).
 3. dpo: Rafailov et al. 2023 eq. 7 on Kimi's pairs: chosen = the shortest correct sample of a problem, rejected =
-   every wrong sample and every correct one longer than 1.5x the chosen:
+   the longer responses, wrong ones longer than the chosen and correct ones longer than 1.5x the chosen:
        L_DPO = -E[ log sigmoid( beta * log pi(y_w|x)/pi_ref(y_w|x) - beta * log pi(y_l|x)/pi_ref(y_l|x) ) ]
    with pi_ref the frozen source and log pi(y|x) summed over the response tokens only.
 4. rl: GRPO from the long model with Kimi's length reward (sec 2.3.3, rewards.kimi_length_reward, weight
@@ -258,15 +258,17 @@ def run_shortest(cfg, src, out):
 
 def dpo_pairs(samples, ratio=1.5):
     """
-    Kimi's pairs for one problem's samples (dicts with 'n_tokens' and 'correct'): chosen = the shortest correct
-    sample (the first on ties); rejected = every wrong sample and every correct one longer than ratio x chosen.
-    No correct sample, no pairs.
+    Kimi k1.5 sec 2.4's pairs for one problem's samples (dicts with 'n_tokens' and 'correct'): chosen = the shortest
+    correct sample (the first on ties); rejected = the longer responses: every wrong one longer than the chosen
+    and every correct one longer than ratio x the chosen (Kimi: 1.5). A wrong response no longer than the chosen is
+    no negative: the pairs teach "shorter", and it is not longer. No correct sample, no pairs.
     """
     correct = [s for s in samples if s['correct']]
     if not correct:
         return []
     chosen = min(correct, key=lambda s: s['n_tokens'])
-    return [(chosen, s) for s in samples if not s['correct'] or s['n_tokens'] > ratio * chosen['n_tokens']]
+    n = chosen['n_tokens']
+    return [(chosen, s) for s in samples if s['n_tokens'] > (ratio * n if s['correct'] else n)]
 
 
 def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta):

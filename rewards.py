@@ -1,12 +1,13 @@
 """
-Rule-based rewards: plain functions of the assistant's whole response text, returning Python floats.
+Rule-based rewards: plain functions of the assistant's whole response text, returning Python floats, and
+`rl_rewards`, which sums them into the (N,) reward of a batch of RL rollouts.
 
 - DeepSeek-R1 (arXiv 2501.12948) sec 2.2.2, R1-Zero's rule rewards: accuracy (a deterministic check of the final
   answer: `countdown_reward`, `arithmetic_reward`) and format (`format_reward`); sec 2.3.2, the language
   consistency reward, the share of target-language words in the CoT (`language_consistency_reward`).
 - Kimi k1.5 (arXiv 2501.12599) sec 2.3.3, the length penalty over the samples of one problem
   (`kimi_length_reward`), and its repeat detection of looping generations (`repeat_ngram_fraction`,
-  `is_repeating`, `repeat_penalty`; the paper gives no formula, the n-gram criterion is ours).
+  `is_repeating`, `repeated_attempts`; the paper gives no formula, the criteria are ours).
 - DAPO (arXiv 2503.14476) sec 3.4, soft overlong punishment (`overlong_reward`).
 
 Text handling: any mix of whitespace, `<|eos|>` and `<|pad|>` at the very end is stripped first. Tags match
@@ -14,27 +15,32 @@ exactly (`<answer>`: no inner spaces, case-sensitive); whitespace around tags is
 the end is just text (sampling stops at the first eos, so nothing real ever follows one).
 
 Deviations and choices:
-- Any text after the last `</answer>` gives accuracy 0: a prototype checker that ignored it was reward-hacked
-  into `</answer></answer>...` degeneration (REFERENCE.md sec 5).
+- Any text after the last `</answer>` gives accuracy 0: an early prototype of this project whose checker ignored
+  it was reward-hacked into `</answer></answer>...` degeneration.
 - Accuracy ignores the format: the last complete <answer>...</answer> counts wherever it is, even inside
   <think>. Format is rewarded separately, as in R1-Zero.
 - Countdown answers go through our own recursive-descent parser (no eval) with exact rationals and hard caps,
   so "7/2*2" is 7, not 6, and "9999999*9999999*..." is rejected instead of computed.
 - A prompt that prefills `<think>` makes the response start without it: `format_reward(prefilled_think=True)`
   puts it back (peers' "format reward stuck at 0").
-- Language: scripts come from our table of Unicode blocks (not the full Script property); each CJK character
-  is one word; combining marks split words (no normalisation). The tiny world's second "language" is numbers
-  written as words: target 'words' vs 'digits'.
+- Language: R1 measures the proportion of target-language words in the CoT. A word is a maximal run of letters
+  and digits (str.isalnum) of one script, each CJK character a word on its own; scripts come from our table of
+  Unicode blocks (not the full Script property), and combining marks split words (no normalisation). The tiny
+  world's two "languages" are ways of writing numbers, 'digits' ("8+7=15") and 'words' ("eight plus seven is
+  fifteen"), inside a fixed trace template ("... vs 280 no."). For these two targets the template's own words
+  (TEMPLATE_WORDS: vs, yes, no and the word form's is, plus, minus, times, over) are not counted where they
+  stand alone, as the symbols + - * / = of the digit form are not: what is measured is the language of the
+  CoT's content, its numbers (and any free text), so a CoT written purely in digits scores 1.0 (counting
+  `vs`/`no`/`yes` as latin words capped such a trace near 7/9). For the script targets every word counts, as in R1.
 - Text rewards never raise (non-str input or an internal error gives 0.0: one odd sample must not kill a run)
-  and are linear: each takes under 10 ms on 100 kB (a few ms at worst), timed by tests/test_rewards.py.
+  and run in linear time; bench.py, not the tests, is the place for their speed.
 """
-import bisect
 import functools
 import re
-import unicodedata
 from fractions import Fraction
 
 import numpy as np
+import torch
 
 # caps of the countdown expression parser: an answer past any of them is rejected (reward 0), which bounds the
 # work per answer and removes any incentive to search huge expressions
@@ -284,11 +290,11 @@ def format_reward(response: str, strict: bool = True, prefilled_think: bool = Fa
 # -----------------------------------------------------------------------------
 # language consistency reward (R1 sec 2.3.2)
 
-# Unicode blocks per script, sorted and disjoint (our approximation of the Script property). An alphanumeric
-# character outside all of them is 'other'; 'digits' are ASCII 0-9 only (Arabic-Indic digits count as arabic).
+# Unicode blocks per script, sorted and disjoint (our approximation of the Script property): 'digits' are ASCII 0-9
+# only (Arabic-Indic digits count as arabic). A letter or digit outside all of them is 'other'.
 SCRIPT_BLOCKS = [
-    (0x0041, 0x005A, 'latin'), (0x0061, 0x007A, 'latin'), (0x00AA, 0x00AA, 'latin'), (0x00BA, 0x00BA, 'latin'),
-    (0x00C0, 0x02AF, 'latin'), (0x0370, 0x03FF, 'greek'), (0x0400, 0x052F, 'cyrillic'),
+    (0x0030, 0x0039, 'digits'), (0x0041, 0x005A, 'latin'), (0x0061, 0x007A, 'latin'), (0x00AA, 0x00AA, 'latin'),
+    (0x00BA, 0x00BA, 'latin'), (0x00C0, 0x02AF, 'latin'), (0x0370, 0x03FF, 'greek'), (0x0400, 0x052F, 'cyrillic'),
     (0x0600, 0x06FF, 'arabic'), (0x0750, 0x077F, 'arabic'), (0x0870, 0x08FF, 'arabic'), (0x1100, 0x11FF, 'cjk'),
     (0x1C80, 0x1C8F, 'cyrillic'), (0x1E00, 0x1EFF, 'latin'), (0x1F00, 0x1FFF, 'greek'), (0x2C60, 0x2C7F, 'latin'),
     (0x2DE0, 0x2DFF, 'cyrillic'), (0x2E80, 0x2FDF, 'cjk'), (0x3005, 0x3007, 'cjk'), (0x3021, 0x3029, 'cjk'),
@@ -298,50 +304,43 @@ SCRIPT_BLOCKS = [
     (0xFE70, 0xFEFF, 'arabic'), (0xFF21, 0xFF3A, 'latin'), (0xFF41, 0xFF5A, 'latin'), (0xFF66, 0xFFDC, 'cjk'),
     (0x1B000, 0x1B16F, 'cjk'), (0x20000, 0x3134F, 'cjk'),
 ]
-_BLOCK_STARTS = [lo for lo, _, _ in SCRIPT_BLOCKS]
-SCRIPTS = ('latin', 'cyrillic', 'greek', 'cjk', 'arabic', 'digits', 'other')
-_CODE = dict(zip(SCRIPTS, 'LCGKADO'))  # one ASCII letter per script; ' ' for a non-word character
+SCRIPTS = ('digits', 'latin', 'cyrillic', 'greek', 'cjk', 'arabic', 'other')
 TARGETS = SCRIPTS + ('words',)  # 'words': the tiny world's numbers-as-words "language" (alphabetic latin)
+_CJK, _OTHER, _NONE = SCRIPTS.index('cjk'), SCRIPTS.index('other'), len(SCRIPTS)  # _NONE: not a word character
+_NON_ASCII_NON_WORD = re.compile(r'[^\w\x00-\x7f]+')  # neither ASCII nor str.isalnum(): symbols, marks, ...
 
 
-def script_of(ch):
-    """Script of one character, or None if it is not a letter or digit (Unicode category L* or N*)."""
-    if unicodedata.category(ch)[0] not in 'LN':
-        return None
-    o = ord(ch)
-    if 0x30 <= o <= 0x39:
-        return 'digits'
-    i = bisect.bisect_right(_BLOCK_STARTS, o) - 1
-    return SCRIPT_BLOCKS[i][2] if i >= 0 and o <= SCRIPT_BLOCKS[i][1] else 'other'
+def _script_table():
+    """(0x110000,) int8 script id of every code point (1.1 MB, built in ~1 ms): no word in ASCII's punctuation."""
+    table = np.full(0x110000, _OTHER, dtype=np.int8)
+    table[:128] = _NONE  # ASCII letters and digits are all in blocks: the rest is spaces and punctuation
+    for lo, hi, s in SCRIPT_BLOCKS:
+        table[lo:hi + 1] = SCRIPTS.index(s)
+    return table
 
 
-def count_words_slow(cot):
-    """Words per script, one character at a time: the obvious twin of `count_words`."""
-    counts, prev = dict.fromkeys(SCRIPTS, 0), None
-    for ch in cot:
-        s = script_of(ch)
-        if s is not None and (s != prev or s == 'cjk'):  # a word starts; every CJK character is a word
-            counts[s] += 1
-        prev = s
-    return counts
+_SCRIPT_OF = _script_table()
+
+# the words tasks.format_attempt writes around the numbers, in either form: "8+7=15 vs 280 no." and "eight plus
+# seven is fifteen vs two hundred eighty no."; one counts only where no letter or digit touches it. The check on
+# its left is a lookbehind over the word itself, so the pattern starts with the words' letters and the regex
+# engine skips to them (twice as fast as a leading lookbehind)
+TEMPLATE_WORDS = ('vs', 'yes', 'no', 'is', 'plus', 'minus', 'times', 'over')
+_TEMPLATE_WORD = re.compile('(?:%s)(?![^\\W_])' % '|'.join(rf'{w}(?<![^\W_]{w})' for w in TEMPLATE_WORDS))
 
 
-@functools.cache  # built once on first use (~0.3 s), a pure function of the constants above
-def _code_table():
-    """A 0x110000-char string whose i-th char is the script code of chr(i): a table for str.translate."""
-    return ''.join(' ' if s is None else _CODE[s] for s in map(script_of, map(chr, range(0x110000))))
-
-
-
-
-def count_words(cot):
-    """Words per script, as `count_words_slow` does, but every per-character step runs in C (one translate,
-    then numpy over the codes: ~1 ms for 100 kB, where a translate + split per script took 6-10 ms)."""
-    a = np.frombuffer(cot.translate(_code_table()).encode('ascii'), dtype=np.uint8)  # (n,) a script code per char
-    prev = np.concatenate((np.array([32], dtype=np.uint8), a[:-1]))                  # (n,) the code before it
-    starts = (a != 32) & ((a != prev) | (a == ord('K')))  # a word starts here; every CJK character is a word
-    n = np.bincount(a[starts], minlength=128)
-    return {s: int(n[ord(_CODE[s])]) for s in SCRIPTS}
+def count_words(text):
+    """
+    Words per script: maximal runs of letters/digits of one script, every CJK character a word of its own
+    ('abc123' is two words, '我们' two). Linear, every per-character step in C: a regex pass (non-ASCII text
+    only), a table lookup and a few numpy passes over the code points.
+    """
+    if not text.isascii():  # letters and digits are a matter of Unicode categories: the regex engine knows them
+        text = _NON_ASCII_NON_WORD.sub(' ', text)
+    script = _SCRIPT_OF[np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)]  # (n,) a script per character
+    prev = np.insert(script[:-1], 0, _NONE)                                     # (n,) the script of the one before
+    starts = (script != _NONE) & ((script != prev) | (script == _CJK))        # (n,) a word starts here
+    return dict(zip(SCRIPTS, np.bincount(script[starts], minlength=_NONE).tolist()))
 
 
 def _chain_of_thought(response):
@@ -362,22 +361,25 @@ def _chain_of_thought(response):
 
 
 @_never_raises
-def _language_share(response, script):
-    counts = count_words(_chain_of_thought(response))
+def _language_share(response, target):
+    cot = _chain_of_thought(response)
+    if target in ('digits', 'words'):  # the tiny world: the template's scaffolding is in neither language
+        cot = _TEMPLATE_WORD.sub(' ', cot)
+    counts = count_words(cot)
     total = sum(counts.values())
-    return counts[script] / total if total else 0.0
+    return counts['latin' if target == 'words' else target] / total if total else 0.0
 
 
 def language_consistency_reward(response: str, target: str) -> float:
     """
-    Rewards a CoT written in one language: the share, in [0, 1], of the CoT's words whose script is `target`
-    (0.0 if the CoT has no words). A word is a maximal run of letters/digits of one script; each CJK character
-    is a word on its own, so 'abc123' is two words. target is one of SCRIPTS or 'words': in the tiny world
-    "three times four is twelve" is all 'words' and "3*4=12" is all 'digits' (3 words: 3, 4, 12).
+    Rewards a CoT written in one language: the share, in [0, 1], of the CoT's words in `target` (0.0 if the CoT
+    has no words). target is one of SCRIPTS or 'words'. For 'digits' and 'words' the template's TEMPLATE_WORDS
+    are not counted: "<think>8+7=15 vs 280 no.</think>" is 1.0 for 'digits' (its words: 8, 7, 15, 280) and
+    "<think>eight plus seven is fifteen vs two hundred eighty no.</think>" 1.0 for 'words' (eight, seven, ...).
     """
     if target not in TARGETS:  # a config typo must fail loudly, not train on a reward stuck at 0
         raise ValueError(f"unknown target {target!r}; choose from {TARGETS}")
-    return _language_share(response, 'latin' if target == 'words' else target)
+    return _language_share(response, target)
 
 
 # -----------------------------------------------------------------------------
@@ -416,7 +418,7 @@ def overlong_reward(length: int, max_len: int, cache_len: int) -> float:
 
 
 # -----------------------------------------------------------------------------
-# repeat detection (Kimi k1.5: stop a generation that loops, optionally penalise it)
+# repeat detection (Kimi k1.5: stop a generation that loops, penalise repeated attempts)
 
 def repeat_ngram_fraction(tokens: list, n: int = 4) -> float:
     """
@@ -442,7 +444,56 @@ def is_repeating(tokens, n: int = 4, threshold: float = 0.5, window: int | None 
     return repeat_ngram_fraction(tokens if window is None else tokens[-window:], n) >= threshold
 
 
-def repeat_penalty(tokens, n: int = 4, threshold: float = 0.5, penalty: float = 1.0,
-                   window: int | None = 1024) -> float:
-    """-penalty for a looping generation (see `is_repeating`), else 0.0; added to the task reward."""
-    return -float(penalty) if is_repeating(tokens, n, threshold, window) else 0.0
+@_never_raises
+def repeated_attempts(response: str) -> float:
+    """
+    Share of the CoT's attempts (its '.'-separated pieces, blank ones skipped) that repeat an earlier one word for
+    word: Kimi's repeat penalty at the granularity of a search step ("6-1=5 5-2=3 vs 4 no." written twice).
+    """
+    attempts = [a.strip() for a in _chain_of_thought(response).split('.')]
+    return repeat_ngram_fraction([a for a in attempts if a], 1)
+
+
+# -----------------------------------------------------------------------------
+# the RL reward of a batch of rollouts
+
+def rl_rewards(texts, problems, lengths, group_size, max_new_tokens, format_weight=0.0, repeat_weight=0.0,
+               length_weight=0.0, lang_weight=0.0, overlong_buffer=0, lang_target='digits'):
+    """
+    (N,) rewards of N countdown rollouts (texts as decoded, a final <|eos|> allowed; G = group_size consecutive
+    ones per problem; `lengths` in tokens) and a dict of their (N,) parts:
+        accuracy + format_weight * format - repeat_weight * repeat + length_weight * length
+                 + lang_weight * lang + overlong
+    'accuracy' (countdown_reward) and 'format' (strict format_reward) are always in parts, each other term only
+    when it is on: 'repeat' (repeated_attempts), 'length' (Kimi k1.5 sec 2.3.3 within each group, correct =
+    accuracy > 0), 'lang' (R1 sec 2.3.2, language_consistency_reward with lang_target) and, for
+    overlong_buffer > 0, 'overlong' (DAPO sec 3.4: 0 up to max_new_tokens - overlong_buffer tokens, then down to
+    -1 at max_new_tokens; unweighted, as in DAPO).
+    """
+    N, G = len(texts), group_size
+    lengths = [int(n) for n in lengths]
+    if len(problems) != N or len(lengths) != N:
+        raise ValueError(f"{N} texts need as many problems and lengths, got {len(problems)} and {len(lengths)}")
+    if G < 1 or N % G:
+        raise ValueError(f"{N} samples are not whole groups of group_size={G}")
+    if overlong_buffer and not 0 < overlong_buffer <= max_new_tokens:
+        raise ValueError(f"need 0 < overlong_buffer <= max_new_tokens, got overlong_buffer={overlong_buffer}, "
+                         f"max_new_tokens={max_new_tokens}")
+    acc = torch.tensor([countdown_reward(t, p.numbers, p.target) for t, p in zip(texts, problems)])   # (N,)
+    parts = {'accuracy': acc, 'format': torch.tensor([format_reward(t) for t in texts])}
+    reward = acc + format_weight * parts['format']
+    if repeat_weight:
+        parts['repeat'] = torch.tensor([repeated_attempts(t) for t in texts])
+        reward = reward - repeat_weight * parts['repeat']
+    if length_weight:  # each group of G samples of one problem is ranked by length on its own
+        correct = (acc > 0).tolist()
+        parts['length'] = torch.tensor([r for s in range(0, N, G)
+                                        for r in kimi_length_reward(lengths[s:s + G], correct[s:s + G])])
+        reward = reward + length_weight * parts['length']
+    if lang_weight:
+        parts['lang'] = torch.tensor([language_consistency_reward(t, lang_target) for t in texts])
+        reward = reward + lang_weight * parts['lang']
+    if overlong_buffer:
+        parts['overlong'] = torch.tensor([overlong_reward(n, max_new_tokens, overlong_buffer) for n in lengths])
+        reward = reward + parts['overlong']
+    return reward, parts

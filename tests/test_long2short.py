@@ -1,7 +1,7 @@
 """
 long2short.py (Kimi k1.5 sec 2.4) on a 'test'-preset source built in-process: merge endpoints and mean, Kimi's
-1.5x pair rule and the DPO loss by hand, response-only logprobs against a slow twin, the length reward in
-train.rl_rewards by hand, every method end to end, clear errors.
+pair rule and the DPO loss by hand, response-only logprobs against a slow twin, the length reward in
+rewards.rl_rewards by hand, every method end to end, clear errors.
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_long2short.py -q
 """
 import json
@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import long2short
+import tasks
 import train
 from long2short import dpo_loss, dpo_pairs, merge_state_dicts
+from rewards import rl_rewards
 
 
 @pytest.fixture(scope='module')
@@ -82,12 +84,15 @@ def test_merge_refuses_mismatched_checkpoints(source, tmp_path):
 
 def test_dpo_pairs_kimi_rule():
     s = [dict(id=i, n_tokens=n, correct=c) for i, (n, c) in
-         enumerate([(10, False), (20, True), (12, True), (18, True), (19, True), (30, False), (12, True)])]
+         enumerate([(10, False), (20, True), (12, True), (18, True), (19, True), (30, False), (12, True),
+                    (12, False), (13, False)])]
     pairs = dpo_pairs(s, 1.5)
     assert all(c['id'] == 2 for c, _ in pairs)   # the shortest correct one, the first of the two 12s
-    # wrong ones (even the shorter 10) and correct ones longer than 1.5 * 12 = 18; 18 itself is not longer
-    assert sorted(r['id'] for _, r in pairs) == [0, 1, 4, 5]
+    # Kimi's negatives are the longer responses: wrong ones longer than 12 (13 and 30, not the shorter 10 nor the
+    # equal 12) and correct ones longer than 1.5 * 12 = 18 (19 and 20; 18 itself is not longer)
+    assert sorted(r['id'] for _, r in pairs) == [1, 4, 5, 8]
     assert dpo_pairs([dict(n_tokens=5, correct=False)] * 3) == []
+    assert dpo_pairs([dict(n_tokens=5, correct=True), dict(n_tokens=4, correct=False)]) == []
 
 
 def test_dpo_loss_by_hand_and_gradient_direction():
@@ -130,24 +135,21 @@ def test_response_logprobs_match_a_slow_twin(source):
 
 
 # -----------------------------------------------------------------------------
-# train.rl_rewards: + length_weight * Kimi's length reward per group of G
+# rewards.rl_rewards: + length_weight * Kimi's length reward per group of G (the rl method's reward)
 
-def test_rl_rewards_adds_length_reward_per_group(source):
-    import tasks
+def test_rl_rewards_adds_length_reward_per_group():
     probs = tasks.problems('countdown', 'train', 2, 0, tasks.TaskConfig())
     texts = [f"<think>x</think><answer>{probs[0].solution}</answer>", "<think>x</think><answer>1+1</answer>",
              "<think>x</think><answer>1+1</answer>", "<think>x</think><answer>1+1</answer>"]
     rp = [probs[0], probs[0], probs[1], probs[1]]
     lengths = [10, 20, 5, 5]
-    tc0 = train.TrainConfig(format_weight=0.0)
-    tc1 = train.TrainConfig(format_weight=0.0, length_weight=0.5)
-    r0, acc, _ = train.rl_rewards(texts, rp, tc0, 2, lengths)
-    r1, _, _ = train.rl_rewards(texts, rp, tc1, 2, lengths)
-    assert acc.tolist() == [1.0, 0.0, 0.0, 0.0]
+    r0, parts = rl_rewards(texts, rp, lengths, 2, 40)
+    r1, _ = rl_rewards(texts, rp, lengths, 2, 40, length_weight=0.5)
+    assert parts['accuracy'].tolist() == [1.0, 0.0, 0.0, 0.0]
     # group 1: lambda = 0.5 - (len - 10) / 10 = [0.5, -0.5], the wrong one kept at min(0, -0.5); group 2: equal -> 0
     torch.testing.assert_close(r1 - r0, 0.5 * torch.tensor([0.5, -0.5, 0.0, 0.0]))
     with pytest.raises(ValueError, match='whole groups'):
-        train.rl_rewards(texts, rp, tc1, 3, lengths)
+        rl_rewards(texts, rp, lengths, 3, 40, length_weight=0.5)
 
 
 # -----------------------------------------------------------------------------

@@ -1,25 +1,25 @@
 """
-Tests of rewards.py against worked examples (values derived by hand in the comments), hypothesis properties
-(never raises, stays in range, under 10 ms a call) and adversarial 100 kB inputs.
+Tests of rewards.py against worked examples (values derived by hand in the comments), slow twins, hypothesis
+properties (never raises, stays in range) and adversarial 100 kB inputs (right values; speed is bench.py's).
 
 Run: python -m pytest tests/test_rewards.py -q
 """
 import os
 import random
 import sys
-import time
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards as R  # noqa: E402
+import tasks  # noqa: E402
 from rewards import (arithmetic_reward, countdown_reward, extract_answer, format_reward, is_repeating,  # noqa: E402
                      kimi_length_reward, language_consistency_reward, overlong_reward, parse_expression,
-                     repeat_ngram_fraction, repeat_penalty)
-
-BUDGET_S = 0.010  # every text reward must return within 10 ms for any input up to 100 kB
+                     repeat_ngram_fraction, repeated_attempts, rl_rewards)
 
 
 def cd(answer, numbers=(3, 4, 5), target=7, think='3*4=12,12-5=7.'):
@@ -273,9 +273,11 @@ def test_format_bad_input():
     ('<think>three times four is twelve</think><answer>12</answer>', 'words', 1.0),
     ('<think>three times four is twelve</think><answer>12</answer>', 'latin', 1.0),
     ('<think>three times four is twelve</think><answer>12</answer>', 'digits', 0.0),
-    # 3, 4, 12 digit words and times, is, yes latin words: 3 of 6
-    ('<think>3 times 4 is 12 yes</think>', 'words', 0.5),
-    ('<think>3 times 4 is 12 yes</think>', 'digits', 0.5),
+    # for digits/words the template words times, is, yes do not count: 3 and 12 in digits, four in words
+    ('<think>3 times four is 12 yes</think>', 'words', 1 / 3),
+    ('<think>3 times four is 12 yes</think>', 'digits', 2 / 3),
+    # for a script every word counts: times, four, is, yes latin, 3 and 12 digits
+    ('<think>3 times four is 12 yes</think>', 'latin', 4 / 6),
     # 'abc123' is two words (the script changes), 'x' a third: 2 latin of 3
     ('<think>abc123 x</think>', 'words', 2 / 3),
     # accented latin stays one latin word: café, naïve
@@ -316,13 +318,80 @@ def test_language_unknown_target():
         language_consistency_reward('<think>a</think>', 'english')
 
 
+def test_language_template_words_do_not_count():
+    # (a) a CoT purely in digits: 8, 7, 15, 15, 5, 10, 280, 8, 7, 56, 56, 5, 280, 280 are 14 digit words; its
+    # vs, no, vs, yes are the template's, not latin words (counting them capped this trace at 14/18 = 7/9)
+    digits = '<think>8+7=15 15-5=10 vs 280 no.8*7=56 56*5=280 vs 280 yes.</think><answer>(8*7)*5</answer><|eos|>'
+    assert language_consistency_reward(digits, 'digits') == 1.0
+    assert language_consistency_reward(digits, 'words') == 0.0
+    # (b) purely in words: eight, seven, fifteen, fifteen, five, ten, two, hundred, eighty; plus, is, minus, vs, no
+    # are the template's
+    words = '<think>eight plus seven is fifteen, fifteen minus five is ten vs two hundred eighty no.</think>'
+    assert language_consistency_reward(words, 'words') == 1.0
+    assert language_consistency_reward(words, 'digits') == 0.0
+    # (c) mixed: 8, 7, 15, 280 in digits; eight, seven, fifteen, two, hundred, eighty in words: 4 and 6 of 10
+    mixed = '<think>8+7=15 vs 280 no.eight plus seven is fifteen vs two hundred eighty no.</think>'
+    assert language_consistency_reward(mixed, 'digits') == pytest.approx(0.4)
+    assert language_consistency_reward(mixed, 'words') == pytest.approx(0.6)
+    # a template word counts where a letter or digit touches it ('vs' of '15vs'); 'nothing' is no 'no'
+    assert language_consistency_reward('<think>15vs 15 yes.</think>', 'digits') == pytest.approx(2 / 3)
+    assert language_consistency_reward('<think>nothing 3</think>', 'digits') == 0.5
+    # (d) natural text, script targets: every word counts, 'is' and 'no' included
+    assert language_consistency_reward('<think>this is no joke</think>', 'latin') == 1.0
+    assert language_consistency_reward('<think>我们 is no 3</think>', 'cjk') == pytest.approx(2 / 5)   # 我, 们 of 5
+    assert language_consistency_reward('<think>我们 is no 3</think>', 'digits') == pytest.approx(1 / 3)  # 我, 们, 3
+
+
+def test_language_of_the_tiny_worlds_traces():
+    # the task's own writers: cold-start traces are digits only; a corpus trace with words_frac=1 is words only
+    rng, cfg = random.Random(0), tasks.TaskConfig()
+    for p in tasks.problems('countdown', 'train', 20, 0, cfg):
+        assert language_consistency_reward(tasks.cold_start_trace(rng, p, cfg), 'digits') == 1.0
+        words = tasks.countdown_trace(rng, p, tasks.TaskConfig(words_frac=1.0))
+        assert language_consistency_reward(words, 'words') == 1.0, words
+
+
+def count_words_slow(text):
+    """Words per script, one character at a time: the obvious twin of rewards.count_words."""
+    counts, prev = dict.fromkeys(R.SCRIPTS, 0), None
+    for ch in text:
+        script = None
+        if ch.isalnum():
+            script = next((s for lo, hi, s in R.SCRIPT_BLOCKS if lo <= ord(ch) <= hi), 'other')
+        if script is not None and (script != prev or script == 'cjk'):  # a word starts; each CJK char is one
+            counts[script] += 1
+        prev = script
+    return counts
+
+
+def language_share_slow(cot, target):
+    """The share of target words in a CoT, the template words dropped for digits/words: a twin of the reward."""
+    if target in ('digits', 'words'):
+        runs = ''.join(ch if ch.isalnum() else ' ' for ch in cot).split()   # letters/digits between the rest
+        cot = ' '.join(w for w in runs if w not in R.TEMPLATE_WORDS)
+    counts = count_words_slow(cot)
+    total = sum(counts.values())
+    return counts['latin' if target == 'words' else target] / total if total else 0.0
+
+
+UNICODE_PIECES = ['a', 'é', 'Z', '1', '09', '٣', '３', '我', 'ひ', '한', 'ж', 'λ', 'م', 'म', 'े', '_', ' ', '-',
+                  '\u0301', '²', 'Ⅻ', '\U00020000', '\ud800', 'ß', 'Ａ', '×', '。']
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=60)
-       | st.lists(st.sampled_from(['a', 'é', 'Z', '1', '09', '٣', '３', '我', 'ひ', '한', 'ж', 'λ', 'م', 'म', 'े',
-                                   '_', ' ', '-', '\u0301', '²', 'Ⅻ', '\U00020000', '\ud800', 'ß', 'Ａ']),
-                  max_size=40).map(''.join))
+       | st.lists(st.sampled_from(UNICODE_PIECES), max_size=40).map(''.join))
 def test_count_words_fast_matches_slow_twin(text):
-    assert R.count_words(text) == R.count_words_slow(text)
+    assert R.count_words(text) == count_words_slow(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(['vs', 'no', 'yes', 'is', 'plus', 'nothing', 'vsé', 'four', '8', '12', ' ', '.',
+                                 '+', '=', ',', '_', 'é', '我', 'ж']), max_size=30).map(''.join),
+       st.sampled_from(['digits', 'words', 'latin', 'cjk']))
+def test_language_share_matches_slow_twin(cot, target):
+    assert language_consistency_reward(f'<think>{cot}</think>', target) == pytest.approx(
+        language_share_slow(cot, target))
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +436,60 @@ def test_overlong_args():
 
 
 # -----------------------------------------------------------------------------
+# rl_rewards: the terms summed for a batch
+
+P280 = SimpleNamespace(numbers=[8, 7, 5], target=280)
+RL_TEXTS = [
+    # right (8*7)*5 = 280, strict format, attempts distinct, all digits
+    '<think>8+7=15 vs 280 no.8*7=56 56*5=280 vs 280 yes.</think><answer>(8*7)*5</answer><|eos|>',
+    # wrong (8+7)*5 = 75, strict format, its 2 attempts the same, all digits
+    '<think>8+7=15 vs 280 no.8+7=15 vs 280 no.</think><answer>(8+7)*5</answer>',
+    # right, no think: format 0, no attempts, no CoT words (language 0)
+    '<answer>(8*7)*5</answer>',
+    # wrong 8+7+5 = 20, strict format, one attempt, in words
+    '<think>eight plus seven is fifteen vs two hundred eighty no.</think><answer>8+7+5</answer>',
+]
+
+
+def test_rl_rewards_by_hand():
+    # G = 2, max_new_tokens 20, overlong buffer 5: the ramp runs from 15 tokens (0) to 20 (-1)
+    lengths = [10, 20, 4, 16]
+    r, parts = rl_rewards(RL_TEXTS, [P280] * 4, lengths, 2, 20, format_weight=0.1, repeat_weight=0.5,
+                          length_weight=0.2, lang_weight=0.3, overlong_buffer=5)
+    want = {'accuracy': [1, 0, 1, 0], 'format': [1, 1, 0, 1], 'repeat': [0, 0.5, 0, 0],
+            # group 1: lengths 10, 20: lambda 0.5, -0.5; group 2: 4, 16: lambda 0.5, -0.5 (both wrong ones < 0)
+            'length': [0.5, -0.5, 0.5, -0.5], 'lang': [1, 1, 0, 0],
+            # 10 and 4 tokens: 0; 20: (15 - 20) / 5 = -1; 16: (15 - 16) / 5 = -0.2
+            'overlong': [0, -1, 0, -0.2]}
+    assert set(parts) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(parts[k], torch.tensor(v, dtype=torch.float32), msg=k)
+    # 1 + 0.1 + 0.2 * 0.5 + 0.3 = 1.5; 0.1 - 0.5 * 0.5 - 0.2 * 0.5 + 0.3 - 1 = -0.95; 1 + 0.2 * 0.5 = 1.1;
+    # 0.1 - 0.2 * 0.5 - 0.2 = -0.2
+    torch.testing.assert_close(r, torch.tensor([1.5, -0.95, 1.1, -0.2]))
+    assert r.shape == (4,) and r.dtype == torch.float32
+
+
+def test_rl_rewards_defaults_and_errors():
+    r, parts = rl_rewards(RL_TEXTS, [P280] * 4, [10, 20, 4, 16], 2, 20)
+    assert set(parts) == {'accuracy', 'format'}                          # the optional terms are off
+    torch.testing.assert_close(r, torch.tensor([1.0, 0.0, 1.0, 0.0]))   # accuracy alone
+    r, _ = rl_rewards(RL_TEXTS, [P280] * 4, [10, 20, 4, 16], 4, 20, format_weight=0.5)
+    torch.testing.assert_close(r, torch.tensor([1.5, 0.5, 1.0, 0.5]))
+    with pytest.raises(ValueError, match='whole groups'):
+        rl_rewards(RL_TEXTS, [P280] * 4, [10, 20, 4, 16], 3, 20)
+    with pytest.raises(ValueError, match='lengths'):
+        rl_rewards(RL_TEXTS, [P280] * 4, [10, 20, 4], 2, 20, length_weight=0.2)
+    for buffer in (21, -1):
+        with pytest.raises(ValueError, match='overlong_buffer'):
+            rl_rewards(RL_TEXTS, [P280] * 4, [10, 20, 4, 16], 2, 20, overlong_buffer=buffer)
+    with pytest.raises(ValueError, match='unknown target'):
+        rl_rewards(RL_TEXTS, [P280] * 4, [10, 20, 4, 16], 2, 20, lang_weight=0.1, lang_target='english')
+    r, parts = rl_rewards([], [], [], 2, 20, length_weight=0.2, overlong_buffer=5)
+    assert r.shape == (0,) and parts['length'].shape == (0,)
+
+
+# -----------------------------------------------------------------------------
 # repeat detection
 
 def repeat_fraction_slow(seq, n):
@@ -384,14 +507,11 @@ def test_repeat_by_hand():
     loop = 'abcd' * 25
     assert repeat_ngram_fraction(loop) == pytest.approx(93 / 97)
     assert is_repeating(loop)
-    assert repeat_penalty(loop) == -1.0
-    assert repeat_penalty(loop, penalty=0.5) == -0.5
     # [1, 2, 3] * 10 with n = 3: 28 3-grams, 3 distinct
     assert repeat_ngram_fraction([1, 2, 3] * 10, n=3) == pytest.approx(25 / 28)
     # no repeated 4-gram
     assert repeat_ngram_fraction('abcdefghij') == 0.0
     assert not is_repeating('abcdefghij')
-    assert repeat_penalty('abcdefghij') == 0.0
     # shorter than n
     assert repeat_ngram_fraction('abc') == 0.0
     assert repeat_ngram_fraction([]) == 0.0
@@ -399,6 +519,19 @@ def test_repeat_by_hand():
     assert repeat_ngram_fraction('aaaaa', n=2) == pytest.approx(3 / 4)
     with pytest.raises(ValueError):
         repeat_ngram_fraction('abc', n=0)
+
+
+def test_repeated_attempts_by_hand():
+    # the same attempt three times: 3 attempts, the last 2 repeat the first (the first one counts too: the
+    # <think> before it is not part of it)
+    loop = '<think>6-1=5 5-2=3 vs 4 no.6-1=5 5-2=3 vs 4 no.6-1=5 5-2=3 vs 4 no.</think><answer>(6-1)-2</answer>'
+    assert repeated_attempts(loop) == pytest.approx(2 / 3)
+    assert repeated_attempts('<think>a. b. a.</think><answer>1</answer><|eos|>') == pytest.approx(1 / 3)
+    assert repeated_attempts('<think>a...a</think>') == 0.5       # blank pieces are no attempts: a, a
+    assert repeated_attempts('<think>a. b.</think>') == 0.0
+    assert repeated_attempts('a. a.</think><answer>1</answer>') == 0.5   # a prefilled <think>
+    for text in ('<answer>1</answer>', '', None):                         # no CoT, no attempts
+        assert repeated_attempts(text) == 0.0
 
 
 def test_repeat_looping_generation():
@@ -424,7 +557,7 @@ def test_repeat_fast_matches_slow_twin(seq, n):
 
 
 # -----------------------------------------------------------------------------
-# properties: never raises, in range, fast
+# properties: never raises, in range, right on adversarial inputs
 
 def all_rewards(text):
     """(name, fn, allowed values or (lo, hi)) of every text reward, bound to one input."""
@@ -436,7 +569,7 @@ def all_rewards(text):
         ('format_lenient', lambda: format_reward(text, strict=False, prefilled_think=True), {0.0, 1.0}),
         ('language_words', lambda: language_consistency_reward(text, 'words'), (0.0, 1.0)),
         ('language_cjk', lambda: language_consistency_reward(text, 'cjk'), (0.0, 1.0)),
-        ('repeat_penalty', lambda: repeat_penalty(text), {0.0, -1.0}),
+        ('repeated_attempts', lambda: repeated_attempts(text), (0.0, 1.0)),
     ]
 
 
@@ -447,60 +580,43 @@ def raw_rewards(text):
             lambda: R.format_reward.__wrapped__(text),
             lambda: R.format_reward.__wrapped__(text, strict=False),
             lambda: R._language_share.__wrapped__(text, 'latin'),
+            lambda: R._language_share.__wrapped__(text, 'digits'),
+            lambda: R.repeated_attempts.__wrapped__(text),
             lambda: extract_answer(text),
             lambda: parse_expression(text)]
 
 
-def timed_call(fn):
-    """(result, seconds); a slow call is re-timed twice and the minimum kept, so a scheduler hiccup on this
-    shared machine is not mistaken for a slow input, while a really slow input stays slow."""
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    if dt > BUDGET_S:
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            dt = min(dt, time.perf_counter() - t0)
-    return out, dt
-
-
-def check_rewards(text, worst):
+def check_rewards(text):
+    """Every reward returns a float in its range, and no raw function raises; returns {name: value}."""
+    values = {}
     for name, fn, allowed in all_rewards(text):
-        out, dt = timed_call(fn)
+        out = values[name] = fn()
         assert type(out) is float, (name, text)
         if isinstance(allowed, set):
             assert out in allowed, (name, out, text)
         else:
             assert allowed[0] <= out <= allowed[1], (name, out, text)
-        worst[name] = max(worst.get(name, 0.0), dt)
     for fn in raw_rewards(text):
         fn()
+    return values
 
-
-# warm up once per process: the first language call builds its 0x110000-entry script table (~0.3 s)
-language_consistency_reward('<think>warm up</think>', 'words')
 
 PIECES = ['<think>', '</think>', '<answer>', '</answer>', '<|eos|>', '<|pad|>', '<answer', 'answer>', '(', ')', '+',
           '-', '*', '/', '=', ' ', '\n', '0', '1', '3', '4', '5', '7', '12', '999999', '9999999', '**', '^', '.',
-          '٣', '３', 'three', 'abc', '我', 'ж', '\u0301']
+          '٣', '３', 'three', 'abc', '我', 'ж', '\u0301', 'vs', 'no']
 grammar_text = st.lists(st.sampled_from(PIECES), max_size=60).map(''.join)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
 def test_property_random_text(text):
-    worst = {}
-    check_rewards(text, worst)
-    assert max(worst.values()) < BUDGET_S, worst
+    check_rewards(text)
 
 
 @settings(max_examples=300, deadline=None)
 @given(grammar_text)
 def test_property_grammar_text(text):
-    worst = {}
-    check_rewards(text, worst)
-    assert max(worst.values()) < BUDGET_S, worst
+    check_rewards(text)
 
 
 @settings(max_examples=100, deadline=None)
@@ -529,6 +645,7 @@ def adversarial_inputs():
         'spaces': ' ' * n,
         'think_alternating': '<think>' + 'a1' * (n // 2),
         'think_tags': '<think></think>' * (n // 15),
+        'template_words': '<think>' + 'vs no yes.' * (n // 10),
         'random_ascii': ''.join(rng.choice('<>/|answerthinkeospad 0123456789+-*/()=') for _ in range(n)),
         'random_unicode': '<think>' + ''.join(chr(rng.randrange(0x20, 0x110000)) for _ in range(n)),
         'mixed_scripts': '<think>' + ''.join(rng.choice(['ab ', 'жж ', '我', '12 ', 'αβ ', 'مر ']) for _ in range(n // 2)),
@@ -536,16 +653,19 @@ def adversarial_inputs():
 
 
 @pytest.mark.parametrize('name', list(adversarial_inputs()))
-def test_100kb_adversarial_under_10ms(name):
+def test_100kb_adversarial_inputs(name):
+    """
+    Right values on 100 kB inputs made to trip backtracking regexes, deep recursion and huge integers. No timing
+    here (bench.py measures speed): every path is linear and these take milliseconds, while a quadratic one would
+    take minutes on 100 kB and show as a hang.
+    """
     text = adversarial_inputs()[name]
     assert len(text) >= 90_000
-    for label, fn, _ in all_rewards(text) + [('extract', lambda: extract_answer(text), None),
-                                             ('parse', lambda: parse_expression(text), None)]:
-        best = float('inf')
-        for _ in range(5):  # min of 5 runs: robust to noise from other processes on the machine (mixed
-            t0 = time.perf_counter()  # scripts once took 10.6 ms beside a training job, before count_words used numpy)
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        assert best < BUDGET_S, (name, label, best)
-    for fn in raw_rewards(text):
-        fn()
+    values = check_rewards(text)
+    # none of them answers [3, 4, 5] -> 7, [1, 12] -> -11 or 7, nor has the strict format
+    assert values['countdown'] == values['countdown_neg'] == values['arithmetic'] == values['format'] == 0.0
+    # the language shares against the slow twin, on the CoT as the reward extracts it
+    cot = R._chain_of_thought(text)
+    assert R.count_words(cot) == count_words_slow(cot)
+    for target in ('words', 'digits', 'cjk'):
+        assert language_consistency_reward(text, target) == pytest.approx(language_share_slow(cot, target))
