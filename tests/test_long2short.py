@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import harness
 import long2short
 import tasks
 import train
@@ -60,7 +61,7 @@ def test_merge_checkpoints_give_back_each_end_and_the_mean(source, tmp_path):
         out = str(tmp_path / f'a{alpha}')
         s = l2s('merge', long_path, out, '--alpha', str(alpha))   # --short defaults to the source's base
         assert s['short'] == short_path
-        model, _, _ = train.load_policy(os.path.join(out, 'merge', 'ckpt.pt'), 'cpu')
+        model, _, _ = harness.load_policy(os.path.join(out, 'merge', 'ckpt.pt'), 'cpu')
         for k, v in model.state_dict().items():
             ref = want[k] if want is not None else (long_sd[k] + short_sd[k]) / 2
             torch.testing.assert_close(v, ref, rtol=0, atol=0 if want is not None else 1e-7)
@@ -122,7 +123,7 @@ def test_dpo_loss_by_hand_and_gradient_direction():
 
 def test_response_logprobs_match_a_slow_twin(source):
     """Batched, left-padded, response-only sums == one unpadded forward per row, summed over response positions."""
-    model, tok, _ = train.load_policy(source[0], 'cpu')
+    model, tok, _ = harness.load_policy(source[0], 'cpu')
     prompts = [[tok.bos, 5, 6, 7], [tok.bos, 9], [tok.bos, 11, 12]]   # ragged: exercises the padding mask
     responses = [[20, 21, 22], [30], [40, 41, 42, 43, 44]]
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_all_methods_end_to_end(source, tmp_path, varied):
         ms = json.load(open(os.path.join(out, m, 'summary.json')))
         assert all(k in ms for k in keys), (m, ms)
         assert os.path.isfile(os.path.join(out, m, 'report.md'))
-        train.load_policy(ms['ckpt'], 'cpu')   # train.py's format: --init-from takes it
+        harness.load_policy(ms['ckpt'], 'cpu')   # train.py's format: --init-from takes it
         assert m in s['methods']
     dpo = json.load(open(os.path.join(out, 'dpo', 'summary.json')))
     assert dpo['n_pairs'] > 0 and dpo['dpo_steps'] == 2
