@@ -19,7 +19,7 @@ import torch.distributed as dist
 from model import GPT, ModelConfig
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate
-from tasks import format_prompt
+from tasks import format_prompt, problems
 from tokenizer import Tokenizer
 
 
@@ -171,6 +171,13 @@ def open_stage(tc, task_cfg, stage_dir, total_steps):
     return ck
 
 
+def check_finite(step, **values):
+    """Stop with one line at the first non-finite loss or grad norm: training on would only write NaN."""
+    for k, v in values.items():
+        if not math.isfinite(float(v)):
+            die(f"step {step}: {k} is {float(v)}; stopping (the last good checkpoint is kept)")
+
+
 def rng_state():
     return {'python': list(random.getstate()[1]), 'python_pos': random.getstate()[2],
             'numpy': np.random.get_state()[1].tolist(), 'torch': torch.get_rng_state()}
@@ -296,3 +303,13 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
            'mean_tokens': float(np.mean(lengths)) if lengths else math.nan}
     return out if detail else (out['pass@k'], out['mean_tokens'])
+
+
+def base_evals(model, tok, tc, task_cfg):
+    """Greedy held-out accuracy of a model on worked arithmetic and on countdown (at the RL stage's budget, so
+    that this is the base figure the grpo stage's step 0 reports too)."""
+    ar_test = problems('arithmetic', 'test', tc.n_eval, tc.seed, task_cfg)
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    arith, _ = evaluate(model, tok, ar_test, 'arithmetic', task_cfg.template, 40)
+    cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}

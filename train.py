@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import distill
 import grpo
-from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, load_checkpoint, load_policy,
+from harness import (MetricsLog, base_evals, check_finite, checkpoint, die, encode_prompt, evaluate, load_checkpoint, load_policy,
                      pick_device, plot_curves, print0, read_jsonl, rng_state, save_checkpoint, set_rng_state,
                      setup_distributed, write_json, write_report, open_stage)
 from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
@@ -254,13 +254,6 @@ def val_loss(model, val, device, bos):
     return float(torch.stack(losses).mean())
 
 
-def check_finite(step, **values):
-    """Stop with one line at the first non-finite loss or grad norm: training on would only write NaN."""
-    for k, v in values.items():
-        if not math.isfinite(float(v)):
-            die(f"step {step}: {k} is {float(v)}; stopping (the last good checkpoint is kept)")
-
-
 # -----------------------------------------------------------------------------
 # stage: pretrain
 
@@ -365,18 +358,27 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
         print0(json.dumps(summary, indent=2))
 
 
-def base_evals(model, tok, tc, task_cfg):
-    """Greedy held-out accuracy of a model on worked arithmetic and on countdown (at the RL stage's budget, so
-    that this is the base figure the grpo stage's step 0 reports too)."""
-    ar_test = problems('arithmetic', 'test', tc.n_eval, tc.seed, task_cfg)
-    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
-    arith, _ = evaluate(model, tok, ar_test, 'arithmetic', task_cfg.template, 40)
-    cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
-    return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}
-
-
 # -----------------------------------------------------------------------------
 # stage: grpo (R1-Zero: RL straight on the base with rule rewards)
+
+def rl_metrics(seen, terms, batch, mask, G, pool):
+    """One step's rollout metrics as floats: `seen` holds every dynamic-sampling round's (rewards, terms)."""
+    gen_r = torch.cat([r for r, _ in seen]).view(-1, G)                                   # (groups, G)
+    gen_t = {k: torch.cat([t[k] for _, t in seen]) for k in seen[0][1]}
+    lens, right = batch.lengths.float(), terms['accuracy'] > 0
+    drawn = [pool[i].solve_rate for i in batch.drawn]   # the difficulty label of the new prompts
+    trained = batch.gen.mask.sum(1)                     # (N,) tokens each row trains
+    row = {'reward': gen_r.mean(), 'reward_std': gen_r.std(), 'accuracy': (gen_t['accuracy'] > 0).float().mean(),
+           **{f'{k}_reward': v.mean() for k, v in gen_t.items() if k != 'accuracy'},
+           'response_len': lens.mean(), 'response_len_correct': lens[right].mean() if right.any() else None,
+           'response_len_wrong': lens[~right].mean() if (~right).any() else None,
+           'zero_var_frac': (gen_r == gen_r[:, :1]).all(1).float().mean(), 'kept_groups': len(batch.ids),
+           'rollout_rounds': len(seen), 'truncated_frac': (~batch.gen.finished).float().mean(),
+           'trained_tokens': mask.sum(), 'prompt_solve_rate': sum(drawn) / len(drawn) if drawn else None,
+           'buffer_groups': batch.buffered, 'repeat_stops': batch.repeat_stops,
+           'continued_token_frac': trained[batch.continued].sum() / trained.sum().clamp(min=1)}
+    return {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
+
 
 def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     """R1-Zero's RL (DeepSeek-R1 sec 2.2): GRPO on the base with rule rewards, no critic, no reward model."""
@@ -484,33 +486,19 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
                 loss.backward()
                 share = mask[sl].sum() / n_tok.clamp(min=1)   # token means weigh by the micro-batch's tokens
                 met['entropy'] = grpo.masked_entropy(logits.detach(), mask[sl])
-                for k, v in met.items():
+                for k, v in {**met, 'loss': loss.detach()}.items():   # summed as tensors: one sync per step
                     stats[k] = stats.get(k, 0.0) + v * (1.0 if k.endswith('loss') else share)
-                stats['loss'] = stats.get('loss', 0.0) + loss.detach()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.rl_grad_clip)
             check_finite(step + 1, loss=stats['loss'], grad_norm=gnorm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if model.config.ffn == 'moe':
                 update_moe_biases(model)
-        # 6. metrics: rewards over every rollout generated this step; lengths, losses over the trained batch
-        gen_r = torch.cat([r for r, _ in seen]).view(-1, G)                                   # (groups, G)
-        gen_t = {k: torch.cat([t[k] for _, t in seen]) for k in seen[0][1]}
-        lens, right = batch.lengths.float(), terms['accuracy'] > 0
-        drawn = [cd_train[i].solve_rate for i in batch.drawn]   # the difficulty label of the new prompts
-        row = {'step': step + 1, 'reward': gen_r.mean(), 'reward_std': gen_r.std(),
-               'accuracy': (gen_t['accuracy'] > 0).float().mean(),
-               **{f'{k}_reward': v.mean() for k, v in gen_t.items() if k != 'accuracy'},
-               'response_len': lens.mean(), 'response_len_correct': lens[right].mean() if right.any() else None,
-               'response_len_wrong': lens[~right].mean() if (~right).any() else None,
-               'zero_var_frac': (gen_r == gen_r[:, :1]).all(1).float().mean(), 'kept_groups': N // G,
-               'rollout_rounds': len(seen), 'truncated_frac': (~batch.gen.finished).float().mean(),
-               'trained_tokens': mask.sum(), 'grad_norm': gnorm, **stats, 'lr': lr,
-               'prompt_solve_rate': sum(drawn) / len(drawn) if drawn else None, 'buffer_groups': batch.buffered,
-               'repeat_stops': batch.repeat_stops, 'step_seconds': round(time.time() - ts, 3)}
-        trained = batch.gen.mask.sum(1)   # (N,) tokens each row trains: the share from continued trajectories
-        row['continued_token_frac'] = trained[batch.continued].sum() / trained.sum().clamp(min=1)
-        row = {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
+        # 6. metrics: rewards over every rollout generated, lengths and losses over the trained batch; a held-out
+        #    greedy evaluation every rl_eval_interval steps
+        row = {'step': step + 1, **rl_metrics(seen, terms, batch, mask, G, cd_train),
+               **{k: float(v) for k, v in stats.items()}, 'grad_norm': float(gnorm),
+               'lr': lr, 'step_seconds': round(time.time() - ts, 3)}
         if (step + 1) % tc.rl_eval_interval == 0 or step + 1 == tc.rl_steps:
             row['eval_pass@1'], row['eval_mean_tokens'] = evaluate(model, tok, cd_test, 'countdown', tmpl,
                                                                    tc.max_new_tokens)
