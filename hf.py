@@ -67,7 +67,7 @@ def load_pretrained(cls, path, **overrides):
     want = {_hf_name(n, config): n for n in model.state_dict()}
     if config.tie_embeddings:
         want.pop('lm_head.weight', None)
-    # a missing balancing bias is V2's router (none) or an old V3 file: it stays zero, which is their routing
+    # DeepseekV2 files store no balancing bias (their router has none): ours stays zero, which is that routing
     missing = sorted(k for k in want if k not in names and not k.endswith('e_score_correction_bias'))
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensors the config needs are missing: {_some(missing)}")
