@@ -222,6 +222,10 @@ def config_from_hf(hf):
     arch = (hf.get('architectures') or ['?'])[0]
     if arch not in _ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; GPT.from_pretrained reads {', '.join(_ARCHS)}")
+    quant = hf.get('quantization_config')
+    if quant:  # e.g. DeepSeek-V3's fp8 blocks: a plain copy would ignore their weight_scale_inv
+        method = quant.get('quant_method', '?') if isinstance(quant, dict) else '?'
+        raise ValueError(f"quantized checkpoint ({method}) unsupported: dequantize it to bf16/fp32 first")
     if hf.get('hidden_act', 'silu') != 'silu':
         raise ValueError(f"hidden_act {hf['hidden_act']!r} unsupported (SwiGLU with silu only)")
     rope = rope_from_hf(hf)

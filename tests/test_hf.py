@@ -4,7 +4,10 @@ GPT.from_pretrained / save_pretrained against Hugging Face transformers as the r
 Tiny random Llama, Qwen2, DeepseekV3 and DeepseekV2 models are built offline from transformers' config classes,
 saved with their own save_pretrained, loaded with ours: logits must agree within 1e-4 (fp32), 32 greedy tokens
 (ours through the KV cache, theirs by full recomputation) must be identical, and our save_pretrained folder
-must load back into the transformers class with the same logits.
+must load back into the transformers class with the same logits. Loading is strict: edited folders (a wrong
+shape, an unknown or missing tensor, a shard outside the folder, RoPE keys that disagree) must be refused with
+a ValueError naming the culprit, and the RoPE spellings of transformers 4.x and 5.x must give transformers'
+logits.
 
 Run: python -m pytest tests/test_hf.py -q      (skips itself when transformers is not installed)
 """
@@ -194,6 +197,10 @@ def test_clear_errors(tmp_path):
     del sd['model.layers.1.mlp.down_proj.weight']
     save_file(sd, tmp_path / 'ref' / 'model.safetensors')
     with pytest.raises(ValueError, match=r'1 tensors the config needs are missing: model\.layers\.1\.mlp\.down_proj'):
+        GPT.from_pretrained(str(tmp_path / 'ref'))
+    # DeepSeek-V3's released fp8 weights: copying them without their weight_scale_inv would be silent garbage
+    edit_config(tmp_path / 'ref', lambda hf: hf.update(quantization_config={'quant_method': 'fp8'}))
+    with pytest.raises(ValueError, match=r'quantized checkpoint \(fp8\) unsupported'):
         GPT.from_pretrained(str(tmp_path / 'ref'))
 
 
