@@ -16,9 +16,15 @@ DeepseekV2ForCausalLM; writes Llama (Qwen2 when attn_bias) for gqa + dense, Deep
   those layers, from_pretrained loads as many as the folder holds.
 - Unsupported things fail loudly: other architectures, non-silu MLPs, rope scaling other than YaRN on MLA,
   Llama's attention_bias/mlp_bias, Qwen2 sliding windows.
+- Loading is strict, with one-line ValueError / FileNotFoundError (a library raises; train.py prints): every
+  weight must be stored with exactly its shape; every stored tensor is loaded or is one of the kinds `_skipped`
+  lists by name; shards must lie inside the folder; RoPE keys spelled twice (rope_parameters, rope_scaling,
+  rope_theta) must agree. transformers is laxer here: it only logs unexpected tensors, and rope_scaling silently
+  overrides rope_parameters.
 """
 import json
 import os
+import re
 import warnings
 
 import torch
@@ -30,7 +36,9 @@ from model import ModelConfig
 
 def load_pretrained(cls, path, **overrides):
     """GPT.from_pretrained: a single model.safetensors or shards listed in model.safetensors.index.json.
-    The RoPE table covers block_size tokens, max_position_embeddings unless overridden."""
+    The RoPE table covers block_size tokens, max_position_embeddings unless overridden. Strict: every tensor
+    the model needs must be stored with exactly its shape, and every stored tensor is loaded or is one of the
+    known, deliberately skipped kinds (_skipped); anything else is a ValueError naming the tensor and file."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such checkpoint folder: {path}")
     cfg_path = os.path.join(path, 'config.json')
@@ -39,19 +47,15 @@ def load_pretrained(cls, path, **overrides):
     with open(cfg_path) as f:
         hf = json.load(f)
     d = config_from_hf(hf)
-    index = os.path.join(path, 'model.safetensors.index.json')
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)['weight_map'].values()))
-    elif os.path.isfile(os.path.join(path, 'model.safetensors')):
-        files = ['model.safetensors']
-    else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    files = _weight_files(path)
     # the tensors' names first: the MTP depth is however many MTP layers the checkpoint really stores
     names = {}
     for fn in files:
         with safe_open(os.path.join(path, fn), framework='pt') as f:
-            names.update({k: fn for k in f.keys()})
+            for k in f.keys():
+                if k in names:  # two copies: which one wins would depend on the file order
+                    raise ValueError(f"{path}: tensor {k} is stored twice, in {names[k]} and {fn}")
+                names[k] = fn
     n_mtp = hf.get('num_nextn_predict_layers', 0) or 0
     d['mtp_depth'] = sum(f"model.layers.{d['n_layer'] + k}.eh_proj.weight" in names for k in range(n_mtp))
     d.update(overrides)
@@ -63,19 +67,78 @@ def load_pretrained(cls, path, **overrides):
     want = {_hf_name(n, config): n for n in model.state_dict()}
     if config.tie_embeddings:
         want.pop('lm_head.weight', None)
-    missing = [k for k in want if k not in names and not k.endswith('e_score_correction_bias')]
+    # DeepseekV2 files store no balancing bias (their router has none): ours stays zero, which is that routing
+    missing = sorted(k for k in want if k not in names and not k.endswith('e_score_correction_bias'))
     if missing:
-        raise KeyError(f"{len(missing)} weights missing from {path}, e.g. {missing[:5]}")
+        raise ValueError(f"{path}: {len(missing)} tensors the config needs are missing: {_some(missing)}")
+    unexpected = sorted(k for k in names if k not in want and not _skipped(k, config, n_mtp))
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} stored tensors fit no weight of this {hf['architectures'][0]} "
+                         f"config: {_some(unexpected)}")
     state = model.state_dict()
     with torch.no_grad():
         for fn in files:
             with safe_open(os.path.join(path, fn), framework='pt') as f:
                 for key in f.keys():
-                    if key in want:
-                        t = f.get_tensor(key)
-                        perm = _rope_rows(config, want[key]) if interleaved else None
-                        state[want[key]].copy_(t if perm is None else t[perm])
+                    if key not in want:
+                        continue
+                    dst = state[want[key]]
+                    shape = tuple(f.get_slice(key).get_shape())
+                    # exact shapes: copy_ would broadcast a [1] norm weight to every channel without a word
+                    if shape != tuple(dst.shape):
+                        raise ValueError(f"{os.path.join(path, fn)}: tensor {key} has shape {list(shape)}, "
+                                         f"the config expects {list(dst.shape)}")
+                    t = f.get_tensor(key)
+                    perm = _rope_rows(config, want[key]) if interleaved else None
+                    dst.copy_(t if perm is None else t[perm])
     return model
+
+
+def _weight_files(path):
+    """The safetensors files of a checkpoint folder, relative to it. Shards named by the index must lie inside
+    the folder: a weight_map entry '../x' or '/x' would read a file the folder does not hold."""
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get('weight_map')
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        for key, fn in weight_map.items():
+            # lexical check, not realpath: hub cache snapshots are symlinks into ../../blobs, which is fine
+            parts = fn.replace('\\', '/').split('/') if isinstance(fn, str) else ['..']
+            if parts[0] == '' or '..' in parts or ':' in parts[0]:  # '/x', '../x', 'a/../../x', 'C:x'
+                raise ValueError(f"{index}: weight_map entry {key}: {fn!r} is not a file inside {path}")
+        files = sorted(set(weight_map.values()))
+        for fn in files:
+            if not os.path.isfile(os.path.join(path, fn)):
+                raise FileNotFoundError(f"{index} names {fn}, which {path} does not hold")
+        return files
+    if os.path.isfile(os.path.join(path, 'model.safetensors')):
+        return ['model.safetensors']
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _skipped(key, config, n_mtp):
+    """Stored tensors we skip on purpose, by name pattern; any other unknown tensor is an error.
+    - *.rotary_emb.inv_freq: the RoPE frequencies older transformers saved as buffers; we compute them.
+    - lm_head.weight under tie_word_embeddings: transformers ties it to embed_tokens and ignores the copy.
+    - model.layers.{n_layer + k}.embed_tokens / .shared_head.head: DeepSeek-V3's MTP modules share the main
+      embedding and output head (DeepSeek-V3 sec 2.2); the checkpoint stores copies, we use the originals.
+    - model.layers.{n_layer + k}.* for k >= mtp_depth (< num_nextn_predict_layers): MTP modules the config
+      declares but this model does not build (mtp_depth=0 overridden, as transformers always does)."""
+    if key.endswith('rotary_emb.inv_freq') or (key == 'lm_head.weight' and config.tie_embeddings):
+        return True
+    m = re.fullmatch(r'model\.layers\.(\d+)\.(.*)', key)
+    if m is None:
+        return False
+    k = int(m.group(1)) - config.n_layer
+    if not 0 <= k < max(n_mtp, config.mtp_depth):
+        return False
+    return k >= config.mtp_depth or m.group(2) in ('embed_tokens.weight', 'shared_head.head.weight')
+
+
+def _some(keys, n=8):
+    return ', '.join(keys[:n]) + (f', ... ({len(keys) - n} more)' if len(keys) > n else '')
 
 
 def save_pretrained(model, path, dtype=None):
@@ -159,14 +222,18 @@ def config_from_hf(hf):
     arch = (hf.get('architectures') or ['?'])[0]
     if arch not in _ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; GPT.from_pretrained reads {', '.join(_ARCHS)}")
+    quant = hf.get('quantization_config')
+    if quant:  # e.g. DeepSeek-V3's fp8 blocks: a plain copy would ignore their weight_scale_inv
+        method = quant.get('quant_method', '?') if isinstance(quant, dict) else '?'
+        raise ValueError(f"quantized checkpoint ({method}) unsupported: dequantize it to bf16/fp32 first")
     if hf.get('hidden_act', 'silu') != 'silu':
         raise ValueError(f"hidden_act {hf['hidden_act']!r} unsupported (SwiGLU with silu only)")
-    rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    rope = rope_from_hf(hf)
+    rope_type = rope.get('rope_type', 'default')
     n_head = hf['num_attention_heads']
     d = dict(vocab_size=hf['vocab_size'], block_size=hf['max_position_embeddings'], n_layer=hf['num_hidden_layers'],
              n_head=n_head, n_kv_head=hf.get('num_key_value_heads') or n_head, n_embd=hf['hidden_size'],
-             intermediate_size=hf['intermediate_size'], rope_theta=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
+             intermediate_size=hf['intermediate_size'], rope_theta=rope.get('rope_theta', 1e4),
              norm_eps=hf.get('rms_norm_eps', 1e-6), tie_embeddings=hf.get('tie_word_embeddings', False))
     if arch in ('LlamaForCausalLM', 'Qwen2ForCausalLM'):
         if rope_type != 'default':
@@ -203,6 +270,33 @@ def config_from_hf(hf):
                  routed_scaling_factor=hf.get('routed_scaling_factor', 1.0),
                  first_k_dense_replace=hf.get('first_k_dense_replace', 0))
     return d
+
+
+def rope_from_hf(hf):
+    """The RoPE settings of config.json as one dict (rope_type, rope_theta, factor, ...). transformers 5.x writes
+    `rope_parameters` with rope_theta and rope_type inside; 4.x wrote `rope_scaling` (`type` or `rope_type`,
+    factor, ...) beside a top-level `rope_theta`. A file may hold both (a 4.x recipe's rope_scaling added to a
+    5.x config), and transformers 5 then takes rope_scaling whole (modeling_rope_utils.
+    convert_rope_params_to_dict). We merge all three and refuse a key two of them set differently, so a
+    scaling is never dropped and a contradiction is never settled by a silent precedence rule."""
+    merged, where = {}, {}
+    for name in ('rope_parameters', 'rope_scaling', 'rope_theta'):
+        d = hf.get(name)
+        if d is None:
+            continue
+        if name == 'rope_theta':
+            d = {'rope_theta': d}
+        elif not isinstance(d, dict):
+            raise ValueError(f"config.json {name} is {d!r}, not an object")
+        for key, value in d.items():
+            key = 'rope_type' if key == 'type' else key  # 4.x's spelling
+            if value is None:
+                continue
+            if key in merged and merged[key] != value:
+                raise ValueError(f"config.json sets RoPE {key} twice and differently: {merged[key]!r} in "
+                                 f"{where[key]}, {value!r} in {name}; keep one")
+            merged[key], where[key] = value, name
+    return merged
 
 
 def config_to_hf(c):

@@ -17,8 +17,8 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   copied beside the result, then the verdict). The writer walks the search space in a fixed order from a
   random start, stops after a random number of attempts, whatever the checks said, and answers with its last
   attempt. The base therefore knows how to search, compute and verify, but not when to stop:
-  that is what RL has to learn (DESIGN note in EXPERIMENTS.md, and REFERENCE.md sec. 5 for why the naive
-  world does not learn). Held-out problems never appear in it.
+  that is what RL has to learn (EXPERIMENTS.md, "Design of the tiny world", also for why the naive world of
+  character tokens and random traces does not learn). Held-out problems never appear in it.
 - A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
   attempt is written in number words ("six minus one is five vs four no."); answers stay in digits. And the
   readable long CoTs of R1's cold start (cold_start_trace): digits only, stopping at the first verified hit.
@@ -150,9 +150,28 @@ class TaskConfig:
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # 'short' or 'r1zero'
 
+    def __post_init__(self):
+        # the problem generators draw until a problem fits these fields: nonsense here used to spin forever
+        if not 2 <= self.n_numbers <= 6:  # >= 2 for one move; all_attempts walks n! * |ops|^(n-1) chains a problem
+            raise ValueError(f"n_numbers must be in 2..6, got {self.n_numbers}")
+        if not 1 <= self.lo <= self.hi:
+            raise ValueError(f"need 1 <= lo <= hi (Countdown's numbers are positive), got lo={self.lo}, hi={self.hi}")
+        if not self.ops or set(self.ops) - set('+-*/'):
+            raise ValueError(f"ops must be a non-empty string of + - * /, got {self.ops!r}")
+        if self.max_target < 1:
+            raise ValueError(f"max_target must be >= 1 (targets are positive), got {self.max_target}")
+
+
+# make_countdown's budget. The tight but possible configs we tried accept >= 1% of draws (ops='-' with 5 numbers:
+# 1.1%; ops='/' with hi=20: 1.4%), and at 1% all 2000 draws fail with chance 0.99^2000 ~ 2e-9
+COUNTDOWN_DRAWS = 2000
+
 
 def make_countdown(rng, cfg):
-    while True:
+    """A random Countdown problem: random numbers, a random valid chain over them, its value as the target
+    (if 1 <= value <= max_target). Fields that admit (almost) no such chain, e.g. ops='-' with lo=hi, raise
+    after COUNTDOWN_DRAWS draws instead of drawing forever."""
+    for _ in range(COUNTDOWN_DRAWS):
         numbers = [rng.randint(cfg.lo, cfg.hi) for _ in range(cfg.n_numbers)]
         res = random_moves(rng, numbers, cfg.ops)
         if res is None or not (1 <= res[0] <= cfg.max_target):
@@ -160,6 +179,8 @@ def make_countdown(rng, cfg):
         attempts = all_attempts(numbers, cfg.ops)
         rate = sum(a[0] == res[0] for a in attempts) / len(attempts)
         return Countdown(numbers, res[0], res[2], rate)
+    raise ValueError(f"no countdown problem in {COUNTDOWN_DRAWS} draws with n_numbers={cfg.n_numbers}, lo={cfg.lo}, "
+                     f"hi={cfg.hi}, ops={cfg.ops!r}, max_target={cfg.max_target}: these fields admit (almost) none")
 
 
 def make_arithmetic(rng, cfg, digits=1):

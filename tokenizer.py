@@ -9,7 +9,9 @@ Tokenizers built here, with no download: tiktoken `Encoding`s whose ranks we mak
   neighbour, EXPERIMENTS.md), which is what makes RL rollouts cheap enough for a CPU.
 - `from_pretrained(path)`: a Hugging Face byte-level BPE tokenizer.json (GPT-2, Qwen2, Llama 3, DeepSeek-V3) as
   a tiktoken Encoding with the same ids; the section at the end of this file says how HF's pipeline maps onto
-  tiktoken's, and tests/test_tokenizer_hf.py checks it against the `tokenizers` library.
+  tiktoken's, and tests/test_tokenizer_hf.py checks it against the `tokenizers` library. It refuses, with a
+  ValueError naming the culprit, what it cannot run safely or exactly: Split regexes outside KNOWN_SPLITS
+  (the section says why an allowlist), empty or colliding added tokens, shared ids or gaps, malformed merges.
 
 The pre-tokenisation regex follows cl100k's shape (numbers split into runs of at most 3 digits, letters keep
 one leading non-letter) with one change: every punctuation character is its own piece. With cl100k's
@@ -18,6 +20,7 @@ bracket token; the base then got the outer operation wrong in half of all expres
 """
 import base64
 import collections
+import contextlib
 import json
 import os
 import unicodedata
@@ -139,14 +142,43 @@ def train_bpe(texts, n_merges):
 #   (Llama 3, Qwen2) number tokens in merge order, so the rank is the token id and `.enc` speaks HF ids. If the
 #   ids are not in merge order we rank by merge order instead and map ranks to ids in encode (`rank_to_id`).
 # - each Split pattern is used verbatim: Oniguruma (tokenizers) and fancy-regex (tiktoken) share the Perl syntax
-#   these patterns use (\p{L}, (?i:...), possessive ?+ and ++, (?!\S)); a pattern tiktoken cannot compile is
-#   named in the error. HF keeps the text between matches as pieces where tiktoken drops it, so the last pattern
-#   P becomes `(?:P)|(?:(?!(?:P))[\s\S])+`: a run of characters where P does not match is one piece, as in HF.
+#   these patterns use (\p{L}, (?i:...), possessive ?+ and ++, (?!\S)). HF keeps the text between matches as
+#   pieces where tiktoken drops it, so the last pattern P becomes `(?:P)|(?:(?!(?:P))[\s\S])+`: a run of
+#   characters where P does not match is one piece, as in HF.
+# - only the Split patterns of KNOWN_SPLITS are accepted. A regex is a program, and both engines that run ours
+#   backtrack. Python's `regex` (the leading Splits) has no limit: `(a|aa)+b` on 'aaa...X' takes 3 s at 30
+#   characters and 5 s at 32, exponential in the length. tiktoken's fancy-regex (the last Split; our gap clause
+#   makes every pattern "fancy") stops after 10^6 steps with a Rust panic, and a pattern that matches "" panics
+#   tiktoken's BPE outright. No cheap static test separates safe patterns from slow ones (nested quantifiers
+#   are only the best-known blow-up; `\s*\s*\s*...x` is polynomial of any degree), and a trial run at load time
+#   only tries the inputs we thought of. So we accept the patterns of the tokenizers this file supports,
+#   compared verbatim, which tiktoken and tokenizers run on all text in production, and name any other in the
+#   error; a new one goes into KNOWN_SPLITS after someone has checked it.
+# - every id, added token and merge is checked before tiktoken sees it: tiktoken panics on an id two tokens
+#   share, an empty added token is matched between every two characters, and an id past a gap would widen
+#   n_vocab with ids that decode to nothing. A Rust panic
+#   (pyo3_runtime.PanicException) derives from BaseException and passes `except Exception`, so any that still
+#   escapes tiktoken becomes a ValueError (_no_panic).
 # - tiktoken takes one regex. Every Split before the last, and a Unicode normalizer (Qwen2's NFC), run in
 #   Python in `encode`; `.enc` alone is exact only when `exact` is True.
 # ---------------------------------------------------------------------------------------------------------------
 GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 UNICODE_NORMALIZERS = ('NFC', 'NFD', 'NFKC', 'NFKD')
+KNOWN_SPLITS = {  # name: a pre-tokenizer Split regex as tokenizer.json holds it (CR/LF/TAB spelt as escapes)
+    'gpt2': GPT2_PAT_STR,
+    'cl100k': r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+              r"""|\s*[\r\n]|\s+(?!\S)|\s+""",  # tiktoken's cl100k_base (GPT-4)
+    'llama3': r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",  # Llama 3's tokenizer.json (and R1-Distill-Llama's)
+    'qwen2': r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+             r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",  # Qwen2 / Qwen2.5 (R1-Distill-Qwen): one digit per piece
+    # DeepSeek-V3 (and R1): three Splits, digits in runs of three, CJK runs, then the words
+    'deepseek_v3_digits': r'\p{N}{1,3}',
+    'deepseek_v3_cjk': '[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+',
+    'deepseek_v3': r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+                   r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+_KNOWN_SPLIT_NAMES = {p: name for name, p in KNOWN_SPLITS.items()}
 
 
 def bytes_to_unicode():
@@ -175,8 +207,7 @@ def _pre_tokenizer_patterns(pt):
             if step.get('behavior') != 'Isolated' or step.get('invert'):
                 raise ValueError(f"unsupported pre-tokenizer Split(behavior={step.get('behavior')}, invert="
                                  f"{step.get('invert')}): only Isolated, non-inverted splits are a tiktoken regex")
-            pat = step['pattern']
-            pats.append(regex.escape(pat['String']) if 'String' in pat else pat['Regex'])
+            pats.append(_split_regex(step['pattern'], k))
         elif kind == 'ByteLevel' and k == len(steps) - 1:
             if step.get('add_prefix_space'):
                 raise ValueError("unsupported pre-tokenizer ByteLevel(add_prefix_space=True): "
@@ -189,6 +220,34 @@ def _pre_tokenizer_patterns(pt):
     if steps[-1]['type'] != 'ByteLevel':
         raise ValueError(f"pre-tokenizer {pt['type']} does not end with ByteLevel; not a byte-level BPE")
     return pats or [r'[\s\S]+']  # ByteLevel(use_regex=False) alone: each text segment is one piece
+
+
+def _split_regex(pattern, k):
+    """A Split's pattern as a regex we may run: a non-empty literal, or a regex of KNOWN_SPLITS (see above)."""
+    if 'String' in pattern:
+        if not isinstance(pattern['String'], str) or not pattern['String']:
+            raise ValueError(f"pre-tokenizer Split {k} splits on the empty string {pattern['String']!r}")
+        return regex.escape(pattern['String'])
+    p = pattern.get('Regex')
+    # JSON files spell CR/LF/TAB either as regex escapes or as the characters themselves; both mean the same
+    canon = p.replace('\r', r'\r').replace('\n', r'\n').replace('\t', r'\t') if isinstance(p, str) else p
+    if canon not in _KNOWN_SPLIT_NAMES:
+        raise ValueError(f"pre-tokenizer Split {k} has the regex {p!r}, which is not one of the known patterns "
+                         f"({', '.join(KNOWN_SPLITS)}): an unknown regex may backtrack for minutes or panic tiktoken "
+                         f"on some input; add it to tokenizer.KNOWN_SPLITS once checked")
+    return canon
+
+
+@contextlib.contextmanager
+def _no_panic(what):
+    """Turn a Rust panic from tiktoken (pyo3_runtime.PanicException, a BaseException) into a ValueError. The
+    class is only reachable from inside pyo3, so it is matched by name; KeyboardInterrupt etc. pass through."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != 'PanicException':
+            raise
+        raise ValueError(f"{what}: tiktoken panicked ({e})") from None
 
 
 def _split_isolated(pat, text):
@@ -233,7 +292,8 @@ class PretrainedTokenizer:
         if not self.exact:
             return self.encode_slow(text, special)
         # fast path: tiktoken does all of it in Rust
-        ranks = self.enc.encode(text, allowed_special='all') if special else self.enc.encode_ordinary(text)
+        with _no_panic('encode'):
+            ranks = self.enc.encode(text, allowed_special='all') if special else self.enc.encode_ordinary(text)
         return self._ids(ranks)
 
     def encode_slow(self, text, special=True):
@@ -250,8 +310,9 @@ class PretrainedTokenizer:
             pieces = [seg]
             for pat in self.pre_splits:
                 pieces = [q for p in pieces for q in _split_isolated(pat, p)]
-            for p in pieces:
-                ranks += self.enc.encode_ordinary(p)
+            with _no_panic('encode'):
+                for p in pieces:
+                    ranks += self.enc.encode_ordinary(p)
         return self._ids(ranks)
 
     def _ids(self, ranks):
@@ -262,9 +323,9 @@ class PretrainedTokenizer:
         return b''.join(self.id_bytes[int(i)] for i in ids).decode('utf-8', errors='replace')
 
 
-def _named_token_id(path, name, added, vocab, b2u):
+def _named_token_id(path, name, added, vocab, b2u, n_vocab):
     """The id of `name` ('bos', 'eos', 'pad'): tokenizer_config.json's <name>_token (text or AddedToken dict),
-    else config.json's <name>_token_id (first entry if a list), else None."""
+    else config.json's <name>_token_id (first entry if a list), else None. An id must be one of the n_vocab."""
     for fname, key in (('tokenizer_config.json', f'{name}_token'), ('config.json', f'{name}_token_id')):
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
@@ -275,7 +336,9 @@ def _named_token_id(path, name, added, vocab, b2u):
             value = value.get('content')
         if isinstance(value, list):
             value = value[0] if value else None
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < n_vocab:  # a stop id no sample can produce, or one that decodes to nothing
+                raise ValueError(f"{fname} names {key}={value}, outside the ids 0..{n_vocab - 1} of tokenizer.json")
             return value
         if isinstance(value, str):
             if value in added:
@@ -285,6 +348,80 @@ def _named_token_id(path, name, added, vocab, b2u):
                 return vocab[as_vocab]
             raise ValueError(f"{fname} names {key}={value!r}, which is not a token of tokenizer.json")
     return None
+
+
+def _is_id(i):
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+
+def _added_tokens(entries):
+    """tokenizer.json's added_tokens as {text: id}: each a non-empty text with its own id. tiktoken would match
+    an empty special token between every two characters, and a text or id listed twice leaves one of them
+    unreachable, so those are refused, as are the whitespace options tiktoken cannot express."""
+    added, texts = {}, {}
+    for t in entries:
+        text, i = t.get('content'), t.get('id')
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"added token {text!r} (id {i!r}) is empty; it would match between every two characters")
+        if not _is_id(i):
+            raise ValueError(f"added token {text!r} has id {i!r}, not an integer >= 0")
+        if t.get('lstrip') or t.get('rstrip') or t.get('single_word'):
+            raise ValueError(f"added token {text!r} strips whitespace or must be a single word; "
+                             f"tiktoken special tokens cannot express that")
+        if text in added:
+            raise ValueError(f"added token {text!r} is listed twice, with ids {added[text]} and {i}")
+        if i in texts:
+            raise ValueError(f"added tokens {texts[i]!r} and {text!r} share the id {i}")
+        added[text], texts[i] = i, text
+    return added
+
+
+def _token_bytes(vocab, added, b2u):
+    """{id: bytes} for every token: vocab strings go back to bytes through the byte-level alphabet, added tokens
+    are their UTF-8 text. An added token may also stand in the vocab under its own id (as plain text or in the
+    alphabet); any other id two tokens share, and any gap in the ids 0..N-1, is refused by name: tiktoken
+    panics on the first and the second leaves ids that decode to nothing."""
+    u2b = {c: b for b, c in b2u.items()}
+    id_bytes = {i: s.encode('utf-8') for s, i in added.items()}
+    owner = {i: s for s, i in added.items()}  # whose id it is, for the messages
+    for s, i in vocab.items():
+        if not _is_id(i):
+            raise ValueError(f"vocab token {s!r} has id {i!r}, not an integer >= 0")
+        if s in added and added[s] == i:
+            continue  # the added token's own vocab entry, as plain text
+        if any(c not in u2b for c in s):
+            raise ValueError(f"vocab token {s!r} is outside the byte-level alphabet; not a byte-level BPE")
+        b = bytes(u2b[c] for c in s)
+        if i in id_bytes:
+            if added.get(owner[i]) == i and id_bytes[i] == b:
+                continue  # the added token's own vocab entry, spelt in the alphabet
+            raise ValueError(f"tokens {owner[i]!r} and {s!r} share the id {i}")
+        id_bytes[i], owner[i] = b, s
+    n = len(id_bytes)
+    over = [i for i in id_bytes if i >= n]
+    if over:
+        i = min(over)
+        raise ValueError(f"token {owner[i]!r} has id {i}, but the {n} tokens must be numbered 0..{n - 1} without "
+                         f"gaps (an id in a gap would decode to nothing)")
+    return id_bytes
+
+
+def _merge_products(merges, vocab):
+    """The ids of the merge products in merge order (a token made by two merges counts at its first). A merge is
+    "a b" (older files) or [a, b] (tokenizers >= 0.20); both parts and their concatenation must be vocab tokens."""
+    products, seen = [], set()
+    for k, m in enumerate(merges):
+        parts = m.split(' ') if isinstance(m, str) else m
+        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+            raise ValueError(f"merge {k} is {m!r}, not two tokens")
+        a, b = parts
+        for x in (a, b, a + b):
+            if x not in vocab:
+                raise ValueError(f"merge {k} ({a!r} + {b!r}): {x!r} is not in the vocab")
+        if a + b not in seen:
+            seen.add(a + b)
+            products.append(vocab[a + b])
+    return products
 
 
 def from_pretrained(path):
@@ -314,38 +451,15 @@ def from_pretrained(path):
             raise ValueError(f"unsupported normalizer {n['type']}; supported: none or {', '.join(UNICODE_NORMALIZERS)}")
     pats = _pre_tokenizer_patterns(tj.get('pre_tokenizer'))
 
-    added = {}
-    for t in tj.get('added_tokens', []):
-        if t.get('lstrip') or t.get('rstrip') or t.get('single_word'):
-            raise ValueError(f"added token {t['content']!r} strips whitespace or must be a single word; "
-                             f"tiktoken special tokens cannot express that")
-        added[t['content']] = t['id']
-
-    # vocab strings back to bytes; added tokens may be stored in the vocab as plain text, outside the alphabet
+    added = _added_tokens(tj.get('added_tokens', []))
     b2u = bytes_to_unicode()
-    u2b = {c: b for b, c in b2u.items()}
     vocab = model['vocab']
-    id_bytes = {i: s.encode('utf-8') for s, i in added.items()}
-    for s, i in vocab.items():
-        if i in id_bytes:
-            continue
-        if any(c not in u2b for c in s):
-            raise ValueError(f"vocab token {s!r} is outside the byte-level alphabet; not a byte-level BPE")
-        id_bytes[i] = bytes(u2b[c] for c in s)
     missing = [b for b in range(256) if b2u[b] not in vocab]
     if missing:
         raise ValueError(f"vocab lacks {len(missing)} of the 256 single-byte tokens (e.g. {bytes([missing[0]])!r}); "
                          f"tiktoken needs all of them")
-
-    # merge products in merge order (a token made by two merges counts at its first)
-    products, seen = [], set()
-    for m in model['merges']:
-        a, b = m.split(' ') if isinstance(m, str) else m  # "a b" in older files, [a, b] since tokenizers 0.20
-        if a not in vocab or b not in vocab or a + b not in vocab:
-            raise ValueError(f"merge {a!r} + {b!r} uses a token missing from the vocab")
-        if a + b not in seen:
-            seen.add(a + b)
-            products.append(vocab[a + b])
+    id_bytes = _token_bytes(vocab, added, b2u)
+    products = _merge_products(model['merges'], vocab)
     ranked = [vocab[b2u[b]] for b in range(256)] + products
     if model.get('ignore_merges'):
         # HF looks a whole piece up in the vocab before merging (Llama 3), as tiktoken always does: tokens no
@@ -363,16 +477,9 @@ def from_pretrained(path):
 
     last = pats[-1]
     pat_str = f'(?:{last})|(?:(?!(?:{last}))[\\s\\S])+'  # + HF's gaps between matches, as pieces
-    try:
+    with _no_panic(tj_path):
         enc = tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=pat_str,
                                 mergeable_ranks=ranks, special_tokens=special)
-    except ValueError as e:
-        raise ValueError(f"cannot use the pre-tokenizer regex {last!r} in tiktoken: {e}") from None
-    for p in pats[:-1]:
-        try:
-            regex.compile(p)
-        except regex.error as e:
-            raise ValueError(f"cannot compile the pre-tokenizer regex {p!r}: {e}") from None
 
-    bos, eos, pad = (_named_token_id(path, name, added, vocab, b2u) for name in ('bos', 'eos', 'pad'))
+    bos, eos, pad = (_named_token_id(path, name, added, vocab, b2u, len(id_bytes)) for name in ('bos', 'eos', 'pad'))
     return PretrainedTokenizer(enc, id_bytes, added, pats[:-1], [n['type'] for n in norms], rank_to_id, bos, eos, pad)

@@ -4,7 +4,10 @@ GPT.from_pretrained / save_pretrained against Hugging Face transformers as the r
 Tiny random Llama, Qwen2, DeepseekV3 and DeepseekV2 models are built offline from transformers' config classes,
 saved with their own save_pretrained, loaded with ours: logits must agree within 1e-4 (fp32), 32 greedy tokens
 (ours through the KV cache, theirs by full recomputation) must be identical, and our save_pretrained folder
-must load back into the transformers class with the same logits.
+must load back into the transformers class with the same logits. Loading is strict: edited folders (a wrong
+shape, an unknown or missing tensor, a shard outside the folder, RoPE keys that disagree) must be refused with
+a ValueError naming the culprit, and the RoPE spellings of transformers 4.x and 5.x must give transformers'
+logits.
 
 Run: python -m pytest tests/test_hf.py -q      (skips itself when transformers is not installed)
 """
@@ -193,5 +196,174 @@ def test_clear_errors(tmp_path):
     sd = load_file(tmp_path / 'ref' / 'model.safetensors')
     del sd['model.layers.1.mlp.down_proj.weight']
     save_file(sd, tmp_path / 'ref' / 'model.safetensors')
-    with pytest.raises(KeyError, match='missing'):
+    with pytest.raises(ValueError, match=r'1 tensors the config needs are missing: model\.layers\.1\.mlp\.down_proj'):
         GPT.from_pretrained(str(tmp_path / 'ref'))
+    # DeepSeek-V3's released fp8 weights: copying them without their weight_scale_inv would be silent garbage
+    edit_config(tmp_path / 'ref', lambda hf: hf.update(quantization_config={'quant_method': 'fp8'}))
+    with pytest.raises(ValueError, match=r'quantized checkpoint \(fp8\) unsupported'):
+        GPT.from_pretrained(str(tmp_path / 'ref'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict loading: every needed tensor with its exact shape, every stored tensor used or skipped by name
+
+def edit_tensors(folder, fn, edit):
+    """Rewrite one safetensors file of a folder through `edit(dict of tensors)`."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(os.path.join(folder, fn))
+    edit(sd)
+    save_file(sd, os.path.join(folder, fn), metadata={'format': 'pt'})
+
+
+def edit_config(folder, edit):
+    with open(os.path.join(folder, 'config.json')) as f:
+        hf = json.load(f)
+    edit(hf)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(hf, f)
+
+
+def test_wrong_shape_is_refused(tmp_path):
+    """A [1] norm weight used to broadcast into 32 copies of itself; now the error names tensor, file, shapes."""
+    build_reference('llama_tied').save_pretrained(tmp_path)
+    edit_tensors(tmp_path, 'model.safetensors',
+                 lambda sd: sd.update({'model.layers.0.input_layernorm.weight': torch.ones(1)}))
+    with pytest.raises(ValueError, match=r'model\.safetensors: tensor model\.layers\.0\.input_layernorm\.weight '
+                                         r'has shape \[1\], the config expects \[32\]'):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_unexpected_tensor_is_refused(tmp_path):
+    """A tensor the config has no place for (here a Qwen3-style q_norm in a Qwen2 folder) was dropped silently."""
+    build_reference('qwen2_tied').save_pretrained(tmp_path)
+    edit_tensors(tmp_path, 'model.safetensors', lambda sd: sd.update({
+        'model.layers.0.self_attn.q_norm.weight': torch.ones(8), 'model.layers.2.mlp.up_proj.weight': torch.ones(1)}))
+    with pytest.raises(ValueError, match=r'2 stored tensors fit no weight of this Qwen2ForCausalLM config: '
+                                         r'model\.layers\.0\.self_attn\.q_norm\.weight, model\.layers\.2\.mlp'):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@torch.no_grad()
+def test_known_extra_tensors_are_skipped(tmp_path):
+    """The listed kinds load as transformers loads them: old rotary inv_freq buffers, a tied lm_head copy."""
+    ref = build_reference('llama_tied')
+    ref.save_pretrained(tmp_path)
+    edit_tensors(tmp_path, 'model.safetensors', lambda sd: sd.update({
+        'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(4), 'lm_head.weight': torch.zeros(VOCAB, 32)}))
+    x = ids()
+    torch.testing.assert_close(GPT.from_pretrained(str(tmp_path)).eval()(x)[0], ref(x).logits, atol=1e-4, rtol=0)
+
+
+def test_mtp_layers_skipped_only_when_declared(tmp_path):
+    """MTP layers the model does not build (mtp_depth=0) are skipped; a layer past the declared ones is not."""
+    from model import ModelConfig
+    c = ModelConfig(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=32, attn='mla', ffn='moe',
+                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                    mtp_depth=1, tie_embeddings=False)
+    torch.manual_seed(0)
+    GPT(c).save_pretrained(str(tmp_path))
+    assert GPT.from_pretrained(str(tmp_path), mtp_depth=0).config.mtp_depth == 0
+    edit_tensors(tmp_path, 'model.safetensors',
+                 lambda sd: sd.update({'model.layers.3.eh_proj.weight': sd['model.layers.2.eh_proj.weight'].clone()}))
+    with pytest.raises(ValueError, match=r'1 stored tensors fit no weight.*model\.layers\.3\.eh_proj\.weight'):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def sharded(tmp_path):
+    ref = build_reference('llama_untied_gqa')
+    folder = tmp_path / 'ckpt'
+    ref.save_pretrained(folder, max_shard_size='20KB')
+    with open(folder / 'model.safetensors.index.json') as f:
+        index = json.load(f)
+    assert len(set(index['weight_map'].values())) > 2
+    return ref, folder, index
+
+
+def write_index(folder, index):
+    with open(folder / 'model.safetensors.index.json', 'w') as f:
+        json.dump(index, f)
+
+
+@pytest.mark.parametrize('where', ['parent', 'absolute', 'nested_up'])
+def test_shard_outside_folder_is_refused(tmp_path, where):
+    """A weight_map entry may only name a file inside the folder; the old loader read '../x' and '/abs/x'."""
+    ref, folder, index = sharded(tmp_path)
+    key, fn = next(iter(index['weight_map'].items()))
+    os.replace(folder / fn, tmp_path / 'outside.safetensors')  # the shard really exists, outside
+    entry = {'parent': '../outside.safetensors', 'absolute': str(tmp_path / 'outside.safetensors'),
+             'nested_up': 'sub/../../outside.safetensors'}[where]
+    index['weight_map'] = {k: (entry if v == fn else v) for k, v in index['weight_map'].items()}
+    write_index(folder, index)
+    with pytest.raises(ValueError, match=f"weight_map entry {key}: '{entry}' is not a file inside"):
+        GPT.from_pretrained(str(folder))
+
+
+def test_shard_problems(tmp_path):
+    ref, folder, index = sharded(tmp_path)
+    files = sorted(set(index['weight_map'].values()))
+    # a tensor stored in two shards: which copy won depended on file order
+    edit_tensors(folder, files[1], lambda sd: sd.update({'model.norm.weight': torch.zeros(32)}))
+    with pytest.raises(ValueError, match=r'tensor model\.norm\.weight is stored twice'):
+        GPT.from_pretrained(str(folder))
+    # a shard the index names but the folder lacks
+    os.remove(folder / files[1])
+    with pytest.raises(FileNotFoundError, match=files[1]):
+        GPT.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE settings: transformers 5.x writes rope_parameters, 4.x rope_scaling + rope_theta; a file may hold both
+
+YARN = dict(factor=4.0, original_max_position_embeddings=16, beta_fast=32, beta_slow=1, mscale=1.0,
+            mscale_all_dim=1.0)
+ROPE_SPELLINGS = {  # name: the config.json keys that describe dsv3_yarn_tied's RoPE
+    '4x': dict(rope_theta=10000.0, rope_scaling=dict(YARN, type='yarn')),
+    # theta in rope_parameters, the scaling beside it: the old loader took rope_parameters and dropped YaRN
+    'both_split': dict(rope_parameters=dict(rope_theta=10000.0), rope_scaling=dict(YARN, type='yarn')),
+    'both_same': dict(rope_theta=10000.0, rope_parameters=dict(YARN, rope_type='yarn', rope_theta=10000.0),
+                      rope_scaling=dict(YARN, type='yarn', rope_type='yarn')),
+}
+
+
+@pytest.mark.parametrize('spelling', list(ROPE_SPELLINGS))
+@torch.no_grad()
+def test_rope_spellings_match_transformers(tmp_path, spelling):
+    ref = build_reference('dsv3_yarn_tied')
+    ref.save_pretrained(tmp_path)
+
+    def respell(hf):
+        for k in ('rope_parameters', 'rope_scaling', 'rope_theta'):
+            hf.pop(k, None)
+        hf.update(ROPE_SPELLINGS[spelling])
+    edit_config(tmp_path, respell)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation='eager').eval()
+    x = ids()
+    want = ref(x).logits
+    torch.testing.assert_close(theirs(x).logits, want, atol=1e-5, rtol=0)  # transformers reads it as saved
+    torch.testing.assert_close(GPT.from_pretrained(str(tmp_path)).eval()(x)[0], want, atol=1e-4, rtol=0)
+
+
+ROPE_CONFLICTS = {  # name: (config.json keys, words the error must contain)
+    'factor': (dict(rope_parameters=dict(YARN, rope_type='yarn', rope_theta=1e4),
+                    rope_scaling=dict(YARN, type='yarn', factor=2.0)),
+               "RoPE factor twice and differently: 4.0 in rope_parameters, 2.0 in rope_scaling"),
+    'type': (dict(rope_parameters=dict(rope_type='default', rope_theta=1e4), rope_scaling=dict(YARN, type='yarn')),
+             "RoPE rope_type twice and differently: 'default' in rope_parameters, 'yarn' in rope_scaling"),
+    'theta': (dict(rope_parameters=dict(YARN, rope_type='yarn', rope_theta=1e4), rope_theta=5e5),
+              "RoPE rope_theta twice and differently: 10000.0 in rope_parameters, 500000.0 in rope_theta"),
+    'type_spellings': (dict(rope_scaling=dict(YARN, type='yarn', rope_type='linear')), "rope_type twice"),
+}
+
+
+@pytest.mark.parametrize('case', list(ROPE_CONFLICTS))
+def test_rope_conflicts_are_refused(tmp_path, case):
+    build_reference('dsv3_yarn_tied').save_pretrained(tmp_path)
+    keys, words = ROPE_CONFLICTS[case]
+
+    def respell(hf):
+        for k in ('rope_parameters', 'rope_scaling', 'rope_theta'):
+            hf.pop(k, None)
+        hf.update(keys)
+    edit_config(tmp_path, respell)
+    with pytest.raises(ValueError, match=words.replace('(', r'\(').replace(')', r'\)')):
+        GPT.from_pretrained(str(tmp_path))

@@ -1,9 +1,12 @@
-"""Task generator tests: solvable by construction, deterministic, disjoint splits. Run: python -m pytest tests/test_tasks.py -q"""
+"""Task generator tests: solvable by construction, deterministic, disjoint splits, impossible configs refused
+in bounded work. Run: python -m pytest tests/test_tasks.py -q"""
 import random
+import re
 from fractions import Fraction
 
 import pytest
 
+import tasks
 from tasks import (TaskConfig, problems, make_countdown, all_attempts, countdown_trace, corpus_document,
                    format_prompt, in_test_split, arithmetic_response, R1_ZERO_TEMPLATE)
 
@@ -165,3 +168,39 @@ def test_all_attempts_covers_the_known_solution():
     att = all_attempts(p.numbers, cfg.ops)
     assert any(e == p.solution for _, _, e in att)
     assert all(eval_expr(e) == v for v, _, e in att)
+
+
+@pytest.mark.parametrize('kw, words', [
+    (dict(max_target=0), 'max_target must be >= 1'),      # `--max-target 0` used to make make_countdown spin
+    (dict(lo=5, hi=3), 'lo=5, hi=3'),
+    (dict(lo=0), 'lo=0'),
+    (dict(n_numbers=1), 'n_numbers must be in 2..6, got 1'),
+    (dict(n_numbers=7), 'n_numbers must be in 2..6, got 7'),
+    (dict(ops=''), 'ops must be'),
+    (dict(ops='+^'), r"ops must be .*'\+\^'"),
+])
+def test_task_config_refuses_nonsense(kw, words):
+    with pytest.raises(ValueError, match=words):
+        TaskConfig(**kw)
+
+
+@pytest.mark.parametrize('kw', [dict(lo=1, hi=1, ops='-'),                   # 1-1 is not a move
+                                dict(lo=1, hi=1, ops='/'),                   # nor is x/1
+                                dict(n_numbers=4, lo=9, hi=9, ops='*')])     # 9^4 > max_target
+def test_make_countdown_gives_up_on_impossible_fields(monkeypatch, kw):
+    """Valid fields that admit no problem: make_countdown stops after COUNTDOWN_DRAWS draws, naming the fields.
+    The guard turns the old endless loop into a failure instead of a hang."""
+    real, draws = tasks.random_moves, []
+
+    def counting(rng, numbers, ops):
+        draws.append(numbers)
+        if len(draws) > 20_000:
+            raise RuntimeError("still drawing: make_countdown would spin forever")
+        return real(rng, numbers, ops)
+    monkeypatch.setattr(tasks, 'random_moves', counting)
+    cfg = TaskConfig(**kw)
+    with pytest.raises(ValueError) as e:
+        problems('countdown', 'train', 10, 0, cfg)
+    e.match(re.escape(f"no countdown problem in {tasks.COUNTDOWN_DRAWS} draws with n_numbers={cfg.n_numbers}, "
+                      f"lo={cfg.lo}, hi={cfg.hi}, ops={cfg.ops!r}, max_target={cfg.max_target}"))
+    assert len(draws) == tasks.COUNTDOWN_DRAWS

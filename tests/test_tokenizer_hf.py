@@ -7,6 +7,9 @@ ByteLevel-only regex, plus two edits of the saved JSON (ids shuffled out of merg
 Llama 3). Each is saved as a hub-style folder and loaded back by both libraries; our ids must equal theirs on the
 training lines, held-out strings, random code points and random mixes of awkward pieces (whitespace runs,
 contractions, combining marks, added tokens), with and without added-token splitting, and decode must agree.
+Edited files must be refused with a ValueError that names the culprit (test_clear_errors): unknown Split regexes
+(one that backtracks exponentially, one that matches ""), empty/duplicate/colliding added tokens, shared or
+missing ids, malformed merges.
 
 Run: python -m pytest tests/test_tokenizer_hf.py -q      (skips itself when tokenizers is not installed)
 """
@@ -27,6 +30,8 @@ from tokenizer import from_pretrained  # noqa: E402
 SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<think>', '</think>']
 CL100K = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
           r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+LLAMA3 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+          r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN2 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
          r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 DEEPSEEK_V3 = [r'\p{N}{1,3}', r'[一-龥぀-ゟ゠-ヿ]+',
@@ -130,7 +135,9 @@ def folders(tmp_path_factory):
     chat = {'bos_token': {'content': '<|im_start|>', 'lstrip': False, '__type': 'AddedToken'},
             'eos_token': '<|endoftext|>', 'pad_token': None}
     return {
+        'root': root,
         'cl100k': save(root / 'cl100k', cl100k, tokenizer_config=chat),
+        'llama3': save(root / 'llama3', train([LLAMA3])),
         'qwen2': save(root / 'qwen2', train([QWEN2], normalizers.NFC()), tokenizer_config=chat),
         'deepseek_v3': save(root / 'deepseek_v3', train(DEEPSEEK_V3)),
         'gpt2': save(root / 'gpt2', train(None), config={'bos_token_id': 0, 'eos_token_id': [0, 3]}),
@@ -139,7 +146,8 @@ def folders(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize('name', ['cl100k', 'qwen2', 'deepseek_v3', 'gpt2', 'shuffled_ids', 'ignore_merges'])
+@pytest.mark.parametrize('name', ['cl100k', 'llama3', 'qwen2', 'deepseek_v3', 'gpt2', 'shuffled_ids',
+                                  'ignore_merges'])
 def test_same_ids_as_tokenizers(folders, name):
     path = folders[name]
     ref = tokenizers.Tokenizer.from_file(os.path.join(path, 'tokenizer.json'))
@@ -219,7 +227,42 @@ ERRORS = {  # name: (edit of a good tokenizer.json, words the error must contain
     'decoder': (lambda tj: tj.update(decoder={'type': 'Metaspace'}), 'decoder'),
     'lstrip': (lambda tj: tj['added_tokens'][3].update(lstrip=True), '<think>'),
     'missing_byte': (lambda tj: tj['model']['vocab'].pop('Ā'), 'single-byte'),
+    # regexes we cannot bound: exponential backtracking in Python's `regex` (a leading Split) hung encode;
+    # in tiktoken (the last Split) it hit fancy-regex's backtrack limit, and an empty match broke its BPE: both
+    # a Rust panic at encode time. Now refused at load, by name.
+    'redos_leading': (lambda tj: tj['pre_tokenizer']['pretokenizers'].insert(0, split(r'(a|aa)+b')),
+                      r"Split 0 has the regex '\(a\|aa\)\+b', which is not one of the known"),
+    'redos_last': (lambda tj: tj['pre_tokenizer']['pretokenizers'][0].update(split(r'(?:a|a(?!x))*b')), 'known'),
+    'empty_match': (lambda tj: tj['pre_tokenizer']['pretokenizers'][0].update(split(r'\s*|\p{L}+')), 'known'),
+    'empty_string': (lambda tj: tj['pre_tokenizer']['pretokenizers'][0].update(pattern={'String': ''}),
+                     'empty string'),
+    # ids: tiktoken panicked on a shared id; an empty added token or an id gap mis-tokenized silently
+    'empty_added': (lambda tj: tj['added_tokens'].append(dict(tj['added_tokens'][0], id=753, content='')),
+                    r"added token '' \(id 753\) is empty"),
+    'added_same_id': (lambda tj: tj['added_tokens'].append(dict(tj['added_tokens'][0], content='<new>')),
+                      "added tokens '<|endoftext|>' and '<new>' share the id 0"),
+    'added_twice': (lambda tj: tj['added_tokens'].append(dict(tj['added_tokens'][3], id=753)),
+                    "added token '<think>' is listed twice, with ids 3 and 753"),
+    'added_vocab_clash': (lambda tj: tj['added_tokens'].append(dict(tj['added_tokens'][0], content='<new>',
+                                                                    id=tj['model']['vocab']['h'])),
+                          "tokens '<new>' and 'h' share the id"),
+    'vocab_same_id': (lambda tj: tj['model']['vocab'].update(h=tj['model']['vocab']['e']), "'h' share the id"),
+    'vocab_negative_id': (lambda tj: tj['model']['vocab'].update(h=-1), "'h' has id -1, not an integer >= 0"),
+    'vocab_str_id': (lambda tj: tj['model']['vocab'].update(h='5'), "'h' has id '5', not an integer"),
+    'vocab_id_gap': (lambda tj: tj['model']['vocab'].update(h=10 ** 6),
+                     r"'h' has id 1000000, but the 753 tokens must be numbered 0\.\.752"),
+    # merges: not two parts, or parts / product missing from the vocab
+    'merge_three': (lambda tj: tj['model']['merges'].insert(0, ['Ġ', 't', 'h']), "merge 0 is \\['Ġ', 't', 'h'\\]"),
+    'merge_string_three': (lambda tj: tj['model']['merges'].insert(5, 'Ġ t h'), "merge 5 is 'Ġ t h', not two"),
+    'merge_one': (lambda tj: tj['model']['merges'].insert(0, 'Ġt'), "merge 0 is 'Ġt', not two tokens"),
+    'merge_unknown_part': (lambda tj: tj['model']['merges'].insert(0, ['Ġ', 'zzqq']), "'zzqq' is not in the vocab"),
+    'merge_unknown_product': (lambda tj: tj['model']['merges'].insert(0, ['Ā', 'Ā']),
+                              r"merge 0 \('Ā' \+ 'Ā'\): 'ĀĀ' is not in the vocab"),
 }
+
+
+def split(pattern):
+    return {'type': 'Split', 'pattern': {'Regex': pattern}, 'behavior': 'Isolated', 'invert': False}
 
 
 @pytest.mark.parametrize('case', list(ERRORS))
@@ -232,8 +275,47 @@ def test_clear_errors(folders, tmp_path, case):
         from_pretrained(save(tmp_path / case, tj))
 
 
+def test_named_id_outside_vocab(folders, tmp_path):
+    """config.json's eos_token_id past the vocab used to be taken as is: a stop token no sample can produce."""
+    with open(os.path.join(folders['gpt2'], 'tokenizer.json'), encoding='utf-8') as f:
+        tj = json.load(f)
+    n = len(tj['model']['vocab'])  # the added tokens are in the vocab too
+    with pytest.raises(ValueError, match=rf"config.json names eos_token_id={n}, outside the ids 0\.\.{n - 1} "):
+        from_pretrained(save(tmp_path, tj, config={'eos_token_id': [n, 0]}))
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match='no such'):
         from_pretrained(str(tmp_path / 'nope'))
     with pytest.raises(FileNotFoundError, match='tokenizer.json'):
         from_pretrained(str(tmp_path))
+
+
+def test_deepseek_v3_literal_newlines(folders, tmp_path):
+    """DeepSeek-V3's tokenizer.json writes the CR and LF of `[^\\r\\n...]` as the characters themselves: the same
+    regex as the escaped spelling, so it is known and encodes as tokenizers does."""
+    with open(os.path.join(folders['deepseek_v3'], 'tokenizer.json'), encoding='utf-8') as f:
+        tj = json.load(f)
+    last = tj['pre_tokenizer']['pretokenizers'][2]['pattern']
+    last['Regex'] = last['Regex'].replace(r'\r', '\r').replace(r'\n', '\n')
+    assert '\r\n' in last['Regex']
+    path = save(tmp_path / 'literal', tj)
+    ref, tok = tokenizers.Tokenizer.from_file(os.path.join(path, 'tokenizer.json')), from_pretrained(path)
+    for text in sample_texts(seed=3)[:300]:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+
+
+def test_rust_panic_becomes_value_error(folders, monkeypatch):
+    """The last line of defence: a pattern that matches "" (let through here on purpose) panics tiktoken's BPE;
+    the PanicException, a BaseException that `except Exception` misses, comes out as a ValueError."""
+    import tokenizer
+    monkeypatch.setitem(tokenizer._KNOWN_SPLIT_NAMES, r'\s*|\p{L}+', 'empty_match')
+    with open(os.path.join(folders['cl100k'], 'tokenizer.json'), encoding='utf-8') as f:
+        tj = json.load(f)
+    tj['pre_tokenizer']['pretokenizers'][0].update(split(r'\s*|\p{L}+'))
+    tok = from_pretrained(save(folders['root'] / 'panics', tj))
+    with pytest.raises(ValueError, match='encode: tiktoken panicked'):
+        tok.encode('hello world')
+    with pytest.raises(KeyboardInterrupt):  # only PanicException is converted
+        with tokenizer._no_panic('x'):
+            raise KeyboardInterrupt
