@@ -147,7 +147,7 @@ RESUME_MAY_CHANGE = {'resume', 'overwrite', 'exit_after', 'threads', 'device', '
                      'rl_steps', 'pass_k', 'preset'}
 
 
-def open_stage(tc, task_cfg, stage_dir, total_steps):
+def open_stage(tc, task_cfg, stage_dir, total_steps, mc=None):
     """
     The checkpoint to continue from (--resume), or None to start afresh. Refuses to replace a checkpoint without
     --resume or --overwrite, and to resume with settings that change the data, tokenizer or schedule (one line
@@ -163,6 +163,9 @@ def open_stage(tc, task_cfg, stage_dir, total_steps):
     ck = load_checkpoint(path)
     now = {**config_dict(tc), **config_dict(task_cfg)}
     was = {**ck.get('train_config', {}), **ck.get('task_config', {})}
+    if mc is not None:   # the model being trained (its vocabulary comes from the tokenizer, checked by the stage)
+        now.update({k: v for k, v in mc.to_dict().items() if k != 'vocab_size'})
+        was.update(ck['model_config'])
     diff = {k: (was[k], v) for k, v in now.items() if k in was and was[k] != v and k not in RESUME_MAY_CHANGE}
     if diff:
         die(f"--resume {path}: these settings differ from the run that wrote it (field: stored vs now): {diff}")

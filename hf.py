@@ -242,11 +242,13 @@ def config_from_hf(hf):
             raise NotImplementedError("Llama attention_bias/mlp_bias (bias on o_proj or the MLP) is not supported")
         if hf.get('use_sliding_window'):
             raise NotImplementedError("Qwen2 sliding-window attention is not supported")
-        d.update(head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head, attn_bias=arch == 'Qwen2ForCausalLM')
+        d.update(attn='gqa', ffn='dense', head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head,
+                 attn_bias=arch == 'Qwen2ForCausalLM')
         return d
     if hf.get('attention_bias'):
         raise NotImplementedError("DeepSeek attention_bias is not supported")
-    d.update(attn='mla', n_kv_head=n_head, q_lora_rank=hf.get('q_lora_rank') or 0, kv_lora_rank=hf['kv_lora_rank'],
+    # every field is set: ModelConfig's defaults are the tiny world's MLA + MoE, not this checkpoint's
+    d.update(attn='mla', ffn='dense', n_kv_head=n_head, q_lora_rank=hf.get('q_lora_rank') or 0, kv_lora_rank=hf['kv_lora_rank'],
              qk_nope_head_dim=hf['qk_nope_head_dim'], qk_rope_head_dim=hf['qk_rope_head_dim'],
              v_head_dim=hf['v_head_dim'])
     if rope_type == 'yarn':

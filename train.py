@@ -260,7 +260,7 @@ def val_loss(model, val, device, bos):
 def pretrain(tc, task_cfg, mc, rank, world, device):
     t0 = time.time()
     stage_dir = os.path.join(tc.out_dir, 'pretrain')
-    ck = open_stage(tc, task_cfg, stage_dir, tc.pt_steps)
+    ck = open_stage(tc, task_cfg, stage_dir, tc.pt_steps, mc)
     if ck == 'done':
         return print0(f"pretrain: finished already ({stage_dir}/summary.json)")
     cd_train, ar_train, tok = build_world(tc, task_cfg)
@@ -274,7 +274,6 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
                             fused=device.startswith('cuda'))
     start = 0
     if ck is not None:
-        load_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), mc)   # the model config must match too
         if ck['tokenizer'] != tok.to_dict():
             die(f"--resume {stage_dir}/ckpt.pt: its tokenizer differs from the one these settings build")
         model.load_state_dict(ck['model'])

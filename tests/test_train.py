@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
@@ -89,12 +90,21 @@ def test_out_dir_that_is_a_file(tmp_path):
     assert p.returncode != 0 and 'is a file' in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
+def one_line_error(p, *needles):
+    err = p.stderr.strip()
+    assert p.returncode != 0 and len(err.splitlines()) == 1 and all(n in err for n in needles), err
+
+
 def test_incompatible_checkpoint_and_missing_checkpoint(tmp_path):
     out = str(tmp_path / 'run')
-    run(BASE + ['--out-dir', out, '--pt-steps', '3', '--ckpt-interval', '3'])
-    p = run(BASE + ['--out-dir', out, '--resume', '--n-embd', '48'], check=False)
-    assert p.returncode != 0 and 'incompatible model config' in p.stderr and 'n_embd' in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+    run(BASE + ['--out-dir', out, '--pt-steps', '4', '--ckpt-interval', '2', '--exit-after', '2'], check=False)
+    one_line_error(run(BASE + ['--out-dir', out, '--pt-steps', '4', '--resume', '--n-embd', '48'], check=False),
+                   'differ from the run that wrote it', "'n_embd': (32, 48)")
+    # another seed draws other BPE merges: the trained ids would mean other tokens
+    one_line_error(run(BASE + ['--out-dir', out, '--pt-steps', '4', '--resume', '--seed', '7'], check=False),
+                   "'seed': (1337, 7)")
+    one_line_error(run(BASE + ['--out-dir', out, '--pt-steps', '4', '--resume', '--pt-lr', '1e-2'], check=False),
+                   "'pt_lr'")
     p = run(['--preset', 'test', '--stage', 'grpo', '--out-dir', str(tmp_path / 'empty')], check=False)
     assert p.returncode != 0 and 'no checkpoint at' in p.stderr
 
@@ -111,3 +121,32 @@ def test_bench_model_measures_a_preset():
     assert int(rows['tiny'][0].replace(',', '')) > int(rows['test'][0].replace(',', ''))  # params
     p = subprocess.run(bench + ['--presets', 'nope'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "unknown preset 'nope'" in p.stderr
+
+
+def test_a_finished_stage_is_kept_and_reported(tmp_path):
+    """A fresh run into a directory that holds a checkpoint refuses without --overwrite (before any work), and
+    --resume of a finished stage reports it instead of re-running it or rewriting its summary."""
+    out = str(tmp_path / 'run')
+    run(BASE + ['--out-dir', out])
+    ck = os.path.join(out, 'pretrain', 'ckpt.pt')
+    before = open(ck, 'rb').read(), open(os.path.join(out, 'pretrain', 'summary.json')).read()
+    one_line_error(run(BASE + ['--out-dir', out, '--pt-steps', '2'], check=False), 'exists', '--overwrite')
+    p = run(BASE + ['--out-dir', out, '--resume'])
+    assert 'finished already' in p.stdout
+    assert (open(ck, 'rb').read(), open(os.path.join(out, 'pretrain', 'summary.json')).read()) == before
+    run(BASE + ['--out-dir', out, '--pt-steps', '2', '--overwrite'])
+    assert torch.load(ck, weights_only=True)['step'] == 2
+
+
+def test_a_diverging_run_stops_and_keeps_its_checkpoint(tmp_path):
+    """A huge learning rate makes the loss non-finite: the run stops with one line naming the step and the
+    quantity, exits non-zero, and the last good checkpoint stays on disk untouched."""
+    out = str(tmp_path / 'run')
+    args = BASE + ['--out-dir', out, '--pt-steps', '6', '--ckpt-interval', '1', '--pt-warmup', '1',
+                   '--pt-grad-clip', '0']
+    p = run(args + ['--pt-lr', '1e30'], check=False)
+    last = p.stderr.strip().splitlines()[-1]   # after tqdm's progress lines
+    assert p.returncode != 0 and last.startswith('train.py: error: step ') and ' is nan' in last, p.stderr
+    ck = torch.load(os.path.join(out, 'pretrain', 'ckpt.pt'), weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in ck['model'].values() if v.is_floating_point())
+    assert not os.path.exists(os.path.join(out, 'pretrain', 'summary.json'))
