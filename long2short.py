@@ -209,6 +209,9 @@ def run_merge(cfg, src, out):
     short = cfg.short or default_short(cfg.source, src.ck)
     if not os.path.isfile(short):
         sys.exit(f"long2short.py: error: no short-CoT checkpoint at {short} (pass --short CKPT)")
+    if os.path.realpath(short) == os.path.realpath(cfg.source):
+        sys.exit(f"long2short.py: error: --from {cfg.source} is its own short model (a base, not an RL checkpoint?): "
+                 "merging it with itself changes nothing; pass the long-CoT RL checkpoint or --short CKPT")
     ck_short = torch.load(short, map_location='cpu', weights_only=True)
     check_mergeable(cfg.source, src.ck, short, ck_short)
     model, _, _ = harness.load_policy(cfg.source, cfg.device)

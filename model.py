@@ -85,6 +85,9 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3    # MTP: lambda, loss += lambda * mean over depths of the MTP cross-entropy
 
     def __post_init__(self):
+        for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head_dim == 0:
             self.head_dim = self.n_embd // self.n_head
         if self.intermediate_size == 0:

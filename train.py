@@ -134,6 +134,40 @@ class TrainConfig:
     kd_weight: float = 1.0            # distill logits: weight of the KL term
     kd_temperature: float = 1.0       # distill logits: softmax temperature of both models (the KL is scaled by its square)
 
+    def __post_init__(self):
+        """Every field's range and the choices, checked before any work starts: one line naming the flag."""
+        for f in dataclasses.fields(self):
+            v, flag = getattr(self, f.name), '--' + f.name.replace('_', '-')
+            if f.name in CHOICES and v not in CHOICES[f.name]:
+                raise ValueError(f"{flag} must be one of {CHOICES[f.name]}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if f.name in POSITIVE and not v > 0:
+                raise ValueError(f"{flag} must be > 0, got {v}")
+            if f.name in FRACTIONS and not 0 <= v <= 1:
+                raise ValueError(f"{flag} must be in [0, 1], got {v}")
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{flag} must be >= 0 and finite, got {v}")
+        if self.rl_group < 2:
+            raise ValueError(f"--rl-group must be >= 2: a group of one has no baseline, got {self.rl_group}")
+        if self.corpus_arith_frac + self.corpus_check_frac > 1:
+            raise ValueError("--corpus-arith-frac + --corpus-check-frac must be <= 1")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"--overlong-buffer {self.overlong_buffer} > --max-new-tokens {self.max_new_tokens}")
+        if self.rl_prompts > self.n_train_problems:
+            raise ValueError(f"--rl-prompts {self.rl_prompts} > --n-train-problems {self.n_train_problems}")
+
+
+POSITIVE = {'pt_steps', 'pt_batch_size', 'pt_grad_accum', 'pt_lr', 'pt_eval_interval', 'ckpt_interval', 'log_interval',
+            'n_train_problems', 'n_eval', 'rl_steps', 'rl_prompts', 'rl_group', 'rl_lr', 'rl_mu', 'rl_micro', 'tau',
+            'temperature', 'max_new_tokens', 'dynamic_rounds', 'rl_grad_clip', 'rl_eval_interval', 'pass_k',
+            'sft_examples', 'sft_steps', 'sft_batch_size', 'sft_lr', 'rs_problems', 'rs_samples', 'rs_temperature', 'kd_temperature'}
+FRACTIONS = {'corpus_arith_frac', 'corpus_check_frac', 'pt_min_lr_frac', 'eps_low', 'curriculum_frac',
+             'curriculum_start', 'prio_prior', 'prio_floor', 'repeat_stop'}
+CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOICES,
+           'loss_impl': grpo.IMPLS, 'prompt_sampling': ('uniform', 'curriculum', 'prioritized'),
+           'distill_mode': ('sft', 'logits')}
+
 
 DENSE = dict(attn='gqa', ffn='dense')
 PRESETS = {
@@ -208,10 +242,12 @@ def resolve(values):
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             out.append(cls(**{k: v for k, v in values.items() if k in names}))
-        except (ValueError, TypeError) as e:
-            die(f"bad {cls.__name__}: {e}")
-    tc = out[0]
+        except (ValueError, TypeError, ZeroDivisionError) as e:   # name the flags, not the fields
+            die(re.sub(r'(?<![\w-])(' + '|'.join(names) + r')\b', lambda m: '--' + m[1].replace('_', '-'), str(e)))
+    tc, _, mc = out
     parse_stages(tc.stage)   # one-line error on an unknown stage name
+    if tc.max_new_tokens >= mc.block_size:
+        die(f"--max-new-tokens {tc.max_new_tokens} leaves no room for the prompt in --block-size {mc.block_size}")
     try:
         grpo.advantage_scale(tc.loss_type, tc.adv_scale)
     except ValueError as e:

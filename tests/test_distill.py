@@ -258,9 +258,9 @@ def test_distill_needs_one_vocabulary_for_logits_and_a_teacher(tmp_path, teacher
     main(args + ['--stage', 'pretrain,distill', '--bpe-merges', '5', '--pt-steps', '1'])   # sft mode: re-encoded
     assert json.load(open(os.path.join(out, 'distill', 'summary.json')))['n_examples'] > 0
     with pytest.raises(SystemExit, match='needs the teacher.s vocabulary'):
-        main(args + ['--stage', 'distill', '--bpe-merges', '5', '--distill-mode', 'logits'])
+        main(args + ['--stage', 'distill', '--bpe-merges', '5', '--distill-mode', 'logits', '--overwrite'])
     with pytest.raises(SystemExit, match='no teacher checkpoint'):
-        main(args[:4] + ['--stage', 'distill', '--teacher-from', str(tmp_path / 'none.pt')])
+        main(args[:4] + ['--stage', 'distill', '--teacher-from', str(tmp_path / 'none.pt'), '--overwrite'])
 
 
 @pytest.mark.parametrize('stage, msg', [('pretrain,dance', "unknown stage 'dance'"), ('sft,,grpo', "unknown stage ''"),

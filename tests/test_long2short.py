@@ -201,3 +201,6 @@ def test_clear_errors(source, tmp_path):
         l2s('shorter', source[0], str(tmp_path))
     with pytest.raises(SystemExit, match='no short-CoT checkpoint'):
         l2s('merge', source[0], str(tmp_path), '--short', str(tmp_path / 'nope.pt'))
+    # a base model is its own default short model: merging it with itself would silently change nothing
+    with pytest.raises(SystemExit, match='is its own short model'):
+        l2s('merge', source[1], str(tmp_path))

@@ -71,13 +71,21 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
 
 
 @pytest.mark.parametrize('args,needle', [
+    (['--n-head', '0'], '--n-head must be >= 1'), (['--ckpt-interval', '0'], '--ckpt-interval must be > 0'),
+    (['--rl-micro', '0'], '--rl-micro must be > 0'), (['--rl-prompts', '0'], '--rl-prompts must be > 0'),
+    (['--resume', 'maybe'], 'argument --resume: expected true or false'),
+    (['--max-new-tokens', '-1'], '--max-new-tokens must be > 0'), (['--rl-group', '1'], '--rl-group must be >= 2'),
+    (['--lo', '9', '--hi', '1'], '--lo <= --hi'), (['--max-target', '0'], '--max-target must be >= 1'),
+    (['--pt-steps', '0'], '--pt-steps must be > 0'), (['--temperature', '0'], '--temperature must be > 0'),
+    (['--pt-batch-size', '0'], '--pt-batch-size must be > 0'), (['--pt-lr', 'nan'], '--pt-lr must be > 0'),
+    (['--max-new-tokens', '300'], 'leaves no room for the prompt'), (['--loss-type', 'ppo'], '--loss-type must be one of'),
     (['--preset', 'nope'], "unknown preset 'nope'"),
     (['--preset', 'test', '--no-such-flag', '1'], 'unrecognized arguments: --no-such-flag'),
     (['--preset', 'test', '--stage', 'dance'], "unknown stage 'dance'"),
-    (['--preset', 'test', '--n-head', '3', '--n-kv-head', '2'], 'must be a multiple of n_kv_head'),
+    (['--preset', 'test', '--n-head', '3', '--n-kv-head', '2'], 'must be a multiple of --n-kv-head'),
 ])
 def test_bad_input_gives_one_line_error(args, needle):
-    p = run(args, check=False)
+    p = run(args if args[0] == '--preset' else ['--preset', 'test'] + args, check=False)
     assert p.returncode != 0
     err = p.stderr.strip()
     assert needle in err and len(err.splitlines()) == 1, err
@@ -150,3 +158,16 @@ def test_a_diverging_run_stops_and_keeps_its_checkpoint(tmp_path):
     ck = torch.load(os.path.join(out, 'pretrain', 'ckpt.pt'), weights_only=True)
     assert all(bool(torch.isfinite(v).all()) for v in ck['model'].values() if v.is_floating_point())
     assert not os.path.exists(os.path.join(out, 'pretrain', 'summary.json'))
+
+
+def test_unreadable_checkpoints_give_one_line_naming_the_file(tmp_path):
+    torn = tmp_path / 'torn.pt'
+    run(BASE + ['--out-dir', str(tmp_path / 'run'), '--pt-steps', '2'])
+    torn.write_bytes(open(tmp_path / 'run' / 'pretrain' / 'ckpt.pt', 'rb').read()[:5000])   # a kill mid-copy
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'weights': torch.zeros(2)}, foreign)
+    text = tmp_path / 'text.pt'
+    text.write_text('not a checkpoint')
+    for path, needle in ((torn, 'is not a readable checkpoint'), (foreign, 'missing'), (text, 'is not a readable')):
+        one_line_error(run(['--preset', 'test', '--stage', 'grpo', '--out-dir', str(tmp_path / 'g'), '--init-from',
+                            str(path)], check=False), str(path), needle)
