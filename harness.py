@@ -6,17 +6,21 @@ writer, and held-out evaluation (greedy pass@1, sampled pass@k).
 A stage (train.py's pretrain and grpo, distill.py's sft / rs / distill, long2short.py's methods) builds on
 these; none of them builds on another stage's file.
 """
+import argparse
+import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, document_mask
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate
 from tasks import format_prompt, problems
@@ -26,6 +30,43 @@ from tokenizer import Tokenizer
 def die(msg):
     """One clear line on stderr and a non-zero exit: what a user sees instead of a traceback."""
     sys.exit(f"{os.path.basename(sys.argv[0]) or 'nanoR1'}: error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# flags: every field of a flat config dataclass is a --kebab-case flag whose help is the field's comment
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        die(message)   # one clear line instead of argparse's usage dump
+
+
+def parse_bool(s):
+    v = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}.get(s.lower())
+    if v is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return v
+
+
+def add_flags(parser, classes, skip=(), rename=None):
+    """One flag per field (the first class that has it wins), default None so that only what was given
+    overrides a preset; --help shows the field's comment and default. rename maps a field to another flag."""
+    seen = set(skip)
+    for cls in classes:
+        helps = dict(re.findall(r'^\s+(\w+): [^#\n]*#\s*(.*)$', inspect.getsource(cls), re.M))
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            typ = {'int': int, 'float': float, 'str': str, 'bool': bool}.get(f.type, f.type)
+            kw = dict(nargs='?', const=True, type=parse_bool) if typ is bool else dict(type=typ)
+            parser.add_argument((rename or {}).get(f.name, '--' + f.name.replace('_', '-')), dest=f.name,
+                                default=None, help=f"{helps.get(f.name, '')} (default {f.default!r})".replace('%', '%%'),
+                                **kw)
+
+
+def flags_named(message, fields):
+    """A config error with its field names written as the flags a user typed."""
+    return re.sub(r'(?<![\w-])(' + '|'.join(fields) + r')\b', lambda m: '--' + m[1].replace('_', '-'), message)
 
 
 # -----------------------------------------------------------------------------
@@ -316,3 +357,13 @@ def base_evals(model, tok, tc, task_cfg):
     arith, _ = evaluate(model, tok, ar_test, 'arithmetic', task_cfg.template, 40)
     cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
     return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}
+
+
+@torch.no_grad()
+def val_loss(model, val, device, bos):
+    """Mean next-token loss over packed rows (B, T + 1), each document attending to itself only."""
+    model.eval()
+    losses = [model(val[i:i + 16, :-1].to(device), val[i:i + 16, 1:].to(device),
+                    mask=document_mask(val[i:i + 16, :-1].to(device), bos))[1] for i in range(0, len(val), 16)]
+    model.train()
+    return float(torch.stack(losses).mean())

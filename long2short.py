@@ -88,24 +88,14 @@ class L2SConfig:
     preset: str = ''                         # train.py preset for the rl run (default: the source's)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.exit(f"long2short.py: error: {message}")
-
-
 def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
-    for f in dataclasses.fields(L2SConfig):
-        if f.name == 'method':
-            continue
-        flag = '--from' if f.name == 'source' else '--' + f.name.replace('_', '-')
-        t = {'int': int, 'float': float, 'str': str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-        common.add_argument(flag, dest=f.name, type=t, default=f.default, help=f"(default {f.default!r})")
-    p = Parser(description="Kimi k1.5 long2short: merge | shortest | dpo | rl | all")
+    harness.add_flags(common, [L2SConfig], skip=('method',), rename={'source': '--from'})
+    p = harness.Parser(description="Kimi k1.5 long2short: merge | shortest | dpo | rl | all")
     sub = p.add_subparsers(dest='method', required=True, metavar='{' + ','.join(METHODS + ('all',)) + '}')
     for m in METHODS + ('all',):
         sub.add_parser(m, parents=[common], help=f"run {m}")
-    cfg = L2SConfig(**vars(p.parse_args(argv)))
+    cfg = L2SConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
     if not os.path.isfile(cfg.source):
         sys.exit(f"long2short.py: error: no source checkpoint at {cfg.source} (train one: python train.py --preset tiny)")
     cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cfg.source))), 'long2short')

@@ -31,6 +31,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from tokenizer import Tokenizer, train_bpe
+
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
@@ -407,6 +409,25 @@ def corpus_document(rng, cfg, cd_train, ar_train, arith_frac=0.4, check_frac=0.1
 
 # -----------------------------------------------------------------------------
 # which problems an RL iteration trains on (Kimi k1.5 sec 2.3.4, "sampling strategies")
+
+def build_world(seed, n_train_problems, cfg, bpe_merges, arith_frac, check_frac):
+    """(countdown train problems, arithmetic train problems, the tokenizer whose BPE merges are learned on 1000
+    corpus documents): the pretraining world, a pure function of its arguments."""
+    cd_train = problems('countdown', 'train', n_train_problems, seed, cfg)
+    ar_train = problems('arithmetic', 'train', 1500, seed, cfg)
+    rng = random.Random(seed)
+    docs = [corpus_document(rng, cfg, cd_train, ar_train, arith_frac, check_frac) for _ in range(1000)]
+    return cd_train, ar_train, Tokenizer(train_bpe(docs, bpe_merges))
+
+
+def corpus_tokens(seed, cfg, tok, cd_train, ar_train, n_tokens, arith_frac, check_frac):
+    """n_tokens ids of packed documents, <|bos|> doc <|eos|> <|bos|> doc ..., the last one cut where it ends."""
+    rng, buf = random.Random(seed), []
+    while len(buf) < n_tokens:
+        buf.extend([tok.bos] + tok.encode(corpus_document(rng, cfg, cd_train, ar_train, arith_frac, check_frac))
+                   + [tok.eos])
+    return buf[:n_tokens]
+
 
 SAMPLINGS = ('uniform', 'curriculum', 'prioritized')
 

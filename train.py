@@ -20,15 +20,11 @@ Everything a run learns goes under --out-dir (default out/<preset>): <stage>/ckp
 summary.json, plots, report.md. --resume continues a killed run from its last checkpoint, bit-for-bit on CPU
 (pretrain and grpo; the short SFT stages run again); a finished stage is reported, not re-run.
 """
-import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
-import random
-import re
 import time
 from dataclasses import dataclass
 
@@ -38,15 +34,14 @@ from tqdm import tqdm
 
 import distill
 import grpo
-from harness import (MetricsLog, base_evals, check_finite, checkpoint, die, encode_prompt, evaluate, load_checkpoint, load_policy,
-                     pick_device, plot_curves, print0, read_jsonl, rng_state, save_checkpoint, set_rng_state,
+from harness import (MetricsLog, Parser, add_flags, base_evals, val_loss, check_finite, checkpoint, die, encode_prompt, evaluate, load_checkpoint, load_policy,
+                     flags_named, pick_device, plot_curves, print0, read_jsonl, rng_state, save_checkpoint, set_rng_state,
                      setup_distributed, write_json, write_report, open_stage)
 from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
 from sample import PartialRollouts, dynamic_batch, sequences_for_training
-from tasks import PromptSampler, TaskConfig, corpus_document, problems
-from tokenizer import Tokenizer, train_bpe
+from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, problems
 
 
 @dataclass
@@ -196,38 +191,11 @@ CONFIG_CLASSES = (TrainConfig, TaskConfig, ModelConfig)
 
 
 # -----------------------------------------------------------------------------
-# config plumbing: dataclass fields -> argparse flags (their comments are the help) -> resolved configs
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        die(message)   # one clear line instead of argparse's usage dump
-
-
-def field_help(cls):
-    """{field: its one-line comment} from the class source: the comment is the flag's --help."""
-    return dict(re.findall(r'^\s+(\w+): [^#\n]*#\s*(.*)$', inspect.getsource(cls), re.M))
-
-
-def parse_bool(s):
-    v = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}.get(s.lower())
-    if v is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return v
-
+# config plumbing: dataclass fields -> argparse flags (harness.add_flags) -> resolved, checked configs
 
 def parse_args(argv=None):
     p = Parser(description="nanoR1: R1-Zero / Kimi k1.5 reasoning RL on a tiny DeepSeek-style model")
-    seen = set()
-    for cls in CONFIG_CLASSES:
-        helps = field_help(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            typ = {'int': int, 'float': float, 'str': str, 'bool': bool}.get(f.type, f.type)
-            kw = dict(nargs='?', const=True, type=parse_bool) if typ is bool else dict(type=typ)
-            p.add_argument('--' + f.name.replace('_', '-'), default=None, help=f"{helps.get(f.name, '')} "
-                           f"(default {f.default!r})", **kw)
+    add_flags(p, CONFIG_CLASSES)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get('preset', TrainConfig.preset)
     if preset not in PRESETS:
@@ -243,7 +211,7 @@ def resolve(values):
         try:
             out.append(cls(**{k: v for k, v in values.items() if k in names}))
         except (ValueError, TypeError, ZeroDivisionError) as e:   # name the flags, not the fields
-            die(re.sub(r'(?<![\w-])(' + '|'.join(names) + r')\b', lambda m: '--' + m[1].replace('_', '-'), str(e)))
+            die(flags_named(str(e), names))
     tc, _, mc = out
     parse_stages(tc.stage)   # one-line error on an unknown stage name
     if tc.max_new_tokens >= mc.block_size:
@@ -259,38 +227,6 @@ def resolve(values):
 
 
 # -----------------------------------------------------------------------------
-# the tiny world's data
-
-def build_world(tc, task_cfg):
-    """Problems, tokenizer and corpus generator, all a pure function of (seed, configs)."""
-    cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
-    ar_train = problems('arithmetic', 'train', 1500, tc.seed, task_cfg)
-    rng = random.Random(tc.seed)
-    docs = [corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac, tc.corpus_check_frac)
-            for _ in range(1000)]
-    return cd_train, ar_train, Tokenizer(train_bpe(docs, tc.bpe_merges))
-
-
-def pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, n_seqs, T, seed):
-    """(n_seqs, T + 1) packed token rows: <|bos|> doc <|eos|> <|bos|> doc ..., documents cut at row ends."""
-    rng = random.Random(seed)
-    need, buf = n_seqs * (T + 1), []
-    while len(buf) < need:
-        doc = corpus_document(rng, task_cfg, cd_train, ar_train, tc.corpus_arith_frac, tc.corpus_check_frac)
-        buf.extend([tok.bos] + tok.encode(doc) + [tok.eos])
-    return torch.tensor(buf[:need], dtype=torch.long).view(n_seqs, T + 1)
-
-
-@torch.no_grad()
-def val_loss(model, val, device, bos):
-    model.eval()
-    losses = [model(val[i:i + 16, :-1].to(device), val[i:i + 16, 1:].to(device),
-                    mask=document_mask(val[i:i + 16, :-1].to(device), bos))[1] for i in range(0, len(val), 16)]
-    model.train()
-    return float(torch.stack(losses).mean())
-
-
-# -----------------------------------------------------------------------------
 # stage: pretrain
 
 def pretrain(tc, task_cfg, mc, rank, world, device):
@@ -299,7 +235,8 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
     ck = open_stage(tc, task_cfg, stage_dir, tc.pt_steps, mc)
     if ck == 'done':
         return print0(f"pretrain: finished already ({stage_dir}/summary.json)")
-    cd_train, ar_train, tok = build_world(tc, task_cfg)
+    cd_train, ar_train, tok = build_world(tc.seed, tc.n_train_problems, task_cfg, tc.bpe_merges,
+                                          tc.corpus_arith_frac, tc.corpus_check_frac)
     mc = dataclasses.replace(mc, vocab_size=tok.n_vocab)
     torch.manual_seed(tc.seed)
     model = GPT(mc)
@@ -326,8 +263,9 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
     T, micro = mc.block_size, tc.pt_batch_size
     per_step = micro * tc.pt_grad_accum * world   # sequences in one global batch
     # the whole run's data is a pure function of the seed, so a resumed run sees exactly the same batches
-    data = pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, per_step * tc.pt_steps, T, tc.seed + 1)
-    val = pretrain_batches(tc, task_cfg, tok, cd_train, ar_train, 64, T, tc.seed + 2)
+    data, val = [torch.tensor(corpus_tokens(seed, task_cfg, tok, cd_train, ar_train, n * (T + 1), tc.corpus_arith_frac,
+                                            tc.corpus_check_frac)).view(n, T + 1)            # (n, T + 1) packed rows
+                 for n, seed in ((per_step * tc.pt_steps, tc.seed + 1), (64, tc.seed + 2))]
     log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), start - 1 if start else None) if rank == 0 else None
     print0(f"pretrain: {raw.num_params():,} params, vocab {tok.n_vocab}, {tc.pt_steps} steps x "
            f"{per_step} x {T} tokens, device {device}, world {world}")
