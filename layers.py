@@ -24,6 +24,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self):   # what the constructor set, again (torch's convention; harness.init_sharded calls it)
+        nn.init.ones_(self.weight)
+
     def forward(self, x):
         # normalise in fp32 (bf16 squares lose precision), cast back
         xf = x.float()

@@ -299,23 +299,36 @@ class GPT(nn.Module):
         # depth 0 allocates nothing: the module list is absent, not empty
         self.mtp = nn.ModuleList([MTP(config, config.n_layer + k) for k in range(config.mtp_depth)]) \
             if config.mtp_depth > 0 else None
-        # MLA rotates only its decoupled d_R dims (V2 section 2.1.3); YaRN rescales them for long contexts
-        if config.attn == 'mla' and config.rope_factor > 1:
-            cos, sin = yarn_rope_table(config)
-        else:
-            rope_dim = config.qk_rope_head_dim if config.attn == 'mla' else config.head_dim
-            cos, sin = rope_table(rope_dim, config.block_size, config.rope_theta)
         self.aux_loss = self.mtp_loss = None  # the extra loss terms of the last forward (see forward)
         # non-persistent: derived from the config, so checkpoints stay small and loadable elsewhere
+        cos, sin = self.rope_tables()
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2 style: scale the residual-stream writes by 1/sqrt(2 n_layer) so the stream's variance does not
-        # grow with depth at init. The writes are GQA's o_proj, MLA's wo and every SwiGLU's down_proj (the dense
-        # MLP, each routed expert and the shared experts of MoE, which are all layers.MLP)
         for name, p in self.named_parameters():
-            if name.endswith(('o_proj.weight', 'wo.weight', 'down_proj.weight')):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            self._init_residual(name, p)
+
+    def rope_tables(self):
+        """The (cos, sin) buffers, (block_size, rope dim) each; also what a model built on the meta device gets
+        after to_empty (harness.materialize)."""
+        config = self.config
+        # MLA rotates only its decoupled d_R dims (V2 section 2.1.3); YaRN rescales them for long contexts
+        if config.attn == 'mla' and config.rope_factor > 1:
+            return yarn_rope_table(config)
+        rope_dim = config.qk_rope_head_dim if config.attn == 'mla' else config.head_dim
+        return rope_table(rope_dim, config.block_size, config.rope_theta)
+
+    def _init_residual(self, name, p):
+        """
+        GPT-2 style: scale the residual-stream writes by 1/sqrt(2 n_layer) so the stream's variance does not
+        grow with depth at init. The writes are GQA's o_proj, MLA's wo and every SwiGLU's down_proj (the dense
+        MLP, each routed expert and the shared experts of MoE, which are all layers.MLP). Returns whether p
+        is one (harness.init_sharded replays it one full-size parameter at a time).
+        """
+        if not name.endswith(('o_proj.weight', 'wo.weight', 'down_proj.weight')):
+            return False
+        nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        return True
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
