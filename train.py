@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
 import distill
@@ -37,6 +38,8 @@ import grpo
 from harness import (MetricsLog, Parser, add_flags, base_evals, val_loss, check_finite, checkpoint, die, encode_prompt, evaluate, load_checkpoint, load_policy,
                      flags_named, pick_device, plot_curves, print0, read_jsonl, rng_state, save_checkpoint, set_rng_state,
                      setup_distributed, write_json, write_report, open_stage)
+from harness import (checkpoint_blocks, dry_run, edit_full, fsdp_mesh, init_sharded, load_sharded, materialize,
+                     mixed_precision, save_sharded, shard_model)
 from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
@@ -128,6 +131,13 @@ class TrainConfig:
     distill_mode: str = 'sft'         # distill: sft (R1 sec 2.4) | logits (SFT + kd_weight * KL to the teacher)
     kd_weight: float = 1.0            # distill logits: weight of the KL term
     kd_temperature: float = 1.0       # distill logits: softmax temperature of both models (the KL is scaled by its square)
+    # sharding under torchrun (harness.py: FSDP2, distributed checkpoints, the memory plan)
+    fsdp: bool = False                # shard weights, grads, AdamW state over ranks (FSDP2 per block); pretrain for now
+    hsdp: int = 0                     # --fsdp on a 2-D mesh: this many replicas (nodes), each sharding over world/hsdp
+    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
+    dry_run: bool = False             # print the per-rank memory plan of these settings and exit; allocates nothing
+    world_size: int = 0               # --dry-run: ranks to plan for (0: $WORLD_SIZE, else 1)
+    plan_gib: float = 0.0             # --dry-run: GiB per rank to plan against (0: the GPU's own; none on a CPU)
 
     def __post_init__(self):
         """Every field's range and the choices, checked before any work starts: one line naming the flag."""
@@ -239,29 +249,50 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
                                           tc.corpus_arith_frac, tc.corpus_check_frac)
     mc = dataclasses.replace(mc, vocab_size=tok.n_vocab)
     torch.manual_seed(tc.seed)
-    model = GPT(mc)
-    if tc.number_init:
-        fourier_number_init(model.embed_tokens, tok.number_ids())
-    model = model.to(device)
+    if tc.fsdp:   # sharded before any weight exists, then filled shard by shard: no rank holds the whole model
+        with torch.device('meta'):
+            model = GPT(mc)
+        kind = device.split(':')[0]
+        shard_model(model, fsdp_mesh(kind, tc.hsdp), mixed_precision(kind),
+                    activation_checkpointing=tc.activation_checkpointing)
+        materialize(model, device)
+        if ck is None:
+            init_sharded(model, tc.seed)   # equal to GPT(mc) after the seed, as in one process
+            if tc.number_init:
+                edit_full(model.embed_tokens.weight, lambda w: fourier_number_init(nn.Embedding.from_pretrained(w),
+                                                                                   tok.number_ids()))
+    else:
+        model = GPT(mc)
+        if tc.number_init:
+            fourier_number_init(model.embed_tokens, tok.number_ids())
+        if tc.activation_checkpointing:
+            checkpoint_blocks(model)
+        model = model.to(device)
     opt = torch.optim.AdamW(model.optim_groups(tc.pt_weight_decay), lr=tc.pt_lr, betas=(0.9, 0.95),
                             fused=device.startswith('cuda'))
     start = 0
     if ck is not None:
         if ck['tokenizer'] != tok.to_dict():
             die(f"--resume {stage_dir}/ckpt.pt: its tokenizer differs from the one these settings build")
-        model.load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer'])
+        if tc.fsdp or ck.get('sharded'):   # DCP reshards a sharded checkpoint from any world size onto this one
+            load_sharded(os.path.join(stage_dir, 'ckpt.pt'), model, opt)
+        else:
+            model.load_state_dict(ck['model'])
+            opt.load_state_dict(ck['optimizer'])
         start = ck['step']
         set_rng_state(ck['rng'])
         print0(f"resumed from {stage_dir}/ckpt.pt at step {start}")
     raw = model
-    if world > 1:
+    if world > 1 and not tc.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model)
     fwd = torch.compile(model) if tc.compile else model
     amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else contextlib.nullcontext()
 
     T, micro = mc.block_size, tc.pt_batch_size
     per_step = micro * tc.pt_grad_accum * world   # sequences in one global batch
+    if ck is not None and ck.get('global_batch', per_step) != per_step:
+        die(f"--resume {stage_dir}/ckpt.pt: its global batch is {ck['global_batch']} sequences, these settings give "
+            f"{per_step} (--pt-batch-size x --pt-grad-accum x ranks); keep it to continue the same run")
     # the whole run's data is a pure function of the seed, so a resumed run sees exactly the same batches
     data, val = [torch.tensor(corpus_tokens(seed, task_cfg, tok, cd_train, ar_train, n * (T + 1), tc.corpus_arith_frac,
                                             tc.corpus_check_frac)).view(n, T + 1)            # (n, T + 1) packed rows
@@ -284,7 +315,8 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             # global batch a single process with A*world micro-batches would see
             j = rank * tc.pt_grad_accum + m
             xy = batch[j * micro:(j + 1) * micro].to(device)
-            ctx = model.no_sync() if world > 1 and m < tc.pt_grad_accum - 1 else contextlib.nullcontext()
+            last = m == tc.pt_grad_accum - 1   # FSDP reduce-scatters every micro-batch: its grads stay sharded
+            ctx = model.no_sync() if world > 1 and not tc.fsdp and not last else contextlib.nullcontext()
             with ctx, amp:
                 _, loss = fwd(xy[:, :-1], xy[:, 1:], mask=document_mask(xy[:, :-1], tok.bos))
                 (loss / tc.pt_grad_accum).backward()
@@ -312,16 +344,20 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             if log:
                 log.log(**row)
             bar.set_postfix(loss=f"{loss_f:.3f}")
-        if rank == 0 and ((step + 1) % tc.ckpt_interval == 0 or step == tc.pt_steps - 1):
-            save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), checkpoint(
-                raw, tok, tc, task_cfg, step + 1, optimizer=opt.state_dict(), rng=rng_state()))
+        if (step + 1) % tc.ckpt_interval == 0 or step == tc.pt_steps - 1:
+            path, state = os.path.join(stage_dir, 'ckpt.pt'), dict(rng=rng_state(), global_batch=per_step)
+            if tc.fsdp:   # every rank writes its shards
+                save_sharded(path, raw, opt, checkpoint(raw, tok, tc, task_cfg, step + 1, **state))
+            elif rank == 0:
+                save_checkpoint(path, checkpoint(raw, tok, tc, task_cfg, step + 1, optimizer=opt.state_dict(), **state))
         if tc.exit_after and step + 1 == tc.exit_after:
             os._exit(3)
     bar.close()
     summary = {'params': raw.num_params(), 'final_train_loss': loss_f,
                'final_val_loss': val_loss(raw, val, device, tok.bos)}
-    if rank == 0:
+    if rank == 0 or tc.fsdp:   # a sharded model's forward is collective: every rank evaluates
         summary.update(base_evals(raw, tok, tc, task_cfg))
+    if rank == 0:
         summary['wall_seconds'] = round(time.time() - t0, 1)
         plot_curves(os.path.join(stage_dir, 'loss.png'), read_jsonl(os.path.join(stage_dir, 'metrics.jsonl')),
                     ['loss', 'val_loss'], 'pretrain')
@@ -563,6 +599,8 @@ def stage_summary(tc, d, wall):
 
 def main(argv=None):
     tc, task_cfg, mc = parse_args(argv)
+    if tc.dry_run:
+        return dry_run(tc, task_cfg, mc)
     rank, world, local = setup_distributed()
     device = pick_device(tc.device, local)
     if tc.threads:
@@ -572,6 +610,8 @@ def main(argv=None):
     pipeline = parse_stages(tc.stage)
     if world > 1 and [s for s, _ in pipeline] != ['pretrain']:
         die("under torchrun only --stage pretrain runs (the other stages are one process)")
+    if tc.fsdp and (not dist.is_initialized() or [s for s, _ in pipeline] != ['pretrain']):
+        die("--fsdp shards --stage pretrain under torchrun for now: torchrun --nproc_per_node=N train.py --fsdp ...")
     for s, d in pipeline:   # before any work: no stage may silently replace a checkpoint
         if not tc.resume and not tc.overwrite and os.path.isfile(os.path.join(tc.out_dir, d, 'ckpt.pt')):
             die(f"{os.path.join(tc.out_dir, d, 'ckpt.pt')} exists: pass --resume to continue the run or --overwrite "
