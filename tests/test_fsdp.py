@@ -1,0 +1,271 @@
+"""
+--fsdp (FSDP2), distributed checkpoints and the memory plan: harness.py's sharding section, on the CPU with gloo.
+Run: python -m pytest tests/test_fsdp.py -q   (about 2 minutes; this file is also the script torchrun launches
+for the 2-rank checks: python -m torch.distributed.run --nproc_per_node=2 tests/test_fsdp.py OUT.json)
+
+- a sharded fresh init (meta device, fully_shard, to_empty, init_sharded) is GPT(config) after the same seed in one
+  process, bit for bit, on the 1-D mesh and the HSDP (replicate x shard) mesh, for dense GQA and MLA + MoE + MTP
+- a few fp32 AdamW steps under FSDP2, HSDP and FSDP2 + activation checkpointing equal DDP's to 1e-5
+- a sharded checkpoint loads onto another mesh (and into a frozen, sharded reference) unchanged
+- train.py --fsdp at 2 ranks, killed after step 3, resumes in one process to the losses and weights of the
+  uninterrupted 2-rank run
+- the plan's weight, gradient, AdamW, KV-cache and logits bytes equal those of real tensors (one process, and
+  rank 0 of 2 under FSDP); Qwen2.5-3B's shape has its published 3,085,938,688 parameters, and its plan prints
+  under a 2 GiB address-space cap (the model is only built on the meta device)
+"""
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from harness import (fsdp_mesh, init_sharded, load_policy, load_sharded, materialize, memory_plan,  # noqa: E402
+                     prompt_bound, save_sharded, shard_frozen, shard_model)
+from model import GPT, ModelConfig  # noqa: E402
+from tasks import TaskConfig  # noqa: E402
+from train import PRESETS, TrainConfig  # noqa: E402
+
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+TEST = {k: v for k, v in PRESETS['test'].items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+CONFIGS = {'dense': ModelConfig(**TEST, vocab_size=97, attn_bias=True),                     # the test preset's shape
+           'mla_moe_mtp': ModelConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                                      qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=16, vocab_size=97,
+                                      mtp_depth=1)}
+QWEN25_3B = ModelConfig(vocab_size=151936, n_embd=2048, n_layer=36, n_head=16, n_kv_head=2, intermediate_size=11008,
+                        tie_embeddings=True, attn_bias=True, attn='gqa', ffn='dense', block_size=4096)
+QWEN25_3B_FLAGS = ['--vocab-size', '151936', '--n-embd', '2048', '--n-layer', '36', '--n-head', '16', '--n-kv-head',
+                   '2', '--intermediate-size', '11008', '--tie-embeddings', '--attn-bias', '--attn', 'gqa', '--ffn',
+                   'dense', '--block-size', '4096']
+
+
+def torchrun(args, n=2, check=True):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', '--master_port=29547'] + args
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, 'full_tensor') else t
+
+
+def max_diff(a, b):
+    """Largest |a - b| over two models' parameters and buffers (sharded ones gathered)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    d = [(full(sa[k]).detach() - sb[k].detach()).abs().max().item() for k in sa]
+    d += [(full(x) - y).abs().max().item() for x, y in zip(a.buffers(), b.buffers())]   # RoPE tables too
+    return max(d)
+
+
+def step_bytes(model, opt):
+    """Bytes this rank holds in weights, gradients and AdamW state (its shards under FSDP)."""
+    local = lambda t: t.to_local() if hasattr(t, 'to_local') else t  # noqa: E731
+    size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)  # noqa: E731
+    params = list(model.parameters())
+    return {'weights': size(params), 'gradients': size(p.grad for p in params),
+            'AdamW state': size(t for s in opt.state.values() for t in s.values())}
+
+
+# -----------------------------------------------------------------------------
+# the rank script (torchrun): every check that needs 2 ranks, measured values written to one JSON file
+
+def sharded(cfg, mesh, seed, **kw):
+    with torch.device('meta'):
+        m = GPT(cfg)
+    shard_model(m, mesh, **kw)
+    materialize(m, 'cpu')
+    return init_sharded(m, seed)
+
+
+def worker(out):
+    dist.init_process_group('gloo')
+    rank, res = dist.get_rank(), {}
+    meshes = {'fsdp': fsdp_mesh('cpu'), 'hsdp': fsdp_mesh('cpu', hsdp=2)}   # HSDP: 2 replicas x 1 shard
+    # 1. a sharded fresh init is one process's init, and leaves the generator where one process leaves it
+    for name, cfg in CONFIGS.items():
+        torch.manual_seed(7)
+        one = GPT(cfg)
+        after = torch.rand(3)
+        for mesh_name, mesh in meshes.items():
+            m = sharded(cfg, mesh, 7)
+            res[f'init_{name}_{mesh_name}'] = max_diff(m, one)
+            res[f'rng_{name}_{mesh_name}'] = float((torch.rand(3) - after).abs().max())
+    # 2. a few AdamW steps: DDP against FSDP2, HSDP and FSDP2 + activation checkpointing, fp32, each rank its batch
+    cfg = CONFIGS['dense']
+    torch.manual_seed(7)
+    ddp = torch.nn.parallel.DistributedDataParallel(GPT(cfg))
+    models = {'ddp': ddp, 'fsdp': sharded(cfg, meshes['fsdp'], 7), 'hsdp': sharded(cfg, meshes['hsdp'], 7),
+              'fsdp_ac': sharded(cfg, meshes['fsdp'], 7, activation_checkpointing=True)}
+    opts = {k: torch.optim.AdamW((m.module if k == 'ddp' else m).optim_groups(0.1), lr=1e-2, betas=(0.9, 0.95))
+            for k, m in models.items()}
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randint(0, cfg.vocab_size, (2, 4, 17), generator=g)[rank]          # (B, T + 1) this rank's rows
+        for k, m in models.items():
+            _, loss = m(x[:, :-1], x[:, 1:])
+            loss.backward()
+            res[f'gnorm_{k}'] = float(torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
+            if step == 2 and k == 'fsdp':   # rank 0 holds the largest shard of every parameter
+                kept = dict(step_bytes(m, opts[k]))
+            opts[k].step()
+            if step == 2 and k == 'fsdp':
+                kept['AdamW state'] = step_bytes(m, opts[k])['AdamW state']
+                res['fsdp_rank_bytes'] = kept
+            opts[k].zero_grad(set_to_none=True)
+    for k in ('fsdp', 'hsdp', 'fsdp_ac'):
+        res[f'train_{k}_vs_ddp'] = max_diff(models[k], ddp.module)
+    # 3. a sharded checkpoint onto another mesh, and into a frozen sharded reference
+    path = os.path.join(os.path.dirname(out), 'w', 'ckpt.pt')
+    save_sharded(path, models['fsdp'], opts['fsdp'], {'model': {}, 'model_config': cfg.to_dict(), 'tokenizer': {},
+                                                      'step': 3})
+    other = sharded(cfg, meshes['hsdp'], 1)
+    other_opt = torch.optim.AdamW(other.optim_groups(0.1), lr=1e-2, betas=(0.9, 0.95))
+    res['dcp_step'] = load_sharded(path, other, other_opt)['step']
+    res['dcp_weights'] = max_diff(other, ddp.module)
+    moments = [(full(opts['fsdp'].state[p]['exp_avg_sq']) - full(other_opt.state[q]['exp_avg_sq'])).abs().max().item()
+               for p, q in zip(models['fsdp'].parameters(), other.parameters())]
+    res['dcp_moments'] = max(moments)
+    with torch.device('meta'):
+        ref = GPT(cfg)
+    shard_frozen(ref, meshes['fsdp'])
+    load_sharded(path, materialize(ref, 'cpu'))
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    with torch.no_grad():
+        res['ref_logits'] = float((ref(x)[0] - ddp.module(x)[0]).abs().max())
+    res['ref_trainable'] = sum(p.requires_grad for p in ref.parameters())
+    if rank == 0:
+        json.dump(res, open(out, 'w'))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('fsdp') / 'res.json')
+    torchrun([os.path.abspath(__file__), out])
+    return json.load(open(out))
+
+
+def test_sharded_init_is_one_process_init(ranks):
+    for name in CONFIGS:
+        for mesh in ('fsdp', 'hsdp'):
+            assert ranks[f'init_{name}_{mesh}'] == 0.0, (name, mesh)
+            assert ranks[f'rng_{name}_{mesh}'] == 0.0, (name, mesh)
+
+
+def test_fsdp_hsdp_and_checkpointing_train_like_ddp(ranks):
+    for k in ('fsdp', 'hsdp', 'fsdp_ac'):
+        assert ranks[f'train_{k}_vs_ddp'] < 1e-5, k
+        assert abs(ranks[f'gnorm_{k}'] - ranks['gnorm_ddp']) < 1e-5, k
+
+
+def test_sharded_checkpoint_loads_on_another_mesh_and_into_the_reference(ranks):
+    assert ranks['dcp_step'] == 3
+    assert ranks['dcp_weights'] < 1e-5 and ranks['dcp_moments'] == 0.0   # the weights after 3 steps, as DDP's
+    assert ranks['ref_logits'] < 1e-4 and ranks['ref_trainable'] == 0
+
+
+def test_fsdp_plan_is_rank_zero_shards(ranks):
+    """Rank 0 of 2 holds the first (the larger) half of each parameter's rows: the plan counts exactly that."""
+    tc = TrainConfig(**{k: v for k, v in PRESETS['test'].items() if k in TrainConfig.__dataclass_fields__}, fsdp=True)
+    with torch.device('meta'):
+        model = GPT(CONFIGS['dense'])
+    plan = memory_plan(model, tc, 2, 'cpu', 8)
+    for k, b in ranks['fsdp_rank_bytes'].items():
+        assert plan[k][0] == b, (k, plan[k][0], b)
+    total = 4 * model.num_params()
+    rows = sum(4 * p.numel() // p.shape[0] for p in model.parameters())   # one row of every parameter
+    assert total / 2 <= plan['weights'][0] <= total / 2 + rows
+
+
+# -----------------------------------------------------------------------------
+# train.py --fsdp end to end, and the plan in one process
+
+def losses(out):
+    return [json.loads(line)['loss'] for line in open(os.path.join(out, 'pretrain', 'metrics.jsonl'))]
+
+
+def test_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
+    """2 ranks x 1 micro-batch of 2 and 1 process x 2 micro-batches of 2 are the same global batch of 4."""
+    base = [os.path.join(ROOT, 'train.py'), '--preset', 'test', '--stage', 'pretrain', '--log-interval', '1',
+            '--pt-steps', '6', '--ckpt-interval', '3', '--pt-batch-size', '2']
+    whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
+    torchrun(base + ['--out-dir', whole, '--fsdp'])
+    p = torchrun(base + ['--out-dir', cut, '--fsdp', '--exit-after', '3'], check=False)
+    shards = os.listdir(os.path.join(cut, 'pretrain', 'ckpt.pt.dcp'))
+    assert p.returncode != 0 and len(shards) == 1 and shards[0].startswith('step3-')
+    assert sorted(f for f in os.listdir(os.path.join(cut, 'pretrain', 'ckpt.pt.dcp', shards[0]))
+                  if f.endswith('.distcp')) == ['__0_0.distcp', '__1_0.distcp']     # one file per rank
+    r = subprocess.run([sys.executable] + base + ['--out-dir', cut, '--resume', '--pt-grad-accum', '2'], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr[-3000:]
+    assert max(abs(a - b) for a, b in zip(losses(whole), losses(cut))) < 1e-5
+    assert len(losses(cut)) == 6
+    a, _, ck_a = load_policy(os.path.join(whole, 'pretrain', 'ckpt.pt'), 'cpu')   # the DCP shards, gathered
+    b, _, ck_b = load_policy(os.path.join(cut, 'pretrain', 'ckpt.pt'), 'cpu')     # a one-file checkpoint now
+    assert ck_a['sharded'] and not ck_b.get('sharded') and ck_a['step'] == ck_b['step'] == 6
+    assert max_diff(a, b) < 1e-5
+    assert not os.path.exists(os.path.join(cut, 'pretrain', 'ckpt.pt.dcp'))   # its shards went with the manifest
+
+
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_plan_counts_what_one_process_holds(name):
+    cfg = CONFIGS[name]
+    tc = TrainConfig(**{k: v for k, v in PRESETS['test'].items() if k in TrainConfig.__dataclass_fields__})
+    P = prompt_bound(TaskConfig())
+    T = P + tc.max_new_tokens
+    assert T <= cfg.block_size
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    plan = memory_plan(model, tc, 1, 'cpu', P)
+    opt = torch.optim.AdamW(model.optim_groups(0.1), lr=1e-3)
+    x = torch.randint(0, cfg.vocab_size, (8, 33))   # enough tokens that every routed expert gets a gradient
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    held = step_bytes(model, opt)
+    for k in ('weights', 'gradients', 'AdamW state'):
+        assert plan[k][0] == held[k], k
+    rows = tc.rl_prompts * tc.rl_group
+    cache = model.new_cache(rows, T)
+    with torch.no_grad():
+        prefill, _ = model(torch.randint(0, cfg.vocab_size, (rows, P)), cache=cache)   # allocates all T positions
+        logits, _ = model(torch.randint(0, cfg.vocab_size, (tc.rl_micro, T)), logits_slice=slice(P - 1, T - 1))
+    assert plan['KV cache'][0] == cache.nbytes()
+    assert plan['prefill logits'][0] == prefill.numel() * prefill.element_size()
+    assert plan['logits'][0] == logits.float().numel() * 4 and logits.shape[1] == tc.max_new_tokens
+
+
+def test_qwen25_3b_shape_has_its_published_parameter_count():
+    with torch.device('meta'):
+        model = GPT(QWEN25_3B)
+    assert model.num_params() == 3_085_938_688   # tied embeddings: the 151936 x 2048 matrix counted once
+
+
+def test_dry_run_plans_3b_without_allocating_it():
+    """Under a 2 GiB address-space cap (the fp32 weights alone are 11.5 GiB) the plan of 8 GPUs of 80 GiB prints,
+    finds that plain DDP does not fit and names --fsdp as a fix."""
+    cap = 2 * 2 ** 30
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--preset', 'tiny-dense', *QWEN25_3B_FLAGS, '--dry-run',
+           '--world-size', '8', '--device', 'cuda', '--plan-gib', '80']
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert '3,085,938,688 parameters, world 8, weights replicated (DDP), bf16 compute on cuda' in p.stdout
+    gib = {line.split('|')[1].strip(): float(line.split('|')[2]) for line in p.stdout.splitlines()
+           if line.startswith('| ') and line.split('|')[2].strip() not in ('GiB', '')}
+    assert gib['weights'] == gib['gradients'] == pytest.approx(3_085_938_688 * 4 / 2 ** 30, abs=0.01)
+    assert gib['AdamW state'] == pytest.approx(2 * gib['weights'], abs=0.02)   # printed to 0.01 GiB
+    assert 'does not fit' in p.stdout and '  fix: --fsdp -> ' in p.stdout
+
+
+if __name__ == '__main__':
+    worker(sys.argv[1])
