@@ -245,6 +245,9 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
     ck = open_stage(tc, task_cfg, stage_dir, tc.pt_steps, mc)
     if ck == 'done':
         return print0(f"pretrain: finished already ({stage_dir}/summary.json)")
+    if ck is not None and ck.get('global_batch', None) not in (None, tc.pt_batch_size * tc.pt_grad_accum * world):
+        die(f"--resume {stage_dir}/ckpt.pt: its global batch is {ck['global_batch']} sequences, these settings give "
+            f"{tc.pt_batch_size * tc.pt_grad_accum * world} (--pt-batch-size x --pt-grad-accum x ranks); keep it")
     cd_train, ar_train, tok = build_world(tc.seed, tc.n_train_problems, task_cfg, tc.bpe_merges,
                                           tc.corpus_arith_frac, tc.corpus_check_frac)
     mc = dataclasses.replace(mc, vocab_size=tok.n_vocab)
@@ -290,9 +293,6 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
 
     T, micro = mc.block_size, tc.pt_batch_size
     per_step = micro * tc.pt_grad_accum * world   # sequences in one global batch
-    if ck is not None and ck.get('global_batch', per_step) != per_step:
-        die(f"--resume {stage_dir}/ckpt.pt: its global batch is {ck['global_batch']} sequences, these settings give "
-            f"{per_step} (--pt-batch-size x --pt-grad-accum x ranks); keep it to continue the same run")
     # the whole run's data is a pure function of the seed, so a resumed run sees exactly the same batches
     data, val = [torch.tensor(corpus_tokens(seed, task_cfg, tok, cd_train, ar_train, n * (T + 1), tc.corpus_arith_frac,
                                             tc.corpus_check_frac)).view(n, T + 1)            # (n, T + 1) packed rows

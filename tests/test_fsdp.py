@@ -204,8 +204,12 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
     assert p.returncode != 0 and len(shards) == 1 and shards[0].startswith('step3-')
     assert sorted(f for f in os.listdir(os.path.join(cut, 'pretrain', 'ckpt.pt.dcp', shards[0]))
                   if f.endswith('.distcp')) == ['__0_0.distcp', '__1_0.distcp']     # one file per rank
-    r = subprocess.run([sys.executable] + base + ['--out-dir', cut, '--resume', '--pt-grad-accum', '2'], cwd=ROOT,
-                       env=ENV, capture_output=True, text=True, timeout=600)
+    def resume(*args):   # in one process, no torchrun
+        return subprocess.run([sys.executable] + base + ['--out-dir', cut, '--resume', *args], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=600)
+    r = resume()   # one process with the 2-rank accumulation would see half the global batch: refused
+    assert r.returncode != 0 and 'its global batch is 4 sequences, these settings give 2' in r.stderr, r.stderr
+    r = resume('--pt-grad-accum', '2')
     assert r.returncode == 0 and 'resumed from' in r.stdout, r.stderr[-3000:]
     assert max(abs(a - b) for a, b in zip(losses(whole), losses(cut))) < 1e-5
     assert len(losses(cut)) == 6
