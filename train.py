@@ -35,15 +35,16 @@ from tqdm import tqdm
 
 import distill
 import grpo
-from harness import (MetricsLog, Parser, add_flags, base_evals, val_loss, check_finite, checkpoint, die, encode_prompt, evaluate, load_checkpoint, load_policy,
-                     flags_named, pick_device, plot_curves, print0, read_jsonl, rng_state, save_checkpoint, set_rng_state,
-                     setup_distributed, write_json, write_report, open_stage)
-from harness import (checkpoint_blocks, dry_run, edit_full, fsdp_mesh, init_sharded, load_sharded, materialize,
-                     mixed_precision, save_sharded, shard_model)
+from harness import (MetricsLog, Parser, add_flags, base_evals, check_finite, checkpoint, die, encode_prompt, evaluate,
+                     flags_named, load_checkpoint, load_policy, load_sharded, open_stage, pick_device, plot_curves,
+                     print0, read_jsonl, rng_state, save_checkpoint, save_sharded, set_rng_state, setup_distributed,
+                     val_loss, write_json, write_report)
 from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
 from sample import PartialRollouts, dynamic_batch, sequences_for_training
+from shard import (checkpoint_blocks, dry_run, edit_full, fsdp_mesh, init_sharded, materialize, mixed_precision,
+                   shard_model)
 from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, problems
 
 
@@ -131,7 +132,7 @@ class TrainConfig:
     distill_mode: str = 'sft'         # distill: sft (R1 sec 2.4) | logits (SFT + kd_weight * KL to the teacher)
     kd_weight: float = 1.0            # distill logits: weight of the KL term
     kd_temperature: float = 1.0       # distill logits: softmax temperature of both models (the KL is scaled by its square)
-    # sharding under torchrun (harness.py: FSDP2, distributed checkpoints, the memory plan)
+    # sharding under torchrun (shard.py: FSDP2, the memory plan; harness.py: distributed checkpoints)
     fsdp: bool = False                # shard weights, grads, AdamW state over ranks (FSDP2 per block); pretrain for now
     hsdp: int = 0                     # --fsdp on a 2-D mesh: this many replicas (nodes), each sharding over world/hsdp
     activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them

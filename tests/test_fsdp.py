@@ -1,5 +1,5 @@
 """
---fsdp (FSDP2), distributed checkpoints and the memory plan: harness.py's sharding section, on the CPU with gloo.
+--fsdp (FSDP2, shard.py), distributed checkpoints (harness.py) and the memory plan (shard.py), on the CPU with gloo.
 Run: python -m pytest tests/test_fsdp.py -q   (about 2 minutes; this file is also the script torchrun launches
 for the 2-rank checks: python -m torch.distributed.run --nproc_per_node=2 tests/test_fsdp.py OUT.json)
 
@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from harness import (fsdp_mesh, init_sharded, load_policy, load_sharded, materialize, memory_plan,  # noqa: E402
-                     prompt_bound, save_sharded, shard_frozen, shard_model)
+from harness import load_policy, load_sharded, save_sharded  # noqa: E402
+from shard import (fsdp_mesh, init_sharded, materialize, memory_plan, prompt_bound, shard_frozen,  # noqa: E402
+                   shard_model)
 from model import GPT, ModelConfig  # noqa: E402
 from tasks import TaskConfig  # noqa: E402
 from train import PRESETS, TrainConfig  # noqa: E402
