@@ -6,7 +6,8 @@ one-digit-per-piece regex and NFC, <|endoftext|> <|im_start|> <|im_end|> added, 
 metrics, exported with --save-hf, and the export loaded by transformers with our logits (1e-5) and by `tokenizers`
 with our ids. Also: the two Qwen2.5 presets resolve with --dry-run on CPU without weights, and their meta-device
 parameter counts equal the released models' and transformers' own count; a file or folder that is not a model
-of ours gives one line; distill's --teacher-from and long2short's --from take the exported folder.
+of ours gives one line; distill's --teacher-from and long2short's --from take the exported folder; a tiny-world
+model exports too (our tiktoken tokenizer as a tokenizer.json, the model as Llama).
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_realckpt.py -q      (skips itself without transformers)
 """
@@ -126,6 +127,26 @@ def test_grpo_from_a_qwen_folder_resumes_and_exports(qwen_folder, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.load(open(tmp_path / 'l2s' / 'merge' / 'summary.json'))
     assert s['method'] == 'merge' and s['n_eval'] == 8                   # the export's run: test preset's n_eval
+
+
+def test_tiny_world_model_exports_too(tmp_path):
+    """--save-hf after any stage, here the tiny world's pretrain: our tiktoken tokenizer becomes a tokenizer.json
+    and the dense test model a LlamaForCausalLM; transformers gives our logits and our ids."""
+    out, hf = str(tmp_path / 'run'), str(tmp_path / 'hf')
+    run(['--preset', 'test', '--stage', 'pretrain', '--pt-steps', '2', '--out-dir', out, '--save-hf', hf])
+    model, tok, _ = load_policy(os.path.join(out, 'pretrain', 'ckpt.pt'), 'cpu')
+    p = problems('countdown', 'test', 1, 1337, TaskConfig())[0]
+    text = format_prompt(p, 'short') + '<think>8+7=15 vs 280 no.</think><answer>(8*7)*5</answer><|eos|>'
+    ids = [tok.bos] + tok.encode(text)
+    assert transformers.AutoTokenizer.from_pretrained(hf)(text, add_special_tokens=False)['input_ids'] == ids[1:]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, attn_implementation='eager').eval()
+    assert type(theirs).__name__ == 'LlamaForCausalLM'
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x)[0], theirs(x).logits, atol=1e-5, rtol=0)
+    p = run(['--preset', 'test', '--stage', 'pretrain', '--pt-steps', '2', '--out-dir', out, '--resume',
+             '--save-hf', hf], check=False)
+    one_line_error(p, f"--save-hf {hf} already holds a model")
 
 
 @pytest.mark.skip(reason="needs the dist branch's torchrun grpo (prompt sharding); enable once it is merged")
