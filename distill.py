@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sample
-from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, load_policy, plot_curves,
+from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, is_hf_folder, load_policy, plot_curves,
                      print0, save_checkpoint, write_json, write_report)
 from model import lr_at
 from moe import update_moe_biases
@@ -88,7 +88,7 @@ def sample_scored(model, tok, probs, n, temperature, max_new_tokens, template='s
     for s in tqdm(range(0, len(probs), batch_prompts), desc=f'sampling x{n}', mininterval=2):
         chunk = probs[s:s + batch_prompts]
         prompts = [encode_prompt(tok, p, template) for p in chunk]
-        gen = sample.group_rollouts(model, prompts, n, max_new_tokens, {tok.eos}, tok.pad,
+        gen = sample.group_rollouts(model, prompts, n, max_new_tokens, tok.stop_ids, tok.pad,
                                     temperature=temperature, generator=g)
         for i, p in enumerate(chunk):
             group = []
@@ -107,7 +107,8 @@ def rejection_sample(model, tok, probs, n, temperature, max_new_tokens, template
     """
     n samples per countdown problem, keep the correct ones. keep='correct': every distinct correct response;
     keep='shortest': only the shortest correct one per problem (the first on ties). Each kept sample is a dict
-    {'problem', 'prompt_ids', 'response_ids' (ending with eos), 'text' (the decoded response, '<|eos|>' and all),
+    {'problem', 'prompt_ids', 'response_ids' (ending with a stop token), 'text' (the decoded response, stop token
+    and all),
     'n_tokens' (len of response_ids), 'correct'}.
     """
     if keep not in ('correct', 'shortest'):
@@ -120,7 +121,7 @@ def rejection_sample(model, tok, probs, n, temperature, max_new_tokens, template
             if not e['correct'] or tuple(ids) in seen:
                 continue
             seen.add(tuple(ids))
-            if ids[-1] != tok.eos:   # ran out of budget right after </answer>: an SFT target still ends
+            if ids[-1] not in tok.stop_ids:   # ran out of budget right after </answer>: an SFT target still ends
                 ids = ids + [tok.eos]
             kept.append({**e, 'response_ids': ids, 'n_tokens': len(ids)})
         if keep == 'shortest' and kept:
@@ -278,7 +279,7 @@ def distill_stage(tc, task_cfg, device, name='distill', init=''):
     t0 = time.time()
     if tc.distill_mode not in ('sft', 'logits'):
         die(f"unknown distill_mode {tc.distill_mode!r}; choose 'sft' or 'logits'")
-    if not tc.teacher_from or not os.path.isfile(tc.teacher_from):
+    if not (os.path.isfile(tc.teacher_from) or is_hf_folder(tc.teacher_from)):
         die(f"no teacher checkpoint at {tc.teacher_from!r}: train one first (python train.py --preset tiny) or "
             "pass --teacher-from")
     teacher, ttok, _ = load_policy(tc.teacher_from, device)
@@ -290,8 +291,9 @@ def distill_stage(tc, task_cfg, device, name='distill', init=''):
     cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
     pool, samples, n_correct = correct_samples(tc, task_cfg, teacher, ttok, tc.seed + 51)
     # text, not ids, crosses over: in sft mode a student with its own tokenizer re-encodes the teacher's samples
+    # (decoded without the teacher's stop token, which is the student's eos)
     examples = [{'prompt_ids': encode_prompt(tok, e['problem'], task_cfg.template),
-                 'response_ids': tok.encode(e['text'].removesuffix('<|eos|>')) + [tok.eos]} for e in samples]
+                 'response_ids': tok.encode(ttok.decode(e['response_ids'][:-1])) + [tok.eos]} for e in samples]
     t_acc, t_len = evaluate(teacher, ttok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
     print0(f"{name}: teacher {teacher.num_params():,} params (pass@1 {t_acc:.3f}), student {model.num_params():,}; "
            f"{n_correct} correct samples, {len(examples)} kept; mode {tc.distill_mode}")

@@ -1,7 +1,8 @@
 """
 The run harness: what every stage shares and no paper defines. The process group and the device, the one
 checkpoint format (atomic, verified, never non-finite), RNG state, the metrics log, plots, the one report
-writer, and held-out evaluation (greedy pass@1, sampled pass@k).
+writer, held-out evaluation (greedy pass@1, sampled pass@k), and models from Hugging Face folders (a policy from
+config.json + safetensors + tokenizer.json; any of our checkpoints back out as such a folder).
 
 A stage (train.py's pretrain and grpo, distill.py's sft / rs / distill, long2short.py's methods) builds on
 these; none of them builds on another stage's file.
@@ -27,11 +28,12 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 
+from hf import config_from_hf
 from model import GPT, ModelConfig, document_mask
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate
 from tasks import format_prompt, problems
-from tokenizer import Tokenizer
+from tokenizer import from_dict as tokenizer_from_dict, from_pretrained as tokenizer_from_pretrained
 
 
 def die(msg):
@@ -106,8 +108,9 @@ def pick_device(name='', local_rank=0):
 
 
 def encode_prompt(tok, problem, template):
-    """A problem's prompt ids, as every stage and the evaluation build them: <|bos|> + the template."""
-    return [tok.bos] + tok.encode(format_prompt(problem, template))
+    """A problem's prompt ids, as every stage and the evaluation build them: bos + the template, or the template
+    alone for a tokenizer without bos (Qwen: HF prepends nothing, and neither do we)."""
+    return ([] if tok.bos is None else [tok.bos]) + tok.encode(format_prompt(problem, template))
 
 
 # -----------------------------------------------------------------------------
@@ -161,8 +164,13 @@ REQUIRED_KEYS = ('model', 'model_config', 'tokenizer')
 
 def load_checkpoint(path, mc=None):
     """A checkpoint of ours, or one line naming the file and what is wrong with it."""
+    if os.path.isdir(path):
+        die(f"{path} is a folder, not a checkpoint file; a Hugging Face model folder needs config.json")
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}")
+    if path.endswith('.safetensors') or os.path.basename(path) in ('config.json', 'model.safetensors.index.json'):
+        die(f"{path} is part of a Hugging Face model, not a nanoR1 checkpoint: pass the folder that holds it "
+            f"(config.json, *.safetensors, tokenizer.json): {os.path.dirname(os.path.abspath(path))}")
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, not a torch file, or a pickle that needs code to load
@@ -179,7 +187,9 @@ def load_checkpoint(path, mc=None):
 
 
 def load_policy(path, device):
-    """(model, tokenizer, checkpoint dict) from one of our checkpoints."""
+    """(model, tokenizer, checkpoint dict) from one of our checkpoints or a Hugging Face folder (load_hf)."""
+    if is_hf_folder(path):
+        return load_hf(path, device)
     ck = load_checkpoint(path)
     try:
         model = GPT(ModelConfig.from_dict(ck['model_config']))
@@ -187,7 +197,7 @@ def load_policy(path, device):
             load_sharded(path, model)
         else:
             model.load_state_dict(ck['model'])
-        tok = Tokenizer.from_dict(ck['tokenizer'])
+        tok = tokenizer_from_dict(ck['tokenizer'])
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
         die(f"{path}: cannot rebuild the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     return model.to(device), tok, ck
@@ -198,7 +208,7 @@ def load_policy(path, device):
 RESUME_MAY_CHANGE = {'resume', 'overwrite', 'exit_after', 'threads', 'device', 'compile', 'log_interval',
                      'ckpt_interval', 'pt_eval_interval', 'rl_eval_interval', 'stage', 'out_dir', 'init_from',
                      'rl_steps', 'pass_k', 'preset', 'fsdp', 'hsdp', 'activation_checkpointing', 'dry_run',
-                     'world_size', 'plan_gib', 'pt_grad_accum'}   # pt_grad_accum: pretrain checks the global batch
+                     'world_size', 'plan_gib', 'pt_grad_accum', 'save_hf'}   # pretrain checks the global batch
 
 
 def open_stage(tc, task_cfg, stage_dir, total_steps, mc=None):
@@ -349,7 +359,7 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     rows = [(i, pr) for i, pr in enumerate(prompts) for _ in range(k)]
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, {tok.eos}, tok.pad,
+        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, tok.stop_ids, tok.pad,
                        temperature=temperature, generator=g)
         for r, (i, _) in enumerate(chunk):
             n = int(gen.lengths[r])
@@ -461,3 +471,84 @@ def load_sharded(path, model, opt=None):
     else:
         set_state_dict(model, opt, model_state_dict=state['model'], optim_state_dict=state['optimizer'])
     return ck
+
+
+# -----------------------------------------------------------------------------
+# models from Hugging Face folders: config.json + *.safetensors + tokenizer.json in (the policy, the reference, a
+# teacher, long2short's source), and any checkpoint of ours back out (--save-hf)
+
+RUN_FILE = 'nanor1_run.json'   # what save_hf adds to a folder: the run's configs, so a round trip keeps its world
+# config.json fields that describe the network; the rest of ModelConfig is how we run it (block_size: how far the
+# RoPE table reaches, mla_impl, dropout, MoE balancing speed, ...)
+ARCH_FIELDS = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'rope_theta',
+               'norm_eps', 'tie_embeddings', 'attn_bias', 'attn', 'ffn', 'q_lora_rank', 'kv_lora_rank',
+               'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim', 'n_routed_experts', 'n_shared_experts',
+               'moe_intermediate_size', 'num_experts_per_tok', 'n_group', 'topk_group', 'scoring_func',
+               'norm_topk_prob', 'routed_scaling_factor', 'first_k_dense_replace')
+
+
+def is_hf_folder(path):
+    return bool(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
+
+
+def hf_config(path):
+    """The ModelConfig fields of a folder's config.json (nothing else is read), or one line saying why not."""
+    try:
+        with open(os.path.join(path, 'config.json')) as f:
+            return config_from_hf(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        die(f"{path}/config.json: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def check_hf_config(path, given):
+    """The model fields a preset or a flag set must describe the folder's model: `--preset qwen2.5-3b-countdown
+    --init-from Qwen2.5-0.5B` stops here, before any weight is read, naming the fields that differ."""
+    hf = hf_config(path)
+    diff = {k: (v, hf[k]) for k, v in given.items() if k in ARCH_FIELDS and k in hf and hf[k] != v}
+    if diff:
+        die(f"--init-from {path} holds another model than these settings describe (field: set vs config.json): "
+            f"{diff}; pick the preset of that model or drop the model flags")
+
+
+def load_hf(path, device):
+    """(model, tokenizer, checkpoint-like dict) from a Hugging Face folder: GPT.from_pretrained (strict) and
+    tokenizer.from_pretrained. The dict has what load_policy's callers read from a checkpoint of ours, with the
+    run's configs when the folder came from save_hf."""
+    try:
+        model = GPT.from_pretrained(path)
+        tok = tokenizer_from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        die(f"{path}: cannot load it as a Hugging Face model ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if tok.n_vocab > model.config.vocab_size:
+        die(f"{path}: tokenizer.json has {tok.n_vocab} tokens but the model only {model.config.vocab_size} rows")
+    if tok.eos is None:
+        die(f"{path}: the tokenizer names no eos and has no stop token a rollout could end with")
+    run = {}
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        with open(os.path.join(path, RUN_FILE)) as f:
+            run = json.load(f)
+    ck = {'model': model.state_dict(), 'model_config': model.config.to_dict(), 'tokenizer': tok.to_dict(),
+          'train_config': run.get('train_config', {}), 'task_config': run.get('task_config', {}),
+          'step': run.get('step', 0)}
+    return model.to(device), tok, ck
+
+
+def save_hf(model, tok, path, ck=None):
+    """A folder transformers loads with the same logits: config.json + model.safetensors (GPT.save_pretrained, in
+    the model's own dtype), the tokenizer files, bos/eos ids in config.json, and RUN_FILE with the configs of
+    the checkpoint `ck` it came from."""
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg_path = os.path.join(path, 'config.json')
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.update(bos_token_id=tok.bos, eos_token_id=tok.eos, pad_token_id=tok.pad)
+    write_json(cfg_path, cfg)
+    ck = ck or {}
+    write_json(os.path.join(path, RUN_FILE), {k: ck.get(k) for k in ('train_config', 'task_config', 'step')})
+
+
+def meta_model(mc):
+    """The model of a config on the meta device: shapes and parameter counts, no memory, no weights read."""
+    with torch.device('meta'):
+        return GPT(mc)

@@ -56,13 +56,13 @@ METHODS = ('merge', 'shortest', 'dpo', 'rl')
 @dataclass
 class L2SConfig:
     method: str = 'all'                      # merge | shortest | dpo | rl | all (the subcommand)
-    source: str = 'out/tiny/grpo/ckpt.pt'    # --from: the long-CoT checkpoint (train.py's grpo stage)
+    source: str = 'out/tiny/grpo/ckpt.pt'    # --from: the long-CoT checkpoint (train.py's grpo stage) or HF folder
     out_dir: str = ''                        # each method writes <out_dir>/<method>/ (default <source run>/long2short)
     device: str = ''                         # cuda | cpu (default: cuda when available)
     threads: int = 0                         # torch CPU threads (0: leave torch's default)
     n_eval: int = 0                          # held-out problems (0: the source's n_eval)
     # merge
-    short: str = ''                          # the short-CoT checkpoint (default: the source's base)
+    short: str = ''                          # the short-CoT checkpoint or HF folder (default: the source's base)
     alpha: float = 0.5                       # weight of the long model in the saved merge
     alphas: str = ''                         # comma-separated alphas to evaluate and report as well (a sweep)
     # sampling for shortest and dpo
@@ -96,9 +96,12 @@ def parse_args(argv=None):
     for m in METHODS + ('all',):
         sub.add_parser(m, parents=[common], help=f"run {m}")
     cfg = L2SConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
-    if not os.path.isfile(cfg.source):
-        sys.exit(f"long2short.py: error: no source checkpoint at {cfg.source} (train one: python train.py --preset tiny)")
-    cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cfg.source))), 'long2short')
+    if not (os.path.isfile(cfg.source) or harness.is_hf_folder(cfg.source)):
+        sys.exit(f"long2short.py: error: no source checkpoint at {cfg.source} (nor a Hugging Face folder; train "
+                 "one: python train.py --preset tiny)")
+    stage_dir = cfg.source if os.path.isdir(cfg.source) else os.path.dirname(cfg.source)
+    run_dir = os.path.dirname(os.path.abspath(stage_dir))
+    cfg.out_dir = cfg.out_dir or os.path.join(run_dir, 'long2short')
     return cfg
 
 
@@ -197,12 +200,13 @@ def default_short(src_path, ck):
 def run_merge(cfg, src, out):
     t0 = time.time()
     short = cfg.short or default_short(cfg.source, src.ck)
-    if not os.path.isfile(short):
+    if not (os.path.isfile(short) or harness.is_hf_folder(short)):
         sys.exit(f"long2short.py: error: no short-CoT checkpoint at {short} (pass --short CKPT)")
     if os.path.realpath(short) == os.path.realpath(cfg.source):
         sys.exit(f"long2short.py: error: --from {cfg.source} is its own short model (a base, not an RL checkpoint?): "
                  "merging it with itself changes nothing; pass the long-CoT RL checkpoint or --short CKPT")
-    ck_short = torch.load(short, map_location='cpu', weights_only=True)
+    ck_short = (harness.load_hf(short, 'cpu')[2] if harness.is_hf_folder(short)   # a folder: its weights as a dict
+                else torch.load(short, map_location='cpu', weights_only=True))
     check_mergeable(cfg.source, src.ck, short, ck_short)
     model, _, _ = harness.load_policy(cfg.source, cfg.device)
     long_sd = {k: v.to(cfg.device) for k, v in src.ck['model'].items()}

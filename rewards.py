@@ -10,9 +10,12 @@ Rule-based rewards: plain functions of the assistant's whole response text, retu
   `is_repeating`, `repeated_attempts`; the paper gives no formula, the criteria are ours).
 - DAPO (arXiv 2503.14476) sec 3.4, soft overlong punishment (`overlong_reward`).
 
-Text handling: any mix of whitespace, `<|eos|>` and `<|pad|>` at the very end is stripped first. Tags match
-exactly (`<answer>`: no inner spaces, case-sensitive); whitespace around tags is optional. A `<|eos|>` before
-the end is just text (sampling stops at the first eos, so nothing real ever follows one).
+Text handling: any mix of whitespace, `<|pad|>` and stop tokens (tokenizer.STOP_TEXTS: `<|eos|>`, and those of
+the real tokenizers and chat templates, `<|endoftext|>`, `<|im_end|>`, `<|eot_id|>`, `</s>`, ...) at the very end
+is stripped first: a rollout ends with the stop token that ended it, and the decoded text keeps it, so without
+this a correct answer from Qwen scored 0. Tags match exactly (`<answer>`: no inner spaces, case-sensitive);
+whitespace around tags is optional. A stop token before the end is just text (sampling stops at the first one,
+so nothing real ever follows one).
 
 Deviations and choices:
 - Any text after the last `</answer>` gives accuracy 0: an early prototype of this project whose checker ignored
@@ -42,6 +45,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from tokenizer import STOP_TEXTS
+
 # caps of the countdown expression parser: an answer past any of them is rejected (reward 0), which bounds the
 # work per answer and removes any incentive to search huge expressions
 MAX_EXPR_CHARS = 200        # length of the expression text
@@ -55,11 +60,12 @@ SPECIAL_TOKENS = ('<|bos|>', '<|eos|>', '<|pad|>') + TAGS
 
 # the tail to ignore, matched on the *reversed* text: a backwards scan is linear, while a forward regex search
 # anchored at the end (`(...)*\Z`) backtracks quadratically on a long run of pads followed by one other char
-_REVERSED_TAIL = re.compile(r'(?:\s|>\|soe\|<|>\|dap\|<)*')
+_TAIL_TOKENS = sorted(STOP_TEXTS + ('<|pad|>',), key=len, reverse=True)
+_REVERSED_TAIL = re.compile('(?:\\s|%s)*' % '|'.join(re.escape(t[::-1]) for t in _TAIL_TOKENS))
 
 
 def _strip_tail(text):
-    """The text without its trailing whitespace, `<|eos|>` and `<|pad|>` runs."""
+    """The text without its trailing run of whitespace, `<|pad|>` and stop tokens (STOP_TEXTS)."""
     return text[:len(text) - _REVERSED_TAIL.match(text[::-1]).end()]
 
 
@@ -458,13 +464,14 @@ def repeated_attempts(response: str) -> float:
 # the RL reward of a batch of rollouts
 
 def rl_rewards(texts, problems, lengths, group_size, max_new_tokens, format_weight=0.0, repeat_weight=0.0,
-               length_weight=0.0, lang_weight=0.0, overlong_buffer=0, lang_target='digits'):
+               length_weight=0.0, lang_weight=0.0, overlong_buffer=0, lang_target='digits', prefilled_think=False):
     """
     (N,) rewards of N countdown rollouts (texts as decoded, a final <|eos|> allowed; G = group_size consecutive
     ones per problem; `lengths` in tokens) and a dict of their (N,) parts:
         accuracy + format_weight * format - repeat_weight * repeat + length_weight * length
                  + lang_weight * lang + overlong
-    'accuracy' (countdown_reward) and 'format' (strict format_reward) are always in parts, each other term only
+    'accuracy' (countdown_reward) and 'format' (strict format_reward; prefilled_think=True when the prompt ended
+    with <think>, tasks.prefills_think) are always in parts, each other term only
     when it is on: 'repeat' (repeated_attempts), 'length' (Kimi k1.5 sec 2.3.3 within each group, correct =
     accuracy > 0), 'lang' (R1 sec 2.3.2, language_consistency_reward with lang_target) and, for
     overlong_buffer > 0, 'overlong' (DAPO sec 3.4: 0 up to max_new_tokens - overlong_buffer tokens, then down to
@@ -480,7 +487,8 @@ def rl_rewards(texts, problems, lengths, group_size, max_new_tokens, format_weig
         raise ValueError(f"need 0 < overlong_buffer <= max_new_tokens, got overlong_buffer={overlong_buffer}, "
                          f"max_new_tokens={max_new_tokens}")
     acc = torch.tensor([countdown_reward(t, p.numbers, p.target) for t, p in zip(texts, problems)])   # (N,)
-    parts = {'accuracy': acc, 'format': torch.tensor([format_reward(t) for t in texts])}
+    fmt = torch.tensor([format_reward(t, prefilled_think=prefilled_think) for t in texts])              # (N,)
+    parts = {'accuracy': acc, 'format': fmt}
     reward = acc + format_weight * parts['format']
     if repeat_weight:
         parts['repeat'] = torch.tensor([repeated_attempts(t) for t in texts])

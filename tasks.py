@@ -10,7 +10,17 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
 - Held-out splits are disjoint from train *by problem*: a problem's canonical key (sorted numbers and target,
   or the expression) is hashed, and the hash decides its split, so no seed or sampling order can leak one.
 - Templates: the R1-Zero prompt (DeepSeek-R1, Table 1) and a short variant for tiny models, whose context and
-  compute cannot afford 80 tokens of preamble.
+  compute cannot afford 80 tokens of preamble; for real checkpoints TinyZero's two prompts (its
+  examples/data_preprocess/countdown.py: 'base' for base models, 'qwen-instruct' for Qwen's chat template), both
+  of which end with `<think>` prefilled (`prefills_think`: the format reward must know, rewards.format_reward).
+- task='tinyzero': countdown at TinyZero's distribution, as in its Countdown-Tasks-3to4 set (the set nano-aha-moment
+  trains on too): 3 or 4 numbers from 1..100, a target in 1..100, any expression over the numbers (any order and
+  bracketing, each number once) as the answer, asked in TinyZero's words. We draw the problems ourselves
+  (`make_tinyzero`: random numbers, a random expression tree over them under Countdown's rules, its value as the
+  target), so they are solvable by construction; the published set was drawn by its own generator, which we do
+  not reproduce: small targets are likelier here than a uniform draw would make them. Such problems carry no
+  difficulty label (solve_rate is nan: counting the hits among every expression tree of 4 numbers costs more than
+  the draw), so Kimi's curriculum sampling refuses them.
 - The corpus stands in for what R1-Zero's base got from the web. It teaches (1) arithmetic it can compute
   (expressions with worked steps) and (2) the response format, with countdown "attempts" of mixed quality:
   each attempt is a correctly computed sequence of moves followed by a check ("72 vs 24 no": the target
@@ -40,7 +50,27 @@ R1_ZERO_TEMPLATE = (
     "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
     "User: {prompt}. Assistant:")
 SHORT_TEMPLATE = "User: {prompt}. Assistant:"
-TEMPLATES = {'r1zero': R1_ZERO_TEMPLATE, 'short': SHORT_TEMPLATE}
+# TinyZero's two prompts, word for word (its 'base' and 'qwen-instruct' template_type; the instruct one's system
+# line says "thinks" and its user turn starts with a space, as there): the assistant turn starts inside <think>
+TINYZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the answer.\n"
+    "User: {prompt}\nAssistant: Let me solve this step by step.\n<think>")
+CHAT_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning process in the mind and "
+    "then provides the user with the answer.<|im_end|>\n<|im_start|>user\n {prompt}<|im_end|>\n"
+    "<|im_start|>assistant\nLet me solve this step by step.\n<think>")
+TEMPLATES = {'r1zero': R1_ZERO_TEMPLATE, 'short': SHORT_TEMPLATE, 'tinyzero': TINYZERO_TEMPLATE, 'chat': CHAT_TEMPLATE}
+TINYZERO_QUESTION = (
+    "Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic operations "
+    "(+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. And return the "
+    "final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+TASKS = ('tiny', 'tinyzero')
+
+
+def prefills_think(template):
+    """True when the template's prompt ends inside <think>: the response then starts without the tag."""
+    return TEMPLATES[template].endswith('<think>')
 
 
 def in_test_split(key, test_frac):
@@ -124,6 +154,13 @@ class Countdown:
         return f"make {self.target} from {' '.join(map(str, self.numbers))}"
 
 
+class TinyZeroCountdown(Countdown):
+    """A countdown problem asked in TinyZero's words: the numbers as a Python list, any expression as the answer."""
+
+    def prompt(self):
+        return TINYZERO_QUESTION.format(numbers=list(self.numbers), target=self.target)
+
+
 @dataclass
 class Arithmetic:
     expr: str           # e.g. "(3*4)-5"
@@ -140,7 +177,9 @@ class Arithmetic:
 
 @dataclass
 class TaskConfig:
-    n_numbers: int = 3          # countdown: how many numbers
+    task: str = 'tiny'          # countdown problems: tiny (left-deep chains of small numbers) | tinyzero (TinyZero's)
+    n_numbers: int = 3          # countdown: how many numbers (tinyzero: the most)
+    min_numbers: int = 0        # tinyzero: fewest numbers, each count in min..n_numbers equally likely (0: n_numbers)
     lo: int = 1                 # smallest number
     hi: int = 9                 # largest number
     ops: str = '+-*/'           # allowed operations
@@ -150,7 +189,7 @@ class TaskConfig:
     search: str = 'enumerate'   # how corpus traces pick attempts: enumerate | random | sorted (EXPERIMENTS.md)
     stop_at_yes: float = 0.3    # chance that a corpus writer stops at an attempt whose check said yes
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
-    template: str = 'short'     # 'short' or 'r1zero'
+    template: str = 'short'     # prompt: short | r1zero (DeepSeek-R1) | tinyzero (TinyZero's base) | chat (Qwen chat)
 
     def __post_init__(self):
         # the problem generators draw until a problem fits these fields: nonsense here used to spin forever
@@ -162,6 +201,12 @@ class TaskConfig:
             raise ValueError(f"ops must be a non-empty string of + - * /, got {self.ops!r}")
         if self.max_target < 1:
             raise ValueError(f"max_target must be >= 1 (targets are positive), got {self.max_target}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
+        if self.min_numbers and not 2 <= self.min_numbers <= self.n_numbers:
+            raise ValueError(f"min_numbers must be 0 or in 2..n_numbers={self.n_numbers}, got {self.min_numbers}")
 
 
 # make_countdown's budget. The tight but possible configs we tried accept >= 1% of draws (ops='-' with 5 numbers:
@@ -183,6 +228,36 @@ def make_countdown(rng, cfg):
         return Countdown(numbers, res[0], res[2], rate)
     raise ValueError(f"no countdown problem in {COUNTDOWN_DRAWS} draws with n_numbers={cfg.n_numbers}, lo={cfg.lo}, "
                      f"hi={cfg.hi}, ops={cfg.ops!r}, max_target={cfg.max_target}: these fields admit (almost) none")
+
+
+def random_tree(rng, numbers, ops):
+    """(value, expression) of a random expression over all the numbers: a random order, then random neighbours
+    joined by random ops until one is left (every bracketing of the order can come out), each move under
+    Countdown's rules (apply_move), or None when a move breaks them."""
+    items = [(x, str(x)) for x in rng.sample(numbers, len(numbers))]
+    while len(items) > 1:
+        i = rng.randrange(len(items) - 1)
+        (a, ea), (b, eb) = items[i], items[i + 1]
+        op = rng.choice(ops)
+        v = apply_move(a, op, b)
+        if v is None:
+            return None
+        items[i:i + 2] = [(v, f"({ea} {op} {eb})")]
+    value, expr = items[0]
+    return value, expr[1:-1] if len(numbers) > 1 else expr
+
+
+def make_tinyzero(rng, cfg):
+    """A countdown problem at TinyZero's distribution (module docstring): min_numbers..n_numbers numbers from
+    lo..hi, the value of a random expression tree over them (random_tree) as the target if it is in 1..max_target."""
+    n = rng.randint(cfg.min_numbers or cfg.n_numbers, cfg.n_numbers)   # before the draws: 4 numbers miss more
+    for _ in range(COUNTDOWN_DRAWS):
+        numbers = [rng.randint(cfg.lo, cfg.hi) for _ in range(n)]
+        res = random_tree(rng, numbers, cfg.ops)
+        if res is not None and 1 <= res[0] <= cfg.max_target:
+            return TinyZeroCountdown(numbers, res[0], res[1], math.nan)
+    raise ValueError(f"no tinyzero countdown problem in {COUNTDOWN_DRAWS} draws with n_numbers={cfg.n_numbers}, "
+                     f"lo={cfg.lo}, hi={cfg.hi}, ops={cfg.ops!r}, max_target={cfg.max_target}")
 
 
 def make_arithmetic(rng, cfg, digits=1):
@@ -207,7 +282,8 @@ def problems(kind, split, n, seed, cfg, digits=1):
     rng = random.Random(f"{kind}:{split}:{seed}")
     seen, out = set(), []
     for _ in range(200 * n + 1000):
-        p = make_countdown(rng, cfg) if kind == 'countdown' else make_arithmetic(rng, cfg, digits)
+        p = ({'tiny': make_countdown, 'tinyzero': make_tinyzero}[cfg.task](rng, cfg) if kind == 'countdown'
+             else make_arithmetic(rng, cfg, digits))
         if p.key in seen or in_test_split(p.key, cfg.test_frac) != (split == 'test'):
             continue
         if kind == 'arithmetic' and split == 'train' and _leaks_countdown(p, cfg):
@@ -463,6 +539,9 @@ class PromptSampler:
         self.frac, self.start_frac, self.prior, self.floor, self.ema = frac, start_frac, prior, floor, ema
         self.rng = random.Random(seed)
         self.solve_rate = [getattr(p, 'solve_rate', 0.0) for p in pool]
+        if mode == 'curriculum' and any(math.isnan(r) for r in self.solve_rate):
+            raise ValueError("curriculum sampling needs difficulty labels, and these problems have none "
+                             "(task tinyzero); use uniform or prioritized")
         # easiest first; ties keep pool order, so the order is a pure function of the pool
         self.order = sorted(range(self.N), key=lambda i: -self.solve_rate[i])
         self.success = [None] * self.N   # s_i, None until the problem's first group is scored

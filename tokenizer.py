@@ -12,6 +12,12 @@ Tokenizers built here, with no download: tiktoken `Encoding`s whose ranks we mak
   tiktoken's, and tests/test_tokenizer_hf.py checks it against the `tokenizers` library. It refuses, with a
   ValueError naming the culprit, what it cannot run safely or exactly: Split regexes outside KNOWN_SPLITS
   (the section says why an allowlist), empty or colliding added tokens, shared ids or gaps, malformed merges.
+  Its `to_dict` is the folder's own tokenizer.json and tokenizer_config.json text plus the ids they resolved to,
+  so our checkpoints carry the tokenizer whole (`from_dict` rebuilds it, `save_pretrained` writes the files back).
+- `from_dict(d)`: either kind back from the plain dict a checkpoint stores.
+- Stop tokens (`stop_ids`): eos, and for a pretrained tokenizer every added token of STOP_TEXTS it has (chat
+  templates end a turn with <|im_end|> or <|eot_id|> while eos is <|endoftext|> or <|end_of_text|>), plus any
+  further eos ids config.json / generation_config.json list. A rollout ends at the first of them.
 
 The pre-tokenisation regex follows cl100k's shape (numbers split into runs of at most 3 digits, letters keep
 one leading non-letter) with one change: every punctuation character is its own piece. With cl100k's
@@ -48,13 +54,16 @@ class Tokenizer:
             if m not in ranks:
                 ranks[m] = len(ranks)
         special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.ranks = ranks  # {bytes: rank}: what save_pretrained turns back into BPE merges
         self.enc = tiktoken.Encoding(name='nanor1', pat_str=PAT_STR, mergeable_ranks=ranks,
                                      special_tokens=special)
         self.n_vocab = self.enc.n_vocab
         self.bos, self.eos, self.pad = special['<|bos|>'], special['<|eos|>'], special['<|pad|>']
         self.think, self.think_end = special['<think>'], special['</think>']
         self.answer, self.answer_end = special['<answer>'], special['</answer>']
+        self.specials = special   # {text: id} of SPECIAL_TOKENS
         self.special_ids = set(special.values())
+        self.stop_ids = {self.eos}   # what ends a rollout
 
     def encode(self, text, special=True):
         """Text to ids. special=True turns '<think>' etc. into their single tokens (our own templates);
@@ -83,6 +92,51 @@ class Tokenizer:
     @classmethod
     def from_dict(cls, d):
         return cls([base64.b64decode(m) for m in d['merges']], d.get('numbers', True))
+
+    def save_pretrained(self, path):
+        """tokenizer.json (+ tokenizer_config.json) with the same ids, for transformers and `from_pretrained`.
+        A tiktoken rank table is a BPE whose merges are the ranks in order: token t of rank r is the merge of
+        the two pieces BPE leaves when only ranks below r may merge (transformers' TikTokenConverter does the
+        same). Our regex and ByteLevel(use_regex=False) make the pre-tokenizer; the special tokens are added
+        tokens."""
+        b2u = bytes_to_unicode()
+        text = lambda b: ''.join(b2u[x] for x in b)   # noqa: E731  the byte-level alphabet
+        merges = []
+        for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+            if len(tok) > 1:
+                parts = _bpe_pieces(self.ranks, tok, rank)
+                if len(parts) != 2:
+                    raise ValueError(f"token {tok!r} is not the merge of two lower-ranked tokens")
+                merges.append([text(parts[0]), text(parts[1])])
+        added = [{'id': i, 'content': s, 'single_word': False, 'lstrip': False, 'rstrip': False,
+                  'normalized': False, 'special': True} for s, i in self.specials.items()]
+        tj = {'version': '1.0', 'truncation': None, 'padding': None, 'normalizer': None,
+              'added_tokens': sorted(added, key=lambda t: t['id']),
+              'pre_tokenizer': {'type': 'Sequence', 'pretokenizers': [
+                  {'type': 'Split', 'pattern': {'Regex': PAT_STR}, 'behavior': 'Isolated', 'invert': False},
+                  {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': False}]},
+              'post_processor': None,
+              'decoder': {'type': 'ByteLevel', 'add_prefix_space': True, 'trim_offsets': True, 'use_regex': True},
+              'model': {'type': 'BPE', 'dropout': None, 'unk_token': None, 'continuing_subword_prefix': None,
+                        'end_of_word_suffix': None, 'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': False,
+                        'vocab': {text(t): r for t, r in self.ranks.items()}, 'merges': merges}}
+        cfg = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<|bos|>', 'eos_token': '<|eos|>',
+               'pad_token': '<|pad|>'}   # no post-processor: HF adds no bos, encode_prompt does
+        os.makedirs(path, exist_ok=True)
+        for name, d in (('tokenizer.json', tj), ('tokenizer_config.json', cfg)):
+            with open(os.path.join(path, name), 'w', encoding='utf-8') as f:
+                json.dump(d, f, ensure_ascii=False)
+
+
+def _bpe_pieces(ranks, token, max_rank):
+    """tiktoken's BPE of `token` allowed only merges of rank < max_rank: lowest-ranked adjacent pair first."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        r, i = min((ranks.get(a + b, max_rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if r >= max_rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
 
 
 def byte_tokenizer():
@@ -175,6 +229,7 @@ KNOWN_SPLITS = {  # name: a pre-tokenizer Split regex as tokenizer.json holds it
     # DeepSeek-V3 (and R1): three Splits, digits in runs of three, CJK runs, then the words
     'deepseek_v3_digits': r'\p{N}{1,3}',
     'deepseek_v3_cjk': '[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+',
+    'nanor1': PAT_STR,  # ours (Tokenizer.save_pretrained writes it)
     'deepseek_v3': r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
                    r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 }
@@ -264,10 +319,17 @@ def _split_isolated(pat, text):
     return out
 
 
-class PretrainedTokenizer:
-    """A Hugging Face byte-level BPE folder as a tiktoken Encoding; made by `from_pretrained`."""
+# the end-of-text and end-of-turn tokens of the tokenizers and chat templates we load: any a tokenizer has as an
+# added token ends a rollout, and rewards.py strips them from a response's tail before it is scored
+STOP_TEXTS = ('<|endoftext|>', '<|im_end|>', '<|eot_id|>', '<|eom_id|>', '<|end_of_text|>', '</s>',
+              '<｜end▁of▁sentence｜>', '<|eos|>')
 
-    def __init__(self, enc, id_bytes, added, pre_splits, normalizers, rank_to_id, bos, eos, pad):
+
+class PretrainedTokenizer:
+    """A Hugging Face byte-level BPE folder as a tiktoken Encoding; made by `from_pretrained` or `from_dict`."""
+
+    def __init__(self, enc, id_bytes, added, pre_splits, normalizers, rank_to_id, bos, eos, pad, files,
+                 extra_stop=()):
         self.enc = enc  # tiktoken.Encoding; its ids are HF ids unless rank_to_id is set
         self.id_bytes = id_bytes  # {HF id: bytes} for every token, added tokens included: the decode table
         self.added = added  # {added token text: HF id}, all of them tiktoken special tokens
@@ -275,8 +337,16 @@ class PretrainedTokenizer:
         self.pre_splits = [regex.compile(p) for p in pre_splits]  # Splits before the one tiktoken runs
         self.normalizers = normalizers  # unicodedata forms applied to text between added tokens
         self.rank_to_id = rank_to_id  # None when ranks are ids, else a list from tiktoken rank to HF id
+        self.files = files  # {'tokenizer.json': text, 'tokenizer_config.json': text or None}: what to_dict stores
         self.n_vocab = max(id_bytes) + 1
-        self.bos, self.eos, self.pad = bos, eos, pad
+        self.named = (bos, eos, pad, sorted(extra_stop))  # the ids as resolved from the folder, for to_dict
+        # what ends a rollout: eos, the added stop tokens, any other eos id the folder's configs list
+        stops = [*extra_stop, *(added[t] for t in STOP_TEXTS if t in added)]
+        self.stop_ids = {i for i in (eos, *stops) if i is not None}
+        if eos is None:  # none named: the first of the configs' eos ids, else of the stop tokens it has
+            eos = stops[0] if stops else None
+        # bos may be None (Qwen has none: nothing is prepended); pad only fills slots after a stop, so eos will do
+        self.bos, self.eos, self.pad = bos, eos, eos if pad is None else pad
         self.think, self.think_end = added.get('<think>'), added.get('</think>')
         # tiktoken cuts special tokens with an alternation in hash order; HF takes the longest match. They differ
         # only if one added token is a prefix of another, and a prefix sorts right before its extensions.
@@ -319,19 +389,44 @@ class PretrainedTokenizer:
         return ranks if self.rank_to_id is None else [self.rank_to_id[r] for r in ranks]
 
     def decode(self, ids):
-        # errors='replace': a sampled id sequence may cut a multi-byte character in half
-        return b''.join(self.id_bytes[int(i)] for i in ids).decode('utf-8', errors='replace')
+        # errors='replace': a sampled id sequence may cut a multi-byte character in half. Ids past the
+        # tokenizer's (a model's vocab is often padded: Qwen2.5's 151936 rows hold 151665 tokens) decode to nothing
+        return b''.join(self.id_bytes.get(int(i), b'') for i in ids).decode('utf-8', errors='replace')
+
+    def to_dict(self):
+        """Plain, weights_only-safe: the folder's tokenizer files as text and the ids they resolved to, so a
+        checkpoint holds the tokenizer whole and needs no folder to come back (`from_dict`)."""
+        bos, eos, pad, extra = self.named
+        return {'hf_files': dict(self.files), 'bos': bos, 'eos': eos, 'pad': pad, 'extra_stop': extra}
+
+    def save_pretrained(self, path):
+        """tokenizer.json and tokenizer_config.json as the folder held them (a minimal config if it had none)."""
+        os.makedirs(path, exist_ok=True)
+        cfg = self.files.get('tokenizer_config.json')
+        if cfg is None:
+            text = {i: s for s, i in self.added.items()}
+            cfg = json.dumps({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': text.get(self.bos),
+                              'eos_token': text.get(self.eos), 'pad_token': text.get(self.pad)}, indent=2)
+        for name, body in (('tokenizer.json', self.files['tokenizer.json']), ('tokenizer_config.json', cfg)):
+            with open(os.path.join(path, name), 'w', encoding='utf-8') as f:
+                f.write(body)
 
 
 def _named_token_id(path, name, added, vocab, b2u, n_vocab):
     """The id of `name` ('bos', 'eos', 'pad'): tokenizer_config.json's <name>_token (text or AddedToken dict),
-    else config.json's <name>_token_id (first entry if a list), else None. An id must be one of the n_vocab."""
+    else config.json's <name>_token_id (first entry if a list), else None. An id must be one of the n_vocab.
+    tokenizer_config.json's word is final: `"bos_token": null` (Qwen2.5) or `"add_bos_token": false` means no bos
+    is prepended, whatever config.json's bos_token_id says (Qwen2.5's names <|endoftext|>, which HF never adds)."""
     for fname, key in (('tokenizer_config.json', f'{name}_token'), ('config.json', f'{name}_token_id')):
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
             continue
         with open(fpath, encoding='utf-8') as f:
-            value = json.load(f).get(key)
+            d = json.load(f)
+        if fname == 'tokenizer_config.json' and (key in d and d[key] is None
+                                                 or name == 'bos' and d.get('add_bos_token') is False):
+            return None
+        value = d.get(key)
         if isinstance(value, dict):
             value = value.get('content')
         if isinstance(value, list):
@@ -424,16 +519,10 @@ def _merge_products(merges, vocab):
     return products
 
 
-def from_pretrained(path):
-    """A local Hugging Face tokenizer folder (tokenizer.json with a byte-level BPE model; tokenizer_config.json
-    or config.json for bos/eos/pad) as a PretrainedTokenizer. No download, no transformers import."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no such tokenizer folder: {path}")
-    tj_path = os.path.join(path, 'tokenizer.json')
-    if not os.path.isfile(tj_path):
-        raise FileNotFoundError(f"{path} has no tokenizer.json (only the fast-tokenizer JSON format is read)")
-    with open(tj_path, encoding='utf-8') as f:
-        tj = json.load(f)
+def _build(text, where, name):
+    """tokenizer.json text -> (tiktoken Encoding, {id: bytes}, added tokens, vocab, byte alphabet, leading Split
+    patterns, normalizer forms, rank_to_id). `where` names the file in errors."""
+    tj = json.loads(text)
     model = tj['model']
     kind = model.get('type', 'BPE' if 'merges' in model else None)  # old files omit the type
     if kind != 'BPE':
@@ -477,9 +566,51 @@ def from_pretrained(path):
 
     last = pats[-1]
     pat_str = f'(?:{last})|(?:(?!(?:{last}))[\\s\\S])+'  # + HF's gaps between matches, as pieces
-    with _no_panic(tj_path):
-        enc = tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=pat_str,
-                                mergeable_ranks=ranks, special_tokens=special)
+    with _no_panic(where):
+        enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
+    return enc, id_bytes, added, vocab, b2u, pats[:-1], [n['type'] for n in norms], rank_to_id
 
+
+def _eos_ids(path, n_vocab):
+    """Every eos id config.json and generation_config.json list (Llama 3 Instruct: [<|end_of_text|>, <|eom_id|>,
+    <|eot_id|>]): each one ends a rollout."""
+    out = set()
+    for fname in ('config.json', 'generation_config.json'):
+        fpath = os.path.join(path, fname)
+        if os.path.isfile(fpath):
+            with open(fpath, encoding='utf-8') as f:
+                v = json.load(f).get('eos_token_id')
+            out.update(i for i in (v if isinstance(v, list) else [v]) if _is_id(i) and i < n_vocab)
+    return sorted(out)
+
+
+def from_pretrained(path):
+    """A local Hugging Face tokenizer folder (tokenizer.json with a byte-level BPE model; tokenizer_config.json
+    or config.json for bos/eos/pad) as a PretrainedTokenizer. No download, no transformers import."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such tokenizer folder: {path}")
+    tj_path = os.path.join(path, 'tokenizer.json')
+    if not os.path.isfile(tj_path):
+        raise FileNotFoundError(f"{path} has no tokenizer.json (only the fast-tokenizer JSON format is read)")
+    files = {}
+    for name in ('tokenizer.json', 'tokenizer_config.json'):
+        fpath = os.path.join(path, name)
+        files[name] = open(fpath, encoding='utf-8').read() if os.path.isfile(fpath) else None
+    parts = _build(files['tokenizer.json'], tj_path, os.path.basename(os.path.normpath(path)))
+    _, id_bytes, added, vocab, b2u = parts[:5]
     bos, eos, pad = (_named_token_id(path, name, added, vocab, b2u, len(id_bytes)) for name in ('bos', 'eos', 'pad'))
-    return PretrainedTokenizer(enc, id_bytes, added, pats[:-1], [n['type'] for n in norms], rank_to_id, bos, eos, pad)
+    return PretrainedTokenizer(parts[0], id_bytes, added, *parts[5:], bos, eos, pad, files,
+                               _eos_ids(path, len(id_bytes)))
+
+
+def from_dict(d):
+    """Either tokenizer back from the dict a checkpoint stores (`to_dict`)."""
+    if 'hf_files' not in d:
+        return Tokenizer.from_dict(d)
+    parts = _build(d['hf_files']['tokenizer.json'], 'the stored tokenizer.json', 'hf')
+    n = len(parts[1])
+    for key in ('bos', 'eos', 'pad'):
+        if d[key] is not None and not (_is_id(d[key]) and d[key] < n):
+            raise ValueError(f"stored tokenizer: {key} id {d[key]!r} is not one of its {n} ids")
+    return PretrainedTokenizer(parts[0], parts[1], parts[2], *parts[5:], d['bos'], d['eos'], d['pad'],
+                               d['hf_files'], d.get('extra_stop', ()))

@@ -4,6 +4,7 @@ nanoR1's one entry point: flags and presets, the stage pipeline, pretraining, an
     python train.py --preset tiny                      # the whole tiny pipeline: pretrain -> grpo -> eval
     python train.py --preset tiny --stage pretrain     # one stage
     torchrun --nproc_per_node=2 train.py --preset tiny --stage pretrain
+    python train.py --preset qwen2.5-0.5b-countdown --init-from /path/to/Qwen2.5-0.5B --save-hf out/q05/hf
 
 Stages
 - pretrain: next-token prediction on the synthetic corpus (tasks.py), standing in for the web-scale base model
@@ -19,6 +20,11 @@ Stages
 Everything a run learns goes under --out-dir (default out/<preset>): <stage>/ckpt.pt, metrics.jsonl,
 summary.json, plots, report.md. --resume continues a killed run from its last checkpoint, bit-for-bit on CPU
 (pretrain and grpo; the short SFT stages run again); a finished stage is reported, not re-run.
+
+Real checkpoints: --init-from (and --teacher-from) take a Hugging Face folder (Llama, Qwen2, DeepSeek-V2/V3:
+config.json + safetensors + tokenizer.json) as well as our checkpoints; the tokenizer then travels inside our
+checkpoints, and --save-hf writes the last stage's model back out as such a folder. The qwen2.5-*-countdown
+presets replay TinyZero's countdown run with the architecture in the preset, so --dry-run plans without weights.
 """
 import contextlib
 import dataclasses
@@ -39,13 +45,14 @@ from harness import (MetricsLog, Parser, add_flags, base_evals, check_finite, ch
                      flags_named, load_checkpoint, load_policy, load_sharded, open_stage, pick_device, plot_curves,
                      print0, read_jsonl, rng_state, save_checkpoint, save_sharded, set_rng_state, setup_distributed,
                      val_loss, write_json, write_report)
+from harness import ARCH_FIELDS, check_hf_config, is_hf_folder, meta_model, save_hf
 from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
 from sample import PartialRollouts, dynamic_batch, sequences_for_training
 from shard import (checkpoint_blocks, dry_run, edit_full, fsdp_mesh, init_sharded, materialize, mixed_precision,
                    shard_model)
-from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, problems
+from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
 
 @dataclass
@@ -59,6 +66,7 @@ class TrainConfig:
     overwrite: bool = False           # start a stage afresh even if its directory holds a checkpoint
     compile: bool = False             # torch.compile the model for pretraining
     threads: int = 0                  # torch CPU threads (0: torch's default)
+    save_hf: str = ''                 # after the last stage, write its model + tokenizer here as a Hugging Face folder
     # tokenizer and corpus
     bpe_merges: int = 100             # BPE merges learned on the corpus (beyond bytes and number tokens)
     corpus_arith_frac: float = 0.5    # share of corpus documents that are worked arithmetic
@@ -80,7 +88,7 @@ class TrainConfig:
     log_interval: int = 10            # pretraining steps between metrics lines (each costs one device sync)
     exit_after: int = 0               # testing aid: hard-exit (as a kill would) after this many steps; 0 = off
     # grpo (R1-Zero RL)
-    init_from: str = ''               # checkpoint the first stage after pretrain starts from (default <out_dir>/pretrain/ckpt.pt)
+    init_from: str = ''               # checkpoint or HF folder the first stage after pretrain starts from (default <out_dir>/pretrain/ckpt.pt)
     rl_steps: int = 50                # RL iterations (one batch of rollouts and one optimizer step each, with mu=1)
     rl_prompts: int = 16              # prompts (groups) per iteration
     rl_group: int = 8                 # samples per prompt (G)
@@ -128,7 +136,7 @@ class TrainConfig:
     rs_general: int = 100             # rs: general (non-reasoning) samples added: worked arithmetic
     rs_filter_mixed: bool = True      # rs, distill: drop correct samples whose CoT mixes in number words (R1 sec 2.3.3)
     rs_base: str = ''                 # rs: the model to SFT (default <out_dir>/pretrain/ckpt.pt: R1 SFTs the base)
-    teacher_from: str = ''            # distill: the teacher's checkpoint
+    teacher_from: str = ''            # distill: the teacher's checkpoint or Hugging Face folder
     distill_mode: str = 'sft'         # distill: sft (R1 sec 2.4) | logits (SFT + kd_weight * KL to the teacher)
     kd_weight: float = 1.0            # distill logits: weight of the KL term
     kd_temperature: float = 1.0       # distill logits: softmax temperature of both models (the KL is scaled by its square)
@@ -198,6 +206,40 @@ PRESETS = {
     'tiny-distill': dict(**DENSE, stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt', n_layer=2,
                          n_embd=96, rs_problems=800, rs_temperature=0.7, sft_steps=200),
 }
+# R1-Zero from a real checkpoint: the TinyZero countdown replay, RL straight on a Qwen2.5 base with the task at
+# TinyZero's distribution and its base-model prompt (<think> prefilled; --template chat with an -Instruct model).
+# The architecture is written out (Qwen2.5's config.json) so --dry-run sizes the run without the weights;
+# --init-from <folder> must hold that model (harness.check_hf_config). block_size = TinyZero's 256 prompt + 1024
+# response tokens. Hyper-parameters and their sources:
+# - TinyZero (github.com/Jiayi-Pan/TinyZero; scripts/train_tiny_zero.sh, verl PPO, and the repo's GRPO script
+#   scripts/train_tiny_zero_a100_grpo.sh): actor lr 1e-6, KL 0.001 (the GRPO script: as a loss, "low_var_kl", i.e.
+#   k3), data.max_prompt_length 256, max_response_length 1024, rollout temperature 1.0 (verl's default), clip
+#   0.2 (verl's clip_ratio), GRPO with rollout.n=5 on train_batch_size=128 prompts -> the 3B preset's 128 x 5;
+#   its reward gives a formatted wrong answer 0.1 (format_score) -> format_weight 0.1. Its README: 3B+ learns to
+#   search and verify, "for Qwen2.5-0.5B base, we know it fails to learn reasoning".
+# - nano-aha-moment (github.com/McGill-NLP/nano-aha-moment, nano_r1_script.py; Qwen2.5-3B on one GPU): 1000
+#   iterations of 64 episodes = 16 prompts x 4 samples -> the 0.5B preset's batch and both presets' rl_steps, lr
+#   1e-6, KL coefficient 0.001, temperature 1.0, top-p/top-k off, 1024 response tokens, grad clip 1.0, weight
+#   decay 0, the loss summed over tokens / all response tokens of the batch (our 'dapo'), reward = format (1.0)
+#   + equation -> format_weight 1.0, a 500-problem test split -> n_eval 500.
+# - ours: rl_warmup 0 (both keep lr constant), no dynamic sampling (neither has it), eval and checkpoint every 50
+#   steps, a pool of 20,000 train problems, rl_micro (rows per forward/backward) sized for one H100/H200.
+#   Known differences: our AdamW betas are (0.9, 0.99) (nano-aha-moment 0.9, 0.999); one update per batch
+#   (TinyZero's verl makes ppo_mini_batch_size updates per batch); held-out problems are our own draw.
+QWEN25 = dict(attn='gqa', ffn='dense', attn_bias=True, tie_embeddings=True, vocab_size=151936, rope_theta=1e6,
+              norm_eps=1e-6, block_size=1280)
+TINYZERO_COUNTDOWN = dict(stage='grpo', task='tinyzero', template='tinyzero', n_numbers=4, min_numbers=3, lo=1,
+                          hi=100, max_target=100, n_train_problems=20000, n_eval=500, rl_steps=1000, rl_lr=1e-6,
+                          rl_warmup=0, beta=0.001, temperature=1.0, max_new_tokens=1024, loss_type='dapo',
+                          eps_low=0.2, eps_high=0.2, dynamic_sampling=False, rl_eval_interval=50, ckpt_interval=50)
+PRESETS.update({
+    # one GPU: nano-aha-moment's batch (16 prompts x 4) and reward
+    'qwen2.5-0.5b-countdown': dict(**QWEN25, **TINYZERO_COUNTDOWN, n_layer=24, n_embd=896, n_head=14, n_kv_head=2,
+                                   intermediate_size=4864, rl_prompts=16, rl_group=4, rl_micro=8, format_weight=1.0),
+    # 8 GPUs (torchrun --nproc_per_node 8): TinyZero's GRPO batch (128 prompts x 5) and reward
+    'qwen2.5-3b-countdown': dict(**QWEN25, **TINYZERO_COUNTDOWN, n_layer=36, n_embd=2048, n_head=16, n_kv_head=2,
+                                 intermediate_size=11008, rl_prompts=128, rl_group=5, rl_micro=4, format_weight=0.1),
+})
 CONFIG_CLASSES = (TrainConfig, TaskConfig, ModelConfig)
 
 
@@ -234,6 +276,10 @@ def resolve(values):
     tc.out_dir = tc.out_dir or os.path.join('out', tc.preset)
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         die(f"--out-dir {tc.out_dir} exists and is a file, not a directory")
+    if is_hf_folder(tc.init_from):   # the model the preset or flags describe must be the folder's (reads config.json)
+        check_hf_config(tc.init_from, {k: v for k, v in values.items() if k in ARCH_FIELDS})
+    if tc.save_hf and os.path.isfile(os.path.join(tc.save_hf, 'config.json')) and not tc.overwrite:
+        die(f"--save-hf {tc.save_hf} already holds a model: pass --overwrite to replace it")
     return tuple(out)
 
 
@@ -445,14 +491,14 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         # 1. rollouts from the current policy (also the "old" policy of the ratio), scored by rule checks of the
         #    decoded text (R1 sec 2.2.2: no reward model); dynamic sampling refills dropped zero-variance groups
         def roll(n):
-            return rollouts.step(model, lambda k: sampler.draw(k, step), encode, {tok.eos}, tok.pad,
+            return rollouts.step(model, lambda k: sampler.draw(k, step), encode, tok.stop_ids, tok.pad,
                                  temperature=tc.temperature, generator=gen_rng, version=step, n_groups=n)
 
         def score(b):
             texts = [tok.decode(r) for r in b.responses]
             reward, terms = rl_rewards(texts, [cd_train[i] for i in b.ids for _ in range(G)], b.lengths.tolist(),
                                        G, tc.max_new_tokens, tc.format_weight, tc.repeat_weight, tc.length_weight,
-                                       tc.lang_weight, tc.overlong_buffer)
+                                       tc.lang_weight, tc.overlong_buffer, prefilled_think=prefills_think(tmpl))
             sampler.update(b.ids, terms['accuracy'].view(-1, G).mean(1).tolist())
             return reward, terms, texts
         batch, reward, terms, texts, seen = dynamic_batch(roll, score, G, tc.rl_prompts, tok.pad,
@@ -600,8 +646,11 @@ def stage_summary(tc, d, wall):
 
 def main(argv=None):
     tc, task_cfg, mc = parse_args(argv)
-    if tc.dry_run:
-        return dry_run(tc, task_cfg, mc)
+    if tc.dry_run:   # sized without loading: resolve reads at most --init-from's config.json, never a weight
+        print0(json.dumps({**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()}))
+        dry_run(tc, task_cfg, mc)
+        return print0(json.dumps({'dry_run': True, 'params': meta_model(mc).num_params(), 'init_from': tc.init_from
+                                  or None, 'stages': [d for _, d in parse_stages(tc.stage)]}))
     rank, world, local = setup_distributed()
     device = pick_device(tc.device, local)
     if tc.threads:
@@ -631,6 +680,10 @@ def main(argv=None):
         prev = os.path.join(tc.out_dir, d, 'ckpt.pt')
         if rank == 0:
             stages[d] = stage_summary(tc, d, time.time() - ts)
+    if tc.save_hf and rank == 0:   # the last stage's model, for transformers, vLLM or an evaluation elsewhere
+        model, tok, ck = load_policy(prev, 'cpu')
+        save_hf(model, tok, tc.save_hf, ck)
+        print0(f"wrote {tc.save_hf}: {prev} as a Hugging Face folder")
     if rank == 0:
         # the run level: the last stage's keys at the top, every stage's below
         top = {**stages[pipeline[-1][1]], 'pipeline': [d for _, d in pipeline],

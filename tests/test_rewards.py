@@ -257,6 +257,68 @@ def test_format_prefilled_think():
     assert format_reward('</think><answer>7</answer>', prefilled_think=True) == 0.0  # empty think
 
 
+# -----------------------------------------------------------------------------
+# real tokenizers: the stop token that ended a rollout stays in the decoded text; chat templates; TinyZero answers
+
+STOPS = ['<|endoftext|>', '<|im_end|>', '</s>', '<|eot_id|>', '<|end_of_text|>', '<\uff5cend\u2581of\u2581sentence\uff5c>',
+         '<|eos|>']
+# what Qwen2.5 writes after TinyZero's prompt (which prefilled '<think>'): the answer is any expression of the numbers
+TINYZERO = (" 44 + 19 = 63, 63 - 35 = 28. Let me check: 28 is the target.\n</think>\n"
+            "<answer> (44 + 19) - 35 </answer>")
+
+
+@pytest.mark.parametrize('stop', STOPS)
+def test_rewards_ignore_the_stop_token_that_ended_the_rollout(stop):
+    """A right answer followed by its stop token scored 0.0 before (only <|eos|> was stripped)."""
+    for tail in (stop, stop + '\n', '\n' + stop, stop + '<|endoftext|>', stop + '<|pad|><|pad|>'):
+        assert countdown_reward(TINYZERO + tail, [44, 19, 35], 28) == 1.0, tail
+        assert format_reward(TINYZERO + tail, prefilled_think=True) == 1.0, tail
+        assert format_reward(TINYZERO + tail) == 0.0                   # the think tag is in the prompt
+        assert format_reward('<think>' + TINYZERO + tail) == 1.0
+        assert arithmetic_reward('<think>a</think><answer>28</answer>' + tail, 28) == 1.0
+    # a stop token is stripped only at the very end: text after one is still text after the answer
+    assert countdown_reward(TINYZERO + stop + 'x', [44, 19, 35], 28) == 0.0
+    assert countdown_reward(TINYZERO + stop + '<answer>1</answer>', [44, 19, 35], 28) == 0.0
+
+
+def test_rewards_in_a_chat_template():
+    """The response to the Qwen chat prompt (tasks.CHAT_TEMPLATE, <think> prefilled) ends with <|im_end|>; a
+    model that wraps its whole turn again, or starts a new turn, is not rewarded for the format."""
+    p = tasks.TinyZeroCountdown([44, 19, 35], 28, '(44 + 19) - 35', float('nan'))
+    prompt = tasks.format_prompt(p, 'chat')
+    assert prompt.startswith('<|im_start|>system\n') and prompt.endswith('<|im_start|>assistant\n'
+                                                                           'Let me solve this step by step.\n<think>')
+    assert tasks.prefills_think('chat') and tasks.prefills_think('tinyzero')
+    assert not tasks.prefills_think('short') and not tasks.prefills_think('r1zero')
+    resp = TINYZERO + '<|im_end|>'
+    assert countdown_reward(resp, p.numbers, p.target) == 1.0
+    assert format_reward(resp, prefilled_think=True) == 1.0
+    new_turn = TINYZERO + '<|im_end|>\n<|im_start|>user\nthanks<|im_end|>'
+    assert countdown_reward(new_turn, p.numbers, p.target) == 0.0
+    assert format_reward(new_turn, prefilled_think=True) == 0.0
+    r, parts = rl_rewards([resp, TINYZERO.replace('- 35', '+ 35') + '<|im_end|>'], [p, p], [30, 30], 2, 64,
+                          format_weight=0.1, prefilled_think=True)
+    assert parts['accuracy'].tolist() == [1.0, 0.0] and parts['format'].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(r, torch.tensor([1.1, 0.1]))           # TinyZero's 0.1 for the formatted wrong one
+    _, parts = rl_rewards([resp, resp], [p, p], [30, 30], 2, 64)        # not told: the format looks broken
+    assert parts['format'].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize('answer', ['(44 + 19) - 35', '44 + 19 - 35', '19 + 44 - 35', '-35 + 44 + 19',
+                                    '(19 - 35) + 44', '44 - (35 - 19)', '((44)) + (19 - 35)', '19 - (35 - 44)'])
+def test_tinyzero_answers_in_any_order_and_bracketing(answer):
+    assert countdown_reward(f"</think>\n<answer> {answer} </answer><|endoftext|>", [44, 19, 35], 28) == 1.0
+
+
+def test_numbers_past_999_as_several_tokens():
+    """Real tokenizers split numbers (Qwen2: one digit per token; Llama 3: runs of three): the reward reads the
+    decoded text, so 1234 is one literal however it was tokenised; a literal split by a space is two."""
+    assert countdown_reward('</think><answer>(1234 - 1000) * 2 + 12</answer><|im_end|>', [1000, 1234, 2, 12],
+                            480) == 1.0
+    assert countdown_reward('</think><answer>123456 / 4</answer><|im_end|>', [4, 123456], 30864) == 1.0
+    assert countdown_reward('</think><answer>12 34 / 2</answer>', [1234, 2], 617) == 0.0
+
+
 def test_format_bad_input():
     assert format_reward(None) == 0.0
     assert format_reward(42, strict=False) == 0.0

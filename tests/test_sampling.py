@@ -208,7 +208,7 @@ def test_repeat_detection_stops_looping_rollouts():
 # -----------------------------------------------------------------------------
 # in the grpo stage (in-process, the 'test' preset, a text reward with variance so that weights move)
 
-def text_reward(texts, *args):
+def text_reward(texts, *args, **kwargs):
     acc = torch.tensor([float(sum(map(ord, t)) % 3 == 0) for t in texts])
     return acc, {'accuracy': acc, 'format': torch.zeros_like(acc)}
 

@@ -178,6 +178,9 @@ def test_all_attempts_covers_the_known_solution():
     (dict(n_numbers=7), 'n_numbers must be in 2..6, got 7'),
     (dict(ops=''), 'ops must be'),
     (dict(ops='+^'), r"ops must be .*'\+\^'"),
+    (dict(task='gsm8k'), 'task must be one of'),
+    (dict(template='qwen'), 'template must be one of'),
+    (dict(n_numbers=4, min_numbers=5), 'min_numbers must be 0 or in 2..n_numbers=4, got 5'),
 ])
 def test_task_config_refuses_nonsense(kw, words):
     with pytest.raises(ValueError, match=words):
@@ -204,3 +207,51 @@ def test_make_countdown_gives_up_on_impossible_fields(monkeypatch, kw):
     e.match(re.escape(f"no countdown problem in {tasks.COUNTDOWN_DRAWS} draws with n_numbers={cfg.n_numbers}, "
                       f"lo={cfg.lo}, hi={cfg.hi}, ops={cfg.ops!r}, max_target={cfg.max_target}"))
     assert len(draws) == tasks.COUNTDOWN_DRAWS
+
+
+# -----------------------------------------------------------------------------
+# task='tinyzero': TinyZero's countdown (Countdown-Tasks-3to4: 3-4 numbers in 1..100, targets 1..100)
+
+TZ = TaskConfig(task='tinyzero', n_numbers=4, min_numbers=3, lo=1, hi=100, max_target=100, template='tinyzero')
+
+
+def test_tinyzero_problems_at_its_distribution_and_solvable():
+    ps = problems('countdown', 'train', 400, 0, TZ)
+    assert {len(p.numbers) for p in ps} == {3, 4}
+    assert 120 < sum(len(p.numbers) == 4 for p in ps) < 280               # each count equally likely
+    assert all(1 <= x <= 100 for p in ps for x in p.numbers) and all(1 <= p.target <= 100 for p in ps)
+    assert max(p.target for p in ps) > 90 and max(x for p in ps for x in p.numbers) > 90
+    for p in ps:   # the known solution uses every number once and reaches the target (independent evaluator)
+        assert eval_expr(p.solution) == p.target
+        assert sorted(int(t) for t in re.findall(r'[0-9]+', p.solution)) == sorted(p.numbers)
+    assert any(re.search(r'\d \S \(', p.solution) for p in ps)            # right-nested: not only left-deep chains
+    test = problems('countdown', 'test', 100, 0, TZ)
+    assert not {p.key for p in ps} & {p.key for p in test}
+    assert [p.key for p in problems('countdown', 'train', 400, 0, TZ)] == [p.key for p in ps]
+
+
+def test_tinyzero_prompts_are_tinyzeros_words():
+    p = tasks.TinyZeroCountdown([44, 19, 35], 28, '(44 + 19) - 35', float('nan'))
+    assert format_prompt(p, 'tinyzero') == (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+        "assistant first thinks about the reasoning process in the mind and then provides the user with the answer.\n"
+        "User: Using the numbers [44, 19, 35], create an equation that equals 28. You can use basic arithmetic "
+        "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
+        "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.\n"
+        "Assistant: Let me solve this step by step.\n<think>")
+    chat = format_prompt(p, 'chat')
+    assert chat.startswith("<|im_start|>system\nYou are a helpful assistant. You first thinks about the reasoning "
+                           "process in the mind and then provides the user with the answer.<|im_end|>\n"
+                           "<|im_start|>user\n Using the numbers [44, 19, 35], create an equation that equals 28.")
+    assert chat.endswith("</answer>.<|im_end|>\n<|im_start|>assistant\nLet me solve this step by step.\n<think>")
+    # the tiny world is unchanged: its default task and template
+    q = problems('countdown', 'train', 1, 0, TaskConfig())[0]
+    assert type(q) is tasks.Countdown and format_prompt(q, TaskConfig().template) == f"User: {q.prompt()}. Assistant:"
+
+
+def test_curriculum_needs_difficulty_labels():
+    ps = problems('countdown', 'train', 20, 0, TZ)
+    assert all(p.solve_rate != p.solve_rate for p in ps)                  # nan: no label
+    with pytest.raises(ValueError, match='difficulty labels'):
+        tasks.PromptSampler(ps, 'curriculum')
+    assert len(tasks.PromptSampler(ps, 'prioritized').draw(4)) == 4

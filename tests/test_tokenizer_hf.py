@@ -9,10 +9,13 @@ training lines, held-out strings, random code points and random mixes of awkward
 contractions, combining marks, added tokens), with and without added-token splitting, and decode must agree.
 Edited files must be refused with a ValueError that names the culprit (test_clear_errors): unknown Split regexes
 (one that backtracks exponentially, one that matches ""), empty/duplicate/colliding added tokens, shared or
-missing ids, malformed merges.
+missing ids, malformed merges. A tokenizer travels in our checkpoints (to_dict / from_dict round trip, no folder
+needed), names its bos/eos/pad and stop tokens as HF would use them (Qwen: no bos), and our own tiktoken
+tokenizer exports to a tokenizer.json that `tokenizers` reads with the same ids.
 
 Run: python -m pytest tests/test_tokenizer_hf.py -q      (skips itself when tokenizers is not installed)
 """
+import io
 import json
 import os
 import random
@@ -185,16 +188,68 @@ def test_fast_path_agrees_with_slow_twin(folders):
 
 
 def test_named_token_ids(folders):
+    """bos/eos/pad as the folder names them (`named`); what a rollout uses: pad falls back to eos, eos to the first
+    stop token the tokenizer has, and every stop token (eos, <|im_end|>, ...) is in stop_ids."""
     ref = tokenizers.Tokenizer.from_file(os.path.join(folders['cl100k'], 'tokenizer.json'))
+    eot, im_end = ref.token_to_id('<|endoftext|>'), ref.token_to_id('<|im_end|>')
     tok = from_pretrained(folders['cl100k'])  # tokenizer_config.json: AddedToken dict and plain string
-    assert (tok.bos, tok.eos, tok.pad) == (ref.token_to_id('<|im_start|>'), ref.token_to_id('<|endoftext|>'), None)
+    assert tok.named[:3] == (ref.token_to_id('<|im_start|>'), eot, None)
+    assert (tok.bos, tok.eos, tok.pad, tok.stop_ids) == (ref.token_to_id('<|im_start|>'), eot, eot, {eot, im_end})
     assert (tok.think, tok.think_end) == (ref.token_to_id('<think>'), ref.token_to_id('</think>'))
-    tok = from_pretrained(folders['gpt2'])  # config.json ids, a list of eos ids gives the first
-    assert (tok.bos, tok.eos, tok.pad) == (0, 0, None)
-    tok = from_pretrained(folders['deepseek_v3'])  # neither file
-    assert (tok.bos, tok.eos, tok.pad) == (None, None, None)
+    tok = from_pretrained(folders['gpt2'])  # config.json ids, a list of eos ids gives the first (and stops at each)
+    assert tok.named[:3] == (0, 0, None) and (tok.bos, tok.eos, tok.pad) == (0, 0, 0)
+    assert tok.stop_ids == {0, 3, im_end}
+    tok = from_pretrained(folders['deepseek_v3'])  # neither file: no bos, the first stop token it has as eos
+    assert tok.named[:3] == (None, None, None) and (tok.bos, tok.eos, tok.pad) == (None, eot, eot)
     tok = from_pretrained(folders['qwen2'])  # NFC: 'e' + combining acute comes back as one 'é'
     assert tok.decode(tok.encode('e\u0301')) == unicodedata.normalize('NFC', 'e\u0301') == '\u00e9'
+
+
+def test_qwen_has_no_bos(tmp_path, folders):
+    """Qwen2.5 says `"bos_token": null` in tokenizer_config.json and bos_token_id <|endoftext|> in config.json:
+    HF prepends nothing, so neither may we. `"add_bos_token": false` means the same."""
+    tj = json.load(open(os.path.join(folders['qwen2'], 'tokenizer.json')))
+    eot = next(t['id'] for t in tj['added_tokens'] if t['content'] == '<|endoftext|>')
+    path = save(tmp_path / 'q', tj, tokenizer_config={'bos_token': None, 'eos_token': '<|endoftext|>'},
+                config={'bos_token_id': eot, 'eos_token_id': eot})
+    assert (from_pretrained(path).bos, from_pretrained(path).eos) == (None, eot)
+    path = save(tmp_path / 'l', tj, tokenizer_config={'bos_token': '<|im_start|>', 'add_bos_token': False})
+    assert from_pretrained(path).bos is None
+
+
+@pytest.mark.parametrize('name', ['qwen2', 'deepseek_v3', 'shuffled_ids'])
+def test_to_dict_round_trip(folders, name):
+    """A checkpoint carries the tokenizer whole: from_dict(to_dict()) encodes and stops as the folder's does, with
+    no folder, through torch.save(weights_only) as a checkpoint stores it; save_pretrained writes the files back."""
+    import torch
+    from tokenizer import from_dict
+    tok = from_pretrained(folders[name])
+    buf = io.BytesIO()
+    torch.save({'tokenizer': tok.to_dict()}, buf)
+    buf.seek(0)
+    back = from_dict(torch.load(buf, weights_only=True)['tokenizer'])
+    assert (back.bos, back.eos, back.pad, back.stop_ids) == (tok.bos, tok.eos, tok.pad, tok.stop_ids)
+    for t in sample_texts()[:300]:
+        assert back.encode(t) == tok.encode(t)
+    out = folders['root'] / f'{name}_saved'
+    back.save_pretrained(str(out))
+    assert open(out / 'tokenizer.json').read() == open(os.path.join(folders[name], 'tokenizer.json')).read()
+    assert from_pretrained(str(out)).to_dict()['hf_files']['tokenizer.json'] == tok.to_dict()['hf_files']['tokenizer.json']
+
+
+def test_our_tokenizer_exports_to_tokenizers(tmp_path):
+    """Tokenizer.save_pretrained (a tiny-world model's --save-hf): the `tokenizers` library and from_pretrained give
+    the ids our tiktoken encoding gives, specials included."""
+    from tokenizer import Tokenizer, train_bpe
+    texts = corpus()
+    tok = Tokenizer(train_bpe(texts + ["User: make 280 from 8 7 5. Assistant:<think>8*7=56 56*5=280 vs 280 yes."
+                                       "</think><answer>(8*7)*5</answer>"] * 5, 60))
+    tok.save_pretrained(str(tmp_path))
+    ref = tokenizers.Tokenizer.from_file(str(tmp_path / 'tokenizer.json'))
+    back = from_pretrained(str(tmp_path))
+    assert (back.bos, back.eos, back.pad) == (tok.bos, tok.eos, tok.pad)
+    for t in sample_texts()[:400] + ["<|bos|>make 0007 from 123456<|eos|><|pad|>", "<think>a</think><answer>1</answer>"]:
+        assert tok.encode(t) == ref.encode(t, add_special_tokens=False).ids == back.encode(t), repr(t)
 
 
 def test_added_token_prefix_of_another(folders, tmp_path):
