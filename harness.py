@@ -7,6 +7,7 @@ A stage (train.py's pretrain and grpo, distill.py's sft / rs / distill, long2sho
 these; none of them builds on another stage's file.
 """
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from model import GPT, ModelConfig, document_mask
 from rewards import arithmetic_reward, countdown_reward
-from sample import generate
+from sample import generate, row_seed
 from tasks import format_prompt, problems
 from tokenizer import Tokenizer
 
@@ -73,10 +74,13 @@ def flags_named(message, fields):
 # processes and devices (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
 
 def setup_distributed():
-    """(rank, world, local_rank); without torchrun's variables a single process (0, 1, 0)."""
+    """(rank, world, local_rank); without torchrun's variables a single process (0, 1, 0). A second call (a stage
+    that calls train.main again, as long2short rl does) finds the process group up and leaves it."""
     if 'RANK' not in os.environ:
         return 0, 1, 0
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if dist.is_initialized():
+        return rank, world, local
     backend = 'nccl' if torch.cuda.is_available() else 'gloo'
     dist.init_process_group(backend)
     if backend == 'nccl':
@@ -326,23 +330,26 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean response
     length in tokens. With n = k samples the unbiased pass@k estimator of Chen et al. 2021 is "any correct".
     detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy).
+    Under torchrun each rank answers its shard of the problems and the scores are all-gathered: sample j of
+    problem i draws from its own seed (seed, i, j), so N ranks score exactly what one process scores.
     """
     was_training = model.training
     model.eval()
-    prompts = [encode_prompt(tok, p, template) for p in probs]
+    mine = shard(len(probs))
+    rows = [(i, j) for i in range(len(probs))[mine] for j in range(k)]
     correct, lengths = [], []
-    g = torch.Generator(device=next(model.parameters()).device)
-    g.manual_seed(seed)
-    rows = [(i, pr) for i, pr in enumerate(prompts) for _ in range(k)]
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, {tok.eos}, tok.pad,
-                       temperature=temperature, generator=g)
+        with autocast(next(model.parameters()).device):
+            gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
+                           {tok.eos}, tok.pad, temperature=temperature,
+                           seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
         for r, (i, _) in enumerate(chunk):
             n = int(gen.lengths[r])
             correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
             lengths.append(n)
     model.train(was_training)
+    correct, lengths = gather_list(correct), gather_list(lengths)   # in problem order: ranks hold contiguous shards
     c = np.array(correct).reshape(len(probs), k)
     out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
            'mean_tokens': float(np.mean(lengths)) if lengths else math.nan}
@@ -367,3 +374,66 @@ def val_loss(model, val, device, bos):
                     mask=document_mask(val[i:i + 16, :-1].to(device), bos))[1] for i in range(0, len(val), 16)]
     model.train()
     return float(torch.stack(losses).mean())
+
+
+# -----------------------------------------------------------------------------
+# collectives: what N ranks exchange so that together they compute what one process computes on the same global
+# batch. Each is the identity without a process group, so a stage runs the same lines with and without torchrun.
+
+def rank_world():
+    """(rank, world size): (0, 1) in a plain process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def shard(n):
+    """This rank's contiguous share of n items (problems, groups, examples): the ranks in order cover range(n) once,
+    their shares differ by at most one item."""
+    rank, world = rank_world()
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def gather_list(items):
+    """Every rank's list, concatenated in rank order, on every rank (pickled: for small Python data and CPU
+    tensors; a CUDA tensor would unpickle onto the sender's device)."""
+    if not dist.is_initialized():
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def all_reduce_sum(t):
+    """t summed over ranks, in place (the ranks' shares of a global sum or mean)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def sum_gradients(model):
+    """
+    Sum every gradient over ranks, as one flat all-reduce. Every loss here returns its micro-batch's exact share of
+    the global batch loss (normalised by global counts: rows, tokens, pairs), so the global batch's gradient is
+    the plain sum of the ranks' gradients and the step equals one process's on the same global batch. (DDP and
+    FSDP average instead; with them one multiplies the loss by world size.) A parameter that got no gradient on
+    this rank (an expert no token chose) adds zeros, so every rank sends the same layout.
+    """
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def barrier():
+    """Wait for every rank: rank 0's checkpoint is on disk before any rank reads it or exits."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (the logprobs and losses cast their logits to fp32 themselves); nothing on CPU."""
+    if str(device).startswith('cuda'):
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
