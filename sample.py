@@ -278,9 +278,13 @@ class PartialRollouts:
             mine = range(len(ids))[part or slice(None)]   # the seeds name each row's place in the whole draw
             ids = [ids[i] for i in mine]
             prompts = [encode(i) for i in ids]
-            gen = group_rollouts(model, prompts, self.G, self.max_new, stop_ids, pad_id, temperature=temperature,
-                                 seeds=[row_seed(seed, i * self.G + j, 0) for i in mine for j in range(self.G)])
-            gen = Generation(*(t.cpu() for t in vars(gen).values()))   # a RolloutBatch is CPU data, as _batch's
+            if prompts:
+                gen = group_rollouts(model, prompts, self.G, self.max_new, stop_ids, pad_id, temperature=temperature,
+                                     seeds=[row_seed(seed, i * self.G + j, 0) for i in mine for j in range(self.G)])
+                gen = Generation(*(t.cpu() for t in vars(gen).values()))   # a RolloutBatch is CPU data, as _batch's
+            else:   # a rank's share of a small draw (a refill) can be empty
+                gen = Generation(torch.full((0, 1), pad_id), torch.zeros(0, 1), torch.zeros(0, 1),
+                                 torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
             contexts = [p for p in prompts for _ in range(self.G)]
             responses = [gen.tokens[r, :int(gen.lengths[r])].tolist() for r in range(len(contexts))]
             return RolloutBatch(ids, contexts, gen, responses, gen.lengths,
