@@ -6,8 +6,8 @@ question, sampled from the old policy).
   RoPE positions start at 0 at its first real token, and a key-padding mask hides its pad slots. Every row then
   decodes in lockstep, one cache write per step.
 - Sampling: temperature, top-k, top-p (Holtzman et al. 2019), stop tokens, per-row finish. Randomness comes
-  from a torch.Generator per row when `seeds` is given (a row's sample does not depend on its batch-mates),
-  else from one generator for the batch. RL and evaluation always seed per row, from `row_seed` of the row's
+  from a torch.Generator per row when `seeds` is given (its uniforms drawn up front; a row's sample does not
+  depend on its batch-mates), else from one generator for the batch. RL and evaluation always seed per row, from `row_seed` of the row's
   place in the global batch: a row is the same whichever rank, batch or world size generates it.
 - Returned logprobs are those of the distribution the token was actually drawn from (after temperature and
   top-k/top-p), i.e. the behaviour policy that GRPO's ratio divides by; greedy returns the model's plain
@@ -75,8 +75,8 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def pick(logits, temperature, top_k, top_p, generators):
-    """logits (B, V) fp32 -> (token (B,), logprob (B,))."""
+def pick(logits, temperature, top_k, top_p, rng):
+    """logits (B, V) fp32 -> (token (B,), logprob (B,)). rng: a torch.Generator, or this step's uniforms (B,)."""
     if temperature == 0:
         logp = F.log_softmax(logits, -1)
         tok = logits.argmax(-1)
@@ -89,10 +89,7 @@ def pick(logits, temperature, top_k, top_p, generators):
     B, V = logp.shape
     probs = logp.exp()                                                # (B, V)
     cdf = probs.cumsum(-1)                                            # (B, V) non-decreasing
-    if isinstance(generators, list):
-        u = torch.cat([torch.rand(1, device=logits.device, generator=g) for g in generators])  # (B,)
-    else:
-        u = torch.rand(B, device=logits.device, generator=generators)  # (B,)
+    u = rng if torch.is_tensor(rng) else torch.rand(B, device=logits.device, generator=rng)  # (B,)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (B,)
     # a token chosen this way has cdf_j > cdf_{j-1}, i.e. p_j > 0, except when u * total rounds up to the total
     # (j = V): then take the row's last token of positive probability
@@ -107,17 +104,15 @@ def row_seed(*key):
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), 'little') >> 1
 
 
-def _generators(B, seeds, generator, device):
+def _uniforms(B, T, seeds, device):
+    """(B, T): row b's T uniforms from its own generator, drawn up front (one call per row, not per row and
+    token: per-token calls cost a fifth of a small model's CPU decode step). None without seeds."""
     if seeds is None:
-        return generator
+        return None
     if len(seeds) != B:
         raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
-    gens = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(s))
-        gens.append(g)
-    return gens
+    return torch.stack([torch.rand(T, device=device, generator=torch.Generator(device=device).manual_seed(int(s)))
+                        for s in seeds]) if B else torch.zeros(0, T, device=device)
 
 
 @torch.no_grad()
@@ -129,7 +124,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, 
     idx, pos, valid = left_pad(prompts, pad_id, device)
     P = idx.shape[1]
     cache = model.new_cache(B, P + max_new_tokens)
-    gens = _generators(B, seeds, generator, device)
+    U = _uniforms(B, max_new_tokens, seeds, device)                  # (B, T) or None: one generator
     stop = torch.tensor(sorted(stop_ids), device=device)
     ragged = not bool(valid.all())  # equal-length prompts need no mask: the fast causal kernel applies
     logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0) if ragged else None, cache=cache, start=0)
@@ -139,7 +134,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = pos[:, -1] + 1                                        # (B,)
     for t in range(max_new_tokens):
-        tok, lp = pick(logits, temperature, top_k, top_p, gens)
+        tok, lp = pick(logits, temperature, top_k, top_p, generator if U is None else U[:, t])
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out_tok[:, t] = tok
         out_logp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
@@ -163,14 +158,14 @@ def generate_naive(model, prompts, max_new_tokens, stop_ids, pad_id, temperature
     device = next(model.parameters()).device
     B = len(prompts)
     idx, pos, valid = left_pad(prompts, pad_id, device)
-    gens = _generators(B, seeds, generator, device)
+    U = _uniforms(B, max_new_tokens, seeds, device)                  # (B, T) or None: one generator
     stop = torch.tensor(sorted(stop_ids), device=device)
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0))
-        tok, lp = pick(logits[:, -1].float(), temperature, top_k, top_p, gens)
+        tok, lp = pick(logits[:, -1].float(), temperature, top_k, top_p, generator if U is None else U[:, t])
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out_tok[:, t] = tok
         out_logp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
