@@ -3,7 +3,7 @@ nanoR1's one entry point: flags and presets, the stage pipeline, pretraining, an
 
     python train.py --preset tiny                      # the whole tiny pipeline: pretrain -> grpo -> eval
     python train.py --preset tiny --stage pretrain     # one stage
-    torchrun --nproc_per_node=2 train.py --preset tiny   # every stage; the same weights as one process
+    torchrun --nproc_per_node=2 train.py --preset tiny   # every stage: one process's weights on the same global batch
 
 Stages
 - pretrain: next-token prediction on the synthetic corpus (tasks.py), standing in for the web-scale base model
