@@ -18,6 +18,11 @@ Where we deviate, and why
 - A batch is drawn uniformly from the examples each step (with reshuffled epochs), not sorted by length: the
   tiny world's responses are all of a similar length, and padding costs little there.
 - Warmup + cosine to 10% of the peak, as pretraining (model.lr_at); no weight decay, the datasets are small.
+
+Under torchrun every rank holds the same examples and draws the same global batch; it trains its contiguous
+slice, each loss normalised by the global batch's response tokens, and the ranks' gradients are summed: the
+weights are one process's on the same batch. Sampling (rejection sampling, distillation data) is sharded by
+problem, each sample drawn from its own seed, and all-gathered.
 """
 import dataclasses
 import json
@@ -30,26 +35,31 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sample
-from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, is_hf_folder, load_policy, plot_curves,
+from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, load_policy, plot_curves,
                      print0, save_checkpoint, write_json, write_report)
+from harness import all_reduce_sum, autocast, gather_list, rank_world, shard, sum_gradients
+from hf import is_hf_folder
 from model import lr_at
 from moe import update_moe_biases
 from rewards import countdown_reward
 from tasks import arithmetic_response, cold_start_trace, has_number_words, problems
 
 
-def sft_loss(logits, targets, loss_mask):
-    """logits (B, T, V), targets (B, T), loss_mask (B, T) bool -> token-mean cross-entropy over the mask."""
+def sft_loss(logits, targets, loss_mask, n_tokens=None):
+    """logits (B, T, V), targets (B, T), loss_mask (B, T) bool -> token-mean cross-entropy over the mask.
+    n_tokens: the whole batch's masked tokens when this is a slice of it (default: this batch's own)."""
     if logits.shape[:2] != targets.shape or targets.shape != loss_mask.shape:
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, "
                          f"mask {tuple(loss_mask.shape)}")
     m = loss_mask.bool()
     # gather only the masked positions: what the prompt's logits say can never reach the loss
-    return F.cross_entropy(logits[m].float(), targets[m])                     # (N, V) -> ()
+    ce = F.cross_entropy(logits[m].float(), targets[m], reduction='sum')      # (N, V) -> ()
+    return ce / (m.sum().clamp(min=1) if n_tokens is None else n_tokens)
 
 
-def logit_distill_loss(student_logits, teacher_logits, mask, temperature=1.0):
-    """(B, T, V) student and teacher logits, mask (B, T) -> tau^2 * token-mean KL(teacher || student)."""
+def logit_distill_loss(student_logits, teacher_logits, mask, temperature=1.0, n_tokens=None):
+    """(B, T, V) student and teacher logits, mask (B, T) -> tau^2 * token-mean KL(teacher || student).
+    n_tokens as in sft_loss."""
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(f"logit distillation needs one vocabulary: student has {student_logits.shape[-1]} "
                          f"logits per token, teacher {teacher_logits.shape[-1]}")
@@ -60,7 +70,7 @@ def logit_distill_loss(student_logits, teacher_logits, mask, temperature=1.0):
     t = F.log_softmax(teacher_logits[m].float() / temperature, -1)           # (N, V)
     # forward KL: the student covers where the teacher puts mass; the teacher is a fixed target
     kl = (t.exp() * (t - s)).sum(-1)                                          # (N,)
-    return kl.mean() * temperature ** 2
+    return kl.sum() / (m.sum().clamp(min=1) if n_tokens is None else n_tokens) * temperature ** 2
 
 
 # -----------------------------------------------------------------------------
@@ -76,20 +86,23 @@ def sample_scored(model, tok, probs, n, temperature, max_new_tokens, template='s
     """
     n samples per countdown problem, each checked by is_correct: one list per problem of dicts {'problem',
     'prompt_ids', 'response_ids' (as sampled: ending with eos if it stopped), 'text' (decoded), 'n_tokens',
-    'correct'}. What rejection sampling filters and long2short's DPO pairs up.
+    'correct'}. What rejection sampling filters and long2short's DPO pairs up. Sample j of problem i draws from
+    its own seed (seed, i, j); under torchrun each rank samples its shard of the problems and the groups are
+    all-gathered, so every rank holds what one process samples.
     """
     if n < 1:
         raise ValueError(f"need n >= 1 samples per problem, got {n}")
     was_training = model.training
     model.eval()
-    g = torch.Generator(device=next(model.parameters()).device)
-    g.manual_seed(seed)
+    mine = range(len(probs))[shard(len(probs))]
     groups = []
-    for s in tqdm(range(0, len(probs), batch_prompts), desc=f'sampling x{n}', mininterval=2):
-        chunk = probs[s:s + batch_prompts]
+    for s in tqdm(mine[::batch_prompts], desc=f'sampling x{n}', mininterval=2, disable=rank_world()[0] != 0):
+        chunk = probs[s:min(s + batch_prompts, mine.stop)]
         prompts = [encode_prompt(tok, p, template) for p in chunk]
-        gen = sample.group_rollouts(model, prompts, n, max_new_tokens, tok.stop_ids, tok.pad,
-                                    temperature=temperature, generator=g)
+        with autocast(next(model.parameters()).device):
+            gen = sample.group_rollouts(model, prompts, n, max_new_tokens, tok.stop_ids, tok.pad, temperature=temperature,
+                                        seeds=[sample.row_seed(seed, s + i, j) for i in range(len(chunk))
+                                               for j in range(n)])
         for i, p in enumerate(chunk):
             group = []
             for r in range(i * n, (i + 1) * n):   # group_rollouts: rows [i*n, (i+1)*n) answer prompt i
@@ -99,7 +112,7 @@ def sample_scored(model, tok, probs, n, temperature, max_new_tokens, template='s
                               'n_tokens': len(ids), 'correct': is_correct(text, p)})
             groups.append(group)
     model.train(was_training)
-    return groups
+    return gather_list(groups)   # in problem order: the ranks' shards are contiguous
 
 
 def rejection_sample(model, tok, probs, n, temperature, max_new_tokens, template='short', keep='correct', seed=0,
@@ -158,6 +171,7 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
     Fine-tune `model` in place on examples ({'prompt_ids' starting with bos, 'response_ids' ending with eos}):
     AdamW, linear warmup over the first 10% of steps then cosine to 10% of lr, loss on response tokens only;
     with a teacher, loss = L_SFT + kd_weight * L_KD. Returns one metrics row per step (also written to `log`).
+    Under torchrun each rank trains its slice of every batch (module docstring).
     """
     if not examples:
         raise ValueError("sft needs at least one example")
@@ -169,11 +183,11 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
     if teacher is not None:
         teacher.eval()
     model.train()
-    opt = torch.optim.AdamW(model.optim_groups(0.0), lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.optim_groups(0.0), lr=lr, betas=(0.9, 0.95), fused=str(device).startswith('cuda'))
     rng = random.Random(seed)
     order, rows = [], []
     warmup = max(1, steps // 10)
-    bar = tqdm(range(steps), desc=desc, mininterval=2)
+    bar = tqdm(range(steps), desc=desc, mininterval=2, disable=rank_world()[0] != 0)
     for step in bar:
         lr_t = lr_at(step, steps, warmup, lr, 0.1)
         for g in opt.param_groups:
@@ -183,28 +197,37 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
             if not order:
                 order = rng.sample(range(len(examples)), len(examples))
             batch.append(examples[order.pop()])
+        # this rank's slice of the global batch, normalised by the global batch's response tokens; a rank whose
+        # slice is empty (batch smaller than the world) runs the first example at weight 0, so every rank runs
+        # the same forward and backward
+        n_tok = sum(len(e['response_ids']) for e in batch)   # = the loss mask's positions in the whole batch
+        part, w = batch[shard(len(batch))], 1.0
+        if not part:
+            part, w = batch[:1], 0.0
         # pads sit after every real token and are never counted targets, so any id would do; eos is one we know
-        idx, tgt, mask = sft_batch(batch, batch[0]['response_ids'][-1], device)
-        logits, _ = model(idx)                                                 # (B, T, V)
-        loss_sft = sft_loss(logits, tgt, mask)
+        idx, tgt, mask = sft_batch(part, part[0]['response_ids'][-1], device)
+        with autocast(device):
+            logits, _ = model(idx)                                             # (B, T, V)
+        loss_sft = w * sft_loss(logits, tgt, mask, n_tok)
         loss, stats = loss_sft, {'sft_loss': loss_sft}
         if teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device):
                 t_logits, _ = teacher(idx)                                     # (B, T, V)
-            loss_kd = logit_distill_loss(logits, t_logits, mask, kd_temperature)
+            loss_kd = w * logit_distill_loss(logits, t_logits, mask, kd_temperature, n_tok)
             loss = loss + kd_weight * loss_kd
             stats['kd_loss'] = loss_kd
         loss.backward()
+        sum_gradients(model)   # the global batch's gradient: the sum of the ranks' shares
+        stats['loss'] = loss
+        # the ranks' shares summed, in one collective (and one device sync for the step's metrics)
+        stats = dict(zip(stats, all_reduce_sum(torch.stack([v.detach().float() for v in stats.values()]))))
         stats['grad_norm'] = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if model.config.ffn == 'moe':
             update_moe_biases(model)   # DeepSeek-V3's aux-loss-free balancing, as in pretraining
-        stats.update(loss=loss, response_tokens=mask.sum())
-        # one device sync for the step's metrics, not one per number
-        values = torch.stack([v.detach().float() for v in stats.values()]).tolist()
-        row = {'step': step + 1, 'lr': lr_t, **dict(zip(stats, values))}
-        row['response_tokens'] = int(row['response_tokens'])
+        values = torch.stack(list(stats.values())).tolist()
+        row = {'step': step + 1, 'lr': lr_t, **dict(zip(stats, values)), 'response_tokens': n_tok}
         rows.append(row)
         if log is not None:
             log.log(**row)
@@ -312,6 +335,7 @@ def distill_stage(tc, task_cfg, device, name='distill', init=''):
 
 def sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0, notes, extra=None, teacher=None):
     """The SFT stages' shared half: held-out eval before and after, SFT, checkpoint, summary.json, report.md."""
+    rank = rank_world()[0]
     stage_dir = os.path.join(tc.out_dir, name)
     cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
     acc0, len0 = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
@@ -321,13 +345,16 @@ def sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0, notes, 
             rows = sft(model, examples, tc.sft_steps, tc.sft_batch_size, tc.sft_lr, device, desc=name,
                        teacher=teacher, kd_weight=tc.kd_weight if teacher is not None else 0.0,
                        kd_temperature=tc.kd_temperature, seed=tc.seed + 61,
-                       log=MetricsLog(os.path.join(stage_dir, 'metrics.jsonl')))
+                       log=MetricsLog(os.path.join(stage_dir, 'metrics.jsonl')) if rank == 0 else None)
         except ValueError as e:
             die(f"{name}: {e}")
-        plot_curves(os.path.join(stage_dir, 'loss.png'), rows, ['loss', 'sft_loss', 'kd_loss'], name)
     else:
         print0(f"{name}: no examples, nothing to train on; the checkpoint is the initial model")
     acc, n_tok = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    if rank != 0:   # one writer
+        return
+    if rows:
+        plot_curves(os.path.join(stage_dir, 'loss.png'), rows, ['loss', 'sft_loss', 'kd_loss'], name)
     save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), checkpoint(model, tok, tc, task_cfg, len(rows)))
     summary = {'countdown_pass@1': acc, 'mean_response_tokens': n_tok, 'init_countdown_pass@1': acc0,
                'init_mean_response_tokens': len0, 'n_examples': len(examples),

@@ -12,9 +12,10 @@ What it implements
     bnpo     sum_it l_it / batch_tokens                        local batch token mean
     dapo     sum_it l_it / global_tokens                       global token mean      DAPO (Yu et al. 2025) eq. 8
     dr_grpo  sum_it l_it / (batch_rows * max_len), A = r - mean(r)                    Dr.GRPO (Liu et al. 2025)
-  batch_rows: completions in this process's batch; batch_tokens: trained tokens in it (all its micro-batches);
-  global_tokens: trained tokens in the global batch (all ranks). Left out, batch_rows and batch_tokens default
-  to this micro-batch's own count (a call on the whole batch). Plus DAPO's clip-higher (eps_low != eps_high)
+  batch_rows: completions in the batch (all its micro-batches; under torchrun train.py passes the global batch's);
+  batch_tokens: trained tokens in this process's batch; global_tokens: trained tokens in the global batch (all
+  ranks). Left out, batch_rows and batch_tokens default to this micro-batch's own count (a call on the whole
+  batch). Plus DAPO's clip-higher (eps_low != eps_high)
   and dynamic-sampling filter (`zero_variance_groups`). `advantage_scale` ties the advantage to the loss type.
 - Kimi k1.5 (Kimi Team 2025) sec 2.3.2: the online-mirror-descent squared surrogate
     L = E[(r - rbar - tau * log(pi_theta(y|x) / pi_i(y|x)))^2]
@@ -265,9 +266,11 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
     Gradient accumulation / DDP: given the whole batch's normalisers (batch_rows, batch_tokens, global_tokens),
     every loss type returns this micro-batch's exact share of the batch loss: sum the micro-batch losses, divide
     by nothing. For dr_grpo pass a constant batch_rows (the requested prompts x G) so that dropping zero-variance
-    groups never changes the normaliser. DDP averages gradients over ranks, which is right for the per-rank
-    normalisers (grpo, kimi, bnpo, dr_grpo: the mean of the ranks' batch losses); dapo's global_tokens already
-    counts every rank, so multiply its loss by world_size to get the global token mean.
+    groups never changes the normaliser. Several ranks: with global normalisers (batch_rows and global_tokens of
+    the global batch, dr_grpo's constant) the ranks' losses add up to the global batch loss, so their gradients
+    are summed (train.py: harness.sum_gradients; under DDP, which averages, multiply the loss by world_size).
+    bnpo's batch_tokens is by definition the rank's own count: summed over ranks it takes 1/world (train.py
+    passes batch_tokens * world), the mean of the ranks' token means.
     """
     _check_policy_inputs(logp, old_logp, ref_logp, advantages, mask, loss_type, beta, tau, max_len,
                          global_tokens, batch_rows, batch_tokens)

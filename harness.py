@@ -8,6 +8,7 @@ A stage (train.py's pretrain and grpo, distill.py's sft / rs / distill, long2sho
 these; none of them builds on another stage's file.
 """
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -28,12 +29,12 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 from torch.distributed.tensor import DTensor
 
-from hf import config_from_hf
+from hf import is_hf_folder, load_hf
 from model import GPT, ModelConfig, document_mask
 from rewards import arithmetic_reward, countdown_reward
-from sample import generate
+from sample import generate, row_seed
 from tasks import format_prompt, problems
-from tokenizer import from_dict as tokenizer_from_dict, from_pretrained as tokenizer_from_pretrained
+from tokenizer import from_dict as tokenizer_from_dict
 
 
 def die(msg):
@@ -82,10 +83,13 @@ def flags_named(message, fields):
 # processes and devices (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
 
 def setup_distributed():
-    """(rank, world, local_rank); without torchrun's variables a single process (0, 1, 0)."""
+    """(rank, world, local_rank); without torchrun's variables a single process (0, 1, 0). A second call (a stage
+    that calls train.main again, as long2short rl does) finds the process group up and leaves it."""
     if 'RANK' not in os.environ:
         return 0, 1, 0
     rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if dist.is_initialized():
+        return rank, world, local
     backend = 'nccl' if torch.cuda.is_available() else 'gloo'
     dist.init_process_group(backend)
     if backend == 'nccl':
@@ -189,7 +193,11 @@ def load_checkpoint(path, mc=None):
 def load_policy(path, device):
     """(model, tokenizer, checkpoint dict) from one of our checkpoints or a Hugging Face folder (load_hf)."""
     if is_hf_folder(path):
-        return load_hf(path, device)
+        try:
+            model, tok, ck = load_hf(path)
+        except ValueError as e:
+            die(str(e))
+        return model.to(device), tok, ck
     ck = load_checkpoint(path)
     try:
         model = GPT(ModelConfig.from_dict(ck['model_config']))
@@ -349,23 +357,26 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean response
     length in tokens. With n = k samples the unbiased pass@k estimator of Chen et al. 2021 is "any correct".
     detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy).
+    Under torchrun each rank answers its shard of the problems and the scores are all-gathered: sample j of
+    problem i draws from its own seed (seed, i, j), so N ranks score exactly what one process scores.
     """
     was_training = model.training
     model.eval()
-    prompts = [encode_prompt(tok, p, template) for p in probs]
+    mine = shard(len(probs))
+    rows = [(i, j) for i in range(len(probs))[mine] for j in range(k)]
     correct, lengths = [], []
-    g = torch.Generator(device=next(model.parameters()).device)
-    g.manual_seed(seed)
-    rows = [(i, pr) for i, pr in enumerate(prompts) for _ in range(k)]
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        gen = generate(model, [pr for _, pr in chunk], max_new_tokens, tok.stop_ids, tok.pad,
-                       temperature=temperature, generator=g)
+        with autocast(next(model.parameters()).device):
+            gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
+                           tok.stop_ids, tok.pad, temperature=temperature,
+                           seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
         for r, (i, _) in enumerate(chunk):
             n = int(gen.lengths[r])
             correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
             lengths.append(n)
     model.train(was_training)
+    correct, lengths = gather_list(correct), gather_list(lengths)   # in problem order: ranks hold contiguous shards
     c = np.array(correct).reshape(len(probs), k)
     out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
            'mean_tokens': float(np.mean(lengths)) if lengths else math.nan}
@@ -474,81 +485,72 @@ def load_sharded(path, model, opt=None):
 
 
 # -----------------------------------------------------------------------------
-# models from Hugging Face folders: config.json + *.safetensors + tokenizer.json in (the policy, the reference, a
-# teacher, long2short's source), and any checkpoint of ours back out (--save-hf)
-
-RUN_FILE = 'nanor1_run.json'   # what save_hf adds to a folder: the run's configs, so a round trip keeps its world
-# config.json fields that describe the network; the rest of ModelConfig is how we run it (block_size: how far the
-# RoPE table reaches, mla_impl, dropout, MoE balancing speed, ...)
-ARCH_FIELDS = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'rope_theta',
-               'norm_eps', 'tie_embeddings', 'attn_bias', 'attn', 'ffn', 'q_lora_rank', 'kv_lora_rank',
-               'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim', 'n_routed_experts', 'n_shared_experts',
-               'moe_intermediate_size', 'num_experts_per_tok', 'n_group', 'topk_group', 'scoring_func',
-               'norm_topk_prob', 'routed_scaling_factor', 'first_k_dense_replace')
-
-
-def is_hf_folder(path):
-    return bool(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
-
-
-def hf_config(path):
-    """The ModelConfig fields of a folder's config.json (nothing else is read), or one line saying why not."""
-    try:
-        with open(os.path.join(path, 'config.json')) as f:
-            return config_from_hf(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        die(f"{path}/config.json: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-
-
-def check_hf_config(path, given):
-    """The model fields a preset or a flag set must describe the folder's model: `--preset qwen2.5-3b-countdown
-    --init-from Qwen2.5-0.5B` stops here, before any weight is read, naming the fields that differ."""
-    hf = hf_config(path)
-    diff = {k: (v, hf[k]) for k, v in given.items() if k in ARCH_FIELDS and k in hf and hf[k] != v}
-    if diff:
-        die(f"--init-from {path} holds another model than these settings describe (field: set vs config.json): "
-            f"{diff}; pick the preset of that model or drop the model flags")
-
-
-def load_hf(path, device):
-    """(model, tokenizer, checkpoint-like dict) from a Hugging Face folder: GPT.from_pretrained (strict) and
-    tokenizer.from_pretrained. The dict has what load_policy's callers read from a checkpoint of ours, with the
-    run's configs when the folder came from save_hf."""
-    try:
-        model = GPT.from_pretrained(path)
-        tok = tokenizer_from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-        die(f"{path}: cannot load it as a Hugging Face model ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    if tok.n_vocab > model.config.vocab_size:
-        die(f"{path}: tokenizer.json has {tok.n_vocab} tokens but the model only {model.config.vocab_size} rows")
-    if tok.eos is None:
-        die(f"{path}: the tokenizer names no eos and has no stop token a rollout could end with")
-    run = {}
-    if os.path.isfile(os.path.join(path, RUN_FILE)):
-        with open(os.path.join(path, RUN_FILE)) as f:
-            run = json.load(f)
-    ck = {'model': model.state_dict(), 'model_config': model.config.to_dict(), 'tokenizer': tok.to_dict(),
-          'train_config': run.get('train_config', {}), 'task_config': run.get('task_config', {}),
-          'step': run.get('step', 0)}
-    return model.to(device), tok, ck
-
-
-def save_hf(model, tok, path, ck=None):
-    """A folder transformers loads with the same logits: config.json + model.safetensors (GPT.save_pretrained, in
-    the model's own dtype), the tokenizer files, bos/eos ids in config.json, and RUN_FILE with the configs of
-    the checkpoint `ck` it came from."""
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    cfg_path = os.path.join(path, 'config.json')
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg.update(bos_token_id=tok.bos, eos_token_id=tok.eos, pad_token_id=tok.pad)
-    write_json(cfg_path, cfg)
-    ck = ck or {}
-    write_json(os.path.join(path, RUN_FILE), {k: ck.get(k) for k in ('train_config', 'task_config', 'step')})
-
+# the model of a config, for sizes and plans
 
 def meta_model(mc):
     """The model of a config on the meta device: shapes and parameter counts, no memory, no weights read."""
     with torch.device('meta'):
         return GPT(mc)
+
+
+# -----------------------------------------------------------------------------
+# collectives: what N ranks exchange so that together they compute what one process computes on the same global
+# batch. Each is the identity without a process group, so a stage runs the same lines with and without torchrun.
+
+def rank_world():
+    """(rank, world size): (0, 1) in a plain process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def shard(n):
+    """This rank's contiguous share of n items (problems, groups, examples): the ranks in order cover range(n) once,
+    their shares differ by at most one item."""
+    rank, world = rank_world()
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def gather_list(items):
+    """Every rank's list, concatenated in rank order, on every rank (pickled: for small Python data and CPU
+    tensors; a CUDA tensor would unpickle onto the sender's device)."""
+    if not dist.is_initialized():
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def all_reduce_sum(t):
+    """t summed over ranks, in place (the ranks' shares of a global sum or mean)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def sum_gradients(model):
+    """
+    Sum every gradient over ranks, as one flat all-reduce. Every loss here returns its micro-batch's exact share of
+    the global batch loss (normalised by global counts: rows, tokens, pairs), so the global batch's gradient is
+    the plain sum of the ranks' gradients and the step equals one process's on the same global batch. (DDP and
+    FSDP average instead; with them one multiplies the loss by world size.) A parameter that got no gradient on
+    this rank (an expert no token chose) adds zeros, so every rank sends the same layout.
+    """
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def barrier():
+    """Wait for every rank: rank 0's checkpoint is on disk before any rank reads it or exits."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (the logprobs and losses cast their logits to fp32 themselves); nothing on CPU."""
+    if str(device).startswith('cuda'):
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -31,7 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import ModelConfig
+from model import GPT, ModelConfig
+from tokenizer import from_pretrained as tokenizer_from_pretrained
 
 
 def load_pretrained(cls, path, **overrides):
@@ -338,3 +339,82 @@ def config_to_hf(c):
                                   beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow,
                                   mscale=c.rope_mscale, mscale_all_dim=c.rope_mscale_all_dim)
     return hf
+
+
+# -----------------------------------------------------------------------------
+# whole folders: config.json + *.safetensors + tokenizer.json in (the policy, the reference, a teacher,
+# long2short's source), and any checkpoint of ours back out (train.py --save-hf). Errors are one-line ValueErrors.
+
+RUN_FILE = 'nanor1_run.json'   # what save_hf adds to a folder: the run's configs, so a round trip keeps its world
+# config.json fields that describe the network; the rest of ModelConfig is how we run it (block_size: how far the
+# RoPE table reaches, mla_impl, dropout, MoE balancing speed, ...)
+ARCH_FIELDS = ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'rope_theta',
+               'norm_eps', 'tie_embeddings', 'attn_bias', 'attn', 'ffn', 'q_lora_rank', 'kv_lora_rank',
+               'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim', 'n_routed_experts', 'n_shared_experts',
+               'moe_intermediate_size', 'num_experts_per_tok', 'n_group', 'topk_group', 'scoring_func',
+               'norm_topk_prob', 'routed_scaling_factor', 'first_k_dense_replace')
+
+
+def is_hf_folder(path):
+    return bool(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, 'config.json'))
+
+
+def hf_config(path):
+    """The ModelConfig fields of a folder's config.json (nothing else is read), or one line saying why not."""
+    try:
+        with open(os.path.join(path, 'config.json')) as f:
+            return config_from_hf(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise ValueError(f"{path}/config.json: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_hf_config(path, given):
+    """The model fields a preset or a flag set must describe the folder's model: `--preset qwen2.5-3b-countdown
+    --init-from Qwen2.5-0.5B` stops here, before any weight is read, naming the fields that differ."""
+    hf = hf_config(path)
+    diff = {k: (v, hf[k]) for k, v in given.items() if k in ARCH_FIELDS and k in hf and hf[k] != v}
+    if diff:
+        raise ValueError(f"--init-from {path} holds another model than these settings describe (field: set vs "
+                         f"config.json): {diff}; pick the preset of that model or drop the model flags")
+
+
+def load_hf(path):
+    """(model, tokenizer, checkpoint-like dict) from a Hugging Face folder: GPT.from_pretrained (strict) and
+    tokenizer.from_pretrained. The dict has what load_policy's callers read from a checkpoint of ours, with the
+    run's configs when the folder came from save_hf."""
+    try:
+        model = load_pretrained(GPT, path)
+        tok = tokenizer_from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise ValueError(f"{path}: cannot load it as a Hugging Face model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"{path}: tokenizer.json has {tok.n_vocab} tokens but the model only "
+                         f"{model.config.vocab_size} rows")
+    if tok.eos is None:
+        raise ValueError(f"{path}: the tokenizer names no eos and has no stop token a rollout could end with")
+    run = {}
+    if os.path.isfile(os.path.join(path, RUN_FILE)):
+        with open(os.path.join(path, RUN_FILE)) as f:
+            run = json.load(f)
+    ck = {'model': model.state_dict(), 'model_config': model.config.to_dict(), 'tokenizer': tok.to_dict(),
+          'train_config': run.get('train_config', {}), 'task_config': run.get('task_config', {}),
+          'step': run.get('step', 0)}
+    return model, tok, ck
+
+
+def save_hf(model, tok, path, ck=None):
+    """A folder transformers loads with the same logits: config.json + model.safetensors (GPT.save_pretrained, in
+    the model's own dtype), the tokenizer files, bos/eos ids in config.json, and RUN_FILE with the configs of
+    the checkpoint `ck` it came from."""
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg_path = os.path.join(path, 'config.json')
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.update(bos_token_id=tok.bos, eos_token_id=tok.eos, pad_token_id=tok.pad)
+    ck = ck or {}
+    for name, obj in ((cfg_path, cfg), (os.path.join(path, RUN_FILE),
+                                        {k: ck.get(k) for k in ('train_config', 'task_config', 'step')})):
+        with open(name, 'w') as f:
+            json.dump(obj, f, indent=2)

@@ -6,6 +6,7 @@ Kimi k1.5's long2short (Kimi Team 2025, sec 2.4): four ways to keep a long-CoT m
     python long2short.py dpo      --from out/tiny/grpo/ckpt.pt --dpo-beta 0.1
     python long2short.py rl       --from out/tiny/grpo/ckpt.pt --length-weight 0.2
     python long2short.py all      --from out/tiny/grpo/ckpt.pt --out-dir out/tiny/long2short
+    torchrun --nproc_per_node=2 long2short.py dpo --from out/tiny/grpo/ckpt.pt   # any method, on N ranks
 
 1. merge: weight averaging, theta = alpha * theta_long + (1 - alpha) * theta_short, tensor by tensor.
 2. shortest: shortest rejection sampling: n = 8 samples per train problem, keep the shortest correct one, SFT the
@@ -16,6 +17,10 @@ Kimi k1.5's long2short (Kimi Team 2025, sec 2.4): four ways to keep a long-CoT m
    with pi_ref the frozen source and log pi(y|x) summed over the response tokens only.
 4. rl: GRPO from the long model with Kimi's length reward (sec 2.3.3, rewards.kimi_length_reward, weight
    --length-weight) and a much smaller rollout budget, by calling train.py's grpo stage unchanged.
+
+Under torchrun every rank samples its shard of the problems (distill.sample_scored), trains its slice of each
+global batch with its loss normalised by the global batch, and the ranks' gradients are summed (as distill.sft,
+whose SFT shortest uses); rank 0 alone writes. rl is train.py's grpo stage, which does the same.
 
 Every method writes <out-dir>/<method>/summary.json (held-out greedy countdown pass@1, mean response tokens, wall
 seconds), report.md and a checkpoint in train.py's format (train.py --init-from accepts it); `all` runs the four
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 
 import grpo
 import harness
+import hf
 import train
 from distill import sample_scored  # n checked samples per problem: DPO's pairs come from them
 from sample import Generation, sequences_for_training
@@ -96,7 +102,7 @@ def parse_args(argv=None):
     for m in METHODS + ('all',):
         sub.add_parser(m, parents=[common], help=f"run {m}")
     cfg = L2SConfig(**{k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
-    if not (os.path.isfile(cfg.source) or harness.is_hf_folder(cfg.source)):
+    if not (os.path.isfile(cfg.source) or hf.is_hf_folder(cfg.source)):
         sys.exit(f"long2short.py: error: no source checkpoint at {cfg.source} (nor a Hugging Face folder; train "
                  "one: python train.py --preset tiny)")
     stage_dir = cfg.source if os.path.isdir(cfg.source) else os.path.dirname(cfg.source)
@@ -139,9 +145,10 @@ def held_out(model, src):
 
 
 def save(path, model, src, cfg, **extra):
-    """The one checkpoint format (harness.checkpoint), so train.py --init-from takes it."""
-    harness.save_checkpoint(path, harness.checkpoint(model, src.tok, src.ck.get('train_config', {}), src.task_cfg,
-                                                     0, long2short_config=dataclasses.asdict(cfg), **extra))
+    """The one checkpoint format (harness.checkpoint), so train.py --init-from takes it; rank 0 writes it."""
+    if harness.rank_world()[0] == 0:
+        harness.save_checkpoint(path, harness.checkpoint(model, src.tok, src.ck.get('train_config', {}), src.task_cfg,
+                                                         0, long2short_config=dataclasses.asdict(cfg), **extra))
 
 
 def finish(method, out, model, src, cfg, t0, extra=None, notes=()):
@@ -152,13 +159,15 @@ def finish(method, out, model, src, cfg, t0, extra=None, notes=()):
                'source_countdown_pass@1': s_acc, 'source_mean_response_tokens': s_tok,
                'n_eval': len(src.test), 'max_new_tokens': src.max_new_tokens, **(extra or {}),
                'wall_seconds': round(time.time() - t0, 1)}
+    if harness.rank_world()[0] != 0:   # one writer
+        return summary
     harness.write_json(os.path.join(out, 'summary.json'), summary)
     harness.write_report(os.path.join(out, 'report.md'), f'long2short: {method}', [
         f"source `{cfg.source}`, {len(src.test)} held-out countdown problems, greedy, max_new_tokens "
         f"{src.max_new_tokens}, wall {summary['wall_seconds']} s", '', '| model | pass@1 | mean tokens |', '|---|---|---|',
         f'| source | {s_acc:.3f} | {s_tok:.1f} |', f'| {method} | {acc:.3f} | {n_tok:.1f} |', '', *notes],
         config=dataclasses.asdict(cfg))
-    print(json.dumps(summary, indent=2), flush=True)
+    harness.print0(json.dumps(summary, indent=2))
     return summary
 
 
@@ -200,12 +209,12 @@ def default_short(src_path, ck):
 def run_merge(cfg, src, out):
     t0 = time.time()
     short = cfg.short or default_short(cfg.source, src.ck)
-    if not (os.path.isfile(short) or harness.is_hf_folder(short)):
+    if not (os.path.isfile(short) or hf.is_hf_folder(short)):
         sys.exit(f"long2short.py: error: no short-CoT checkpoint at {short} (pass --short CKPT)")
     if os.path.realpath(short) == os.path.realpath(cfg.source):
         sys.exit(f"long2short.py: error: --from {cfg.source} is its own short model (a base, not an RL checkpoint?): "
                  "merging it with itself changes nothing; pass the long-CoT RL checkpoint or --short CKPT")
-    ck_short = (harness.load_hf(short, 'cpu')[2] if harness.is_hf_folder(short)   # a folder: its weights as a dict
+    ck_short = (harness.load_policy(short, 'cpu')[2] if hf.is_hf_folder(short)   # a folder: its weights as a dict
                 else torch.load(short, map_location='cpu', weights_only=True))
     check_mergeable(cfg.source, src.ck, short, ck_short)
     model, _, _ = harness.load_policy(cfg.source, cfg.device)
@@ -216,7 +225,7 @@ def run_merge(cfg, src, out):
         model.load_state_dict(merge_state_dicts(long_sd, short_sd, a))
         acc, n_tok = held_out(model, src)
         sweep.append({'alpha': a, 'countdown_pass@1': acc, 'mean_response_tokens': n_tok})
-        print(f"merge alpha {a:.2f}: pass@1 {acc:.3f}, mean tokens {n_tok:.1f}", flush=True)
+        harness.print0(f"merge alpha {a:.2f}: pass@1 {acc:.3f}, mean tokens {n_tok:.1f}")
     model.load_state_dict(merge_state_dicts(long_sd, short_sd, cfg.alpha))
     save(os.path.join(out, 'ckpt.pt'), model, src, cfg, merged_from=[cfg.source, short], alpha=cfg.alpha)
     notes = ['## Sweep (alpha = weight of the long model)', '', '| alpha | pass@1 | mean tokens |', '|---|---|---|',
@@ -234,11 +243,10 @@ def run_shortest(cfg, src, out):
     model, tok, _ = harness.load_policy(cfg.source, cfg.device)
     examples = distill.rejection_sample(model, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
                                         template=src.task_cfg.template, keep='shortest', seed=src.seed + 21)
-    print(f"shortest: {len(examples)} of {len(src.train)} problems have a correct sample in {cfg.n_samples}",
-          flush=True)
+    harness.print0(f"shortest: {len(examples)} of {len(src.train)} problems have a correct sample in {cfg.n_samples}")
     rows = []
     if examples:
-        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
+        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False) if harness.rank_world()[0] == 0 else None
         rows = distill.sft(model, examples, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.device,
                            desc='shortest', seed=src.seed + 22, log=log)
     save(os.path.join(out, 'ckpt.pt'), model, src, cfg)
@@ -268,14 +276,15 @@ def dpo_pairs(samples, ratio=1.5):
     return [(chosen, s) for s in samples if s['n_tokens'] > (ratio * n if s['correct'] else n)]
 
 
-def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta):
+def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta, n_pairs=None):
     """
     DPO, Rafailov et al. 2023 eq. 7, its sign flipped for minimisation, averaged over pairs. Inputs (B,): summed
     response logprobs of the chosen / rejected answers under the policy and under the frozen reference.
     beta * (log pi/pi_ref) is the implicit reward; the loss pushes the chosen one above the rejected one.
+    n_pairs: the whole batch's pairs when these are a slice of it (default B).
     """
     margin = beta * ((pol_chosen - ref_chosen) - (pol_rejected - ref_rejected))   # (B,)
-    return -F.logsigmoid(margin).mean()
+    return -F.logsigmoid(margin).sum() / (n_pairs or margin.numel())
 
 
 def response_logprobs(model, prompts, responses, pad_id):
@@ -291,7 +300,7 @@ def response_logprobs(model, prompts, responses, pad_id):
     gen = Generation(tokens, torch.zeros(B, L), mask, lengths, torch.ones(B, dtype=torch.bool))
     idx, pos, amask, P = sequences_for_training(prompts, gen, pad_id, device)   # (B, P + L)
     logits, _ = model(idx, pos=pos, mask=amask)
-    lp = grpo.token_logprobs(logits[:, P - 1:P - 1 + L], tokens.to(device))         # (B, L)
+    lp = grpo.token_logprobs(logits[:, P - 1:P - 1 + L], tokens.to(device))         # (B, L) fp32
     return (lp * mask.to(device)).sum(1)                                              # (B,)
 
 
@@ -305,35 +314,48 @@ def run_dpo(cfg, src, out):
                            src.task_cfg.template, src.seed + 31)
     pairs = [pr for grp in groups for pr in dpo_pairs(grp, cfg.dpo_ratio)]
     n_solved = sum(any(s['correct'] for s in grp) for grp in groups)
-    print(f"dpo: {len(pairs)} pairs from {n_solved} of {len(groups)} problems with a correct sample", flush=True)
+    harness.print0(f"dpo: {len(pairs)} pairs from {n_solved} of {len(groups)} problems with a correct sample")
     rows = []
     if pairs:
         # the reference is frozen: its logprobs of every pair, once
-        with torch.no_grad():
+        with torch.no_grad(), harness.autocast(cfg.device):
             ref_lp = torch.cat([_pair_logprobs(ref, pairs[i:i + 64], tok.pad) for i in range(0, len(pairs), 64)])
-        opt = torch.optim.AdamW(model.optim_groups(0.0), lr=cfg.dpo_lr, betas=(0.9, 0.99))
+        # (every rank scores every pair: the same forwards on each, and no gather)
+        opt = torch.optim.AdamW(model.optim_groups(0.0), lr=cfg.dpo_lr, betas=(0.9, 0.99),
+                                fused=str(cfg.device).startswith('cuda'))
         g = torch.Generator().manual_seed(src.seed + 32)
         order, at = torch.randperm(len(pairs), generator=g), 0
-        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False)
-        bar = tqdm(range(cfg.dpo_steps), desc='dpo', mininterval=2)
+        rank = harness.rank_world()[0]
+        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False) if rank == 0 else None
+        bar = tqdm(range(cfg.dpo_steps), desc='dpo', mininterval=2, disable=rank != 0)
         for step in bar:
             if at + cfg.dpo_batch_size > len(order):   # a fresh permutation per epoch
                 order, at = torch.randperm(len(pairs), generator=g), 0
             ids = order[at:at + cfg.dpo_batch_size]
             at += cfg.dpo_batch_size
-            lp = _pair_logprobs(model, [pairs[i] for i in ids], tok.pad)             # (b, 2): chosen, rejected
-            rl = ref_lp[ids].to(lp.device)                                             # (b, 2)
-            loss = dpo_loss(lp[:, 0], lp[:, 1], rl[:, 0], rl[:, 1], cfg.dpo_beta)
+            # this rank's slice of the global batch (every rank draws the same order); a rank whose slice is
+            # empty runs the first pair at weight 0, so every rank runs the same forward and backward
+            mine, w = ids[harness.shard(len(ids))], 1.0
+            if len(mine) == 0:
+                mine, w = ids[:1], 0.0
+            with harness.autocast(cfg.device):
+                lp = _pair_logprobs(model, [pairs[i] for i in mine], tok.pad)         # (b, 2): chosen, rejected
+            rl = ref_lp[mine].to(lp.device)                                            # (b, 2)
+            loss = w * dpo_loss(lp[:, 0], lp[:, 1], rl[:, 0], rl[:, 1], cfg.dpo_beta, len(ids))
             loss.backward()
+            harness.sum_gradients(model)   # the global batch's gradient: the sum of the ranks' shares
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 margin = cfg.dpo_beta * ((lp[:, 0] - rl[:, 0]) - (lp[:, 1] - rl[:, 1]))
-            row = {'step': step + 1, 'loss': loss.item(), 'reward_margin': float(margin.mean()),
-                   'reward_acc': float((margin > 0).float().mean()), 'grad_norm': float(gnorm)}
+                sums = harness.all_reduce_sum(torch.stack([loss.detach(), w * margin.sum() / len(ids),
+                                                           w * (margin > 0).float().sum() / len(ids)]))
+            row = {'step': step + 1, 'loss': float(sums[0]), 'reward_margin': float(sums[1]),
+                   'reward_acc': float(sums[2]), 'grad_norm': float(gnorm)}
             rows.append(row)
-            log.log(**row)
+            if log is not None:
+                log.log(**row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['reward_acc']:.2f}")
         bar.close()
     save(os.path.join(out, 'ckpt.pt'), model, src, cfg)
@@ -344,7 +366,7 @@ def run_dpo(cfg, src, out):
              'rejected_mean_tokens': sum(rejected) / max(1, len(rejected)),
              'dpo_steps': len(rows), 'final_loss': rows[-1]['loss'] if rows else None,
              'ckpt': os.path.join(out, 'ckpt.pt')}
-    if rows:
+    if rows and harness.rank_world()[0] == 0:
         harness.plot_curves(os.path.join(out, 'dpo.png'), rows, ['loss', 'reward_margin', 'reward_acc'], 'dpo')
     return finish('dpo', out, model, src, cfg, t0, extra,
                   [f"{len(pairs)} pairs (chosen {extra['chosen_mean_tokens']:.1f} tokens on average, rejected "
@@ -353,7 +375,7 @@ def run_dpo(cfg, src, out):
 
 
 def _pair_logprobs(model, pairs, pad_id):
-    """(b, 2) summed response logprobs of (chosen, rejected) for each pair, in one forward pass."""
+    """(b, 2) summed response logprobs of (chosen, rejected) for each pair, in one forward pass (fp32)."""
     rows = [s for pr in pairs for s in pr]                                             # chosen, rejected, ...
     lp = response_logprobs(model, [s['prompt_ids'] for s in rows], [s['response_ids'] for s in rows], pad_id)
     return lp.view(len(pairs), 2)
@@ -405,6 +427,8 @@ def write_overview(cfg, src, results):
                     'wall_seconds': s['wall_seconds']}
     summary = {'source': cfg.source, 'n_eval': len(src.test), 'max_new_tokens': src.max_new_tokens,
                'methods': table}
+    if harness.rank_world()[0] != 0:   # one writer
+        return summary
     with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=2)
     lines = ['# long2short (Kimi k1.5 sec 2.4)', '', f"source `{cfg.source}`; held-out greedy countdown pass@1 on "
@@ -419,7 +443,7 @@ def write_overview(cfg, src, results):
               '```json', json.dumps(dataclasses.asdict(cfg), indent=1), '```', '']
     with open(os.path.join(cfg.out_dir, 'report.md'), 'w') as f:
         f.write('\n'.join(lines))
-    print('\n'.join(lines[4:4 + len(table) + 1]), flush=True)
+    harness.print0('\n'.join(lines[4:4 + len(table) + 1]))
     return summary
 
 
@@ -427,20 +451,25 @@ def main(argv=None):
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg.device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    print(json.dumps(dataclasses.asdict(cfg)), flush=True)
+    owns_group = not torch.distributed.is_initialized()
+    _, _, local = harness.setup_distributed()
+    cfg.device = harness.pick_device(cfg.device, local)
+    if cfg.device.startswith('cuda'):
+        torch.set_float32_matmul_precision('high')   # TF32 for what runs outside bf16 autocast
+    harness.print0(json.dumps(dataclasses.asdict(cfg)))
     src, model = load_source(cfg)
     src.eval = held_out(model, src)
     del model
-    print(f"source: held-out pass@1 {src.eval[0]:.3f}, mean tokens {src.eval[1]:.1f}", flush=True)
+    harness.print0(f"source: held-out pass@1 {src.eval[0]:.3f}, mean tokens {src.eval[1]:.1f}")
     results = {}
     for m in (METHODS if cfg.method == 'all' else (cfg.method,)):
         out = os.path.join(cfg.out_dir, m)
         os.makedirs(out, exist_ok=True)
         results[m] = RUNNERS[m](cfg, src, out)
-    if cfg.method == 'all':
-        return write_overview(cfg, src, results)
-    return results[cfg.method]
+    out = write_overview(cfg, src, results) if cfg.method == 'all' else results[cfg.method]
+    if owns_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return out
 
 
 if __name__ == '__main__':

@@ -6,8 +6,9 @@ question, sampled from the old policy).
   RoPE positions start at 0 at its first real token, and a key-padding mask hides its pad slots. Every row then
   decodes in lockstep, one cache write per step.
 - Sampling: temperature, top-k, top-p (Holtzman et al. 2019), stop tokens, per-row finish. Randomness comes
-  from a torch.Generator per row when `seeds` is given (a row's sample does not depend on its batch-mates),
-  else from one generator for the batch.
+  from a torch.Generator per row when `seeds` is given (its uniforms drawn up front; a row's sample does not
+  depend on its batch-mates), else from one generator for the batch. RL and evaluation always seed per row, from `row_seed` of the row's
+  place in the global batch: a row is the same whichever rank, batch or world size generates it.
 - Returned logprobs are those of the distribution the token was actually drawn from (after temperature and
   top-k/top-p), i.e. the behaviour policy that GRPO's ratio divides by; greedy returns the model's plain
   log-softmax. RL samples at temperature 1 with no filtering, where the two coincide.
@@ -16,6 +17,7 @@ question, sampled from the old policy).
   trajectories carried over in a bounded buffer, and its repeat detection; greedy continuation from the buffer
   equals one uninterrupted generation (tests/test_sampling.py).
 """
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +75,8 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def pick(logits, temperature, top_k, top_p, generators):
-    """logits (B, V) fp32 -> (token (B,), logprob (B,))."""
+def pick(logits, temperature, top_k, top_p, rng):
+    """logits (B, V) fp32 -> (token (B,), logprob (B,)). rng: a torch.Generator, or this step's uniforms (B,)."""
     if temperature == 0:
         logp = F.log_softmax(logits, -1)
         tok = logits.argmax(-1)
@@ -87,10 +89,7 @@ def pick(logits, temperature, top_k, top_p, generators):
     B, V = logp.shape
     probs = logp.exp()                                                # (B, V)
     cdf = probs.cumsum(-1)                                            # (B, V) non-decreasing
-    if isinstance(generators, list):
-        u = torch.cat([torch.rand(1, device=logits.device, generator=g) for g in generators])  # (B,)
-    else:
-        u = torch.rand(B, device=logits.device, generator=generators)  # (B,)
+    u = rng if torch.is_tensor(rng) else torch.rand(B, device=logits.device, generator=rng)  # (B,)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (B,)
     # a token chosen this way has cdf_j > cdf_{j-1}, i.e. p_j > 0, except when u * total rounds up to the total
     # (j = V): then take the row's last token of positive probability
@@ -99,17 +98,21 @@ def pick(logits, temperature, top_k, top_p, generators):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def _generators(B, seeds, generator, device):
+def row_seed(*key):
+    """A 63-bit seed from a key of ints, e.g. (run seed, step, round, global row): stable across processes
+    (unlike hash()), so every rank derives the same seed for the same row."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), 'little') >> 1
+
+
+def _uniforms(B, T, seeds, device):
+    """(B, T): row b's T uniforms from its own generator, drawn up front (one call per row, not per row and
+    token: per-token calls cost a fifth of a small model's CPU decode step). None without seeds."""
     if seeds is None:
-        return generator
+        return None
     if len(seeds) != B:
         raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
-    gens = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(s))
-        gens.append(g)
-    return gens
+    return torch.stack([torch.rand(T, device=device, generator=torch.Generator(device=device).manual_seed(int(s)))
+                        for s in seeds]) if B else torch.zeros(0, T, device=device)
 
 
 @torch.no_grad()
@@ -121,7 +124,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, 
     idx, pos, valid = left_pad(prompts, pad_id, device)
     P = idx.shape[1]
     cache = model.new_cache(B, P + max_new_tokens)
-    gens = _generators(B, seeds, generator, device)
+    U = _uniforms(B, max_new_tokens, seeds, device)                  # (B, T) or None: one generator
     stop = torch.tensor(sorted(stop_ids), device=device)
     ragged = not bool(valid.all())  # equal-length prompts need no mask: the fast causal kernel applies
     logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0) if ragged else None, cache=cache, start=0)
@@ -131,7 +134,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, 
     done = torch.zeros(B, dtype=torch.bool, device=device)
     next_pos = pos[:, -1] + 1                                        # (B,)
     for t in range(max_new_tokens):
-        tok, lp = pick(logits, temperature, top_k, top_p, gens)
+        tok, lp = pick(logits, temperature, top_k, top_p, generator if U is None else U[:, t])
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out_tok[:, t] = tok
         out_logp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
@@ -155,14 +158,14 @@ def generate_naive(model, prompts, max_new_tokens, stop_ids, pad_id, temperature
     device = next(model.parameters()).device
     B = len(prompts)
     idx, pos, valid = left_pad(prompts, pad_id, device)
-    gens = _generators(B, seeds, generator, device)
+    U = _uniforms(B, max_new_tokens, seeds, device)                  # (B, T) or None: one generator
     stop = torch.tensor(sorted(stop_ids), device=device)
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0))
-        tok, lp = pick(logits[:, -1].float(), temperature, top_k, top_p, gens)
+        tok, lp = pick(logits[:, -1].float(), temperature, top_k, top_p, generator if U is None else U[:, t])
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out_tok[:, t] = tok
         out_logp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
@@ -188,14 +191,14 @@ def _finish(out_tok, out_logp, stop, pad_id):
 
 
 def group_rollouts(model, prompts, group_size, max_new_tokens, stop_ids, pad_id, temperature=1.0,
-                   top_k=0, top_p=1.0, generator=None):
+                   top_k=0, top_p=1.0, generator=None, seeds=None):
     """
     G samples per prompt in one batched, cached call (GRPO's group). Rows are ordered prompt by prompt:
-    rows [i*G, (i+1)*G) belong to prompt i, the layout grpo.group_advantages expects.
+    rows [i*G, (i+1)*G) belong to prompt i, the layout grpo.group_advantages expects. seeds: one per row.
     """
     rows = [p for p in prompts for _ in range(group_size)]
     return generate(model, rows, max_new_tokens, stop_ids, pad_id, temperature, top_k, top_p,
-                    generator=generator)
+                    seeds=seeds, generator=generator)
 
 
 # -----------------------------------------------------------------------------
@@ -256,32 +259,44 @@ class PartialRollouts:
         # 'seg' (where its newest segment starts), 'done', 'finished'}
         self.groups = []
 
-    def step(self, model, draw, encode, stop_ids, pad_id, temperature=1.0, generator=None, version=0,
-             n_groups=None):
+    def step(self, model, draw, encode, stop_ids, pad_id, temperature=1.0, seed=0, version=0, n_groups=None,
+             part=None):
         """draw(n) -> n problem ids, encode(id) -> prompt ids. Returns the RolloutBatch of the ended groups.
+        seed: this call's key (the trainer's row_seed(run seed, step, round)); row j of the call's i-th new group
+        samples from row_seed(seed, i * G + j, its tokens so far), whatever else shares its batch.
         version: the policy's optimizer step; a segment generated under an older version is not trained.
-        n_groups: most new prompts to draw (default batch_groups): dynamic sampling's refills draw fewer."""
+        n_groups: most new prompts to draw (default batch_groups): dynamic sampling's refills draw fewer.
+        part: under torchrun, the slice of the drawn groups this rank generates (plain group rollouts only)."""
         n_groups = self.batch_groups if n_groups is None else n_groups
         if self.direct:
             ids = draw(n_groups)
+            mine = range(len(ids))[part or slice(None)]   # the seeds name each row's place in the whole draw
+            ids = [ids[i] for i in mine]
             prompts = [encode(i) for i in ids]
-            gen = group_rollouts(model, prompts, self.G, self.max_new, stop_ids, pad_id, temperature=temperature,
-                                 generator=generator)
+            if prompts:
+                gen = group_rollouts(model, prompts, self.G, self.max_new, stop_ids, pad_id, temperature=temperature,
+                                     seeds=[row_seed(seed, i * self.G + j, 0) for i in mine for j in range(self.G)])
+                gen = Generation(*(t.cpu() for t in vars(gen).values()))   # a RolloutBatch is CPU data, as _batch's
+            else:   # a rank's share of a small draw (a refill) can be empty
+                gen = Generation(torch.full((0, 1), pad_id), torch.zeros(0, 1), torch.zeros(0, 1),
+                                 torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
             contexts = [p for p in prompts for _ in range(self.G)]
             responses = [gen.tokens[r, :int(gen.lengths[r])].tolist() for r in range(len(contexts))]
-            return RolloutBatch(ids, contexts, gen, responses, gen.lengths.cpu(),
+            return RolloutBatch(ids, contexts, gen, responses, gen.lengths,
                                 torch.zeros(len(contexts), dtype=torch.bool), ids, 0, 0)
+        if part is not None and range(n_groups)[part] != range(n_groups):
+            raise ValueError("partial rollouts keep a buffer per process: they cannot split a draw across ranks")
         drawn, repeats = [], 0
         while not any(self._ended(g) for g in self.groups):
             n_open = sum(not r['done'] for g in self.groups for r in g['rows'])
             n_new = min((self.batch_groups * self.G - n_open) // self.G, self.max_groups - len(self.groups), n_groups)
             ids = draw(n_new) if n_new > 0 else []
-            drawn += ids
             for i in ids:
-                self.groups.append({'id': i, 'prompt': encode(i), 'rows': [
+                self.groups.append({'id': i, 'prompt': encode(i), 'seed': seed, 'index': len(drawn), 'rows': [
                     {'tokens': [], 'logp': [], 'seg': 0, 'done': False, 'finished': False, 'version': version}
                     for _ in range(self.G)]})
-            repeats += self._generate(model, stop_ids, pad_id, temperature, generator, version)
+                drawn.append(i)
+            repeats += self._generate(model, stop_ids, pad_id, temperature, version)
         ended = [g for g in self.groups if self._ended(g)]
         self.groups = [g for g in self.groups if not self._ended(g)]
         return self._batch(ended, drawn, repeats, pad_id, version)
@@ -290,17 +305,20 @@ class PartialRollouts:
     def _ended(g):
         return all(r['done'] for r in g['rows'])
 
-    def _generate(self, model, stop_ids, pad_id, temperature, generator, version):
+    def _generate(self, model, stop_ids, pad_id, temperature, version):
         """One pass: up to `budget` new tokens for every open row. Returns how many rows repeat detection stopped."""
         from rewards import is_repeating
         todo = [(g, r) for g in self.groups for r in g['rows'] if not r['done']]
+        # a segment's seed names its row and where it starts: a continuation never replays an earlier segment
+        seeds = [row_seed(g['seed'], g['index'] * self.G + j, len(r['tokens']))
+                 for g in self.groups for j, r in enumerate(g['rows']) if not r['done']]
         inputs = [g['prompt'] + r['tokens'] for g, r in todo]
         # left padding puts every row at the longest context: a pass that mixes long continued rows with fresh
         # prompts can have fewer cache slots than the budget, and is then shortened to fit (at least the room
         # of the longest row, so every pass makes progress); whoever has not ended waits for the next pass
         limit = min(self.budget, max(self.max_new - len(r['tokens']) for _, r in todo),
                     model.config.block_size - max(map(len, inputs)))
-        gen = generate(model, inputs, limit, stop_ids, pad_id, temperature=temperature, generator=generator)
+        gen = generate(model, inputs, limit, stop_ids, pad_id, temperature=temperature, seeds=seeds)
         lengths, finished = gen.lengths.tolist(), gen.finished.tolist()
         repeats = 0
         for k, (_, r) in enumerate(todo):
@@ -346,7 +364,8 @@ class PartialRollouts:
         return {'groups': [{**g, 'rows': [dict(r) for r in g['rows']]} for g in self.groups]}
 
     def load_state_dict(self, d):
-        self.groups = [{**g, 'rows': [{'version': 0, **r} for r in g['rows']]} for g in d['groups']]
+        self.groups = [{'seed': 0, 'index': k, **g, 'rows': [{'version': 0, **r} for r in g['rows']]}
+                       for k, g in enumerate(d['groups'])]
 
 
 # -----------------------------------------------------------------------------

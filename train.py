@@ -3,7 +3,7 @@ nanoR1's one entry point: flags and presets, the stage pipeline, pretraining, an
 
     python train.py --preset tiny                      # the whole tiny pipeline: pretrain -> grpo -> eval
     python train.py --preset tiny --stage pretrain     # one stage
-    torchrun --nproc_per_node=2 train.py --preset tiny --stage pretrain
+    torchrun --nproc_per_node=2 train.py --preset tiny   # every stage: one process's weights on the same global batch
     python train.py --preset qwen2.5-0.5b-countdown --init-from /path/to/Qwen2.5-0.5B --save-hf out/q05/hf
 
 Stages
@@ -28,6 +28,7 @@ presets replay TinyZero's countdown run with the architecture in the preset, so 
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -41,15 +42,16 @@ from tqdm import tqdm
 
 import distill
 import grpo
-from harness import (MetricsLog, Parser, add_flags, base_evals, check_finite, checkpoint, die, encode_prompt, evaluate,
-                     flags_named, load_checkpoint, load_policy, load_sharded, open_stage, pick_device, plot_curves,
-                     print0, read_jsonl, rng_state, save_checkpoint, save_sharded, set_rng_state, setup_distributed,
+from harness import (MetricsLog, Parser, add_flags, all_reduce_sum, autocast, barrier, base_evals, check_finite,
+                     checkpoint, die, encode_prompt, evaluate, flags_named, gather_list, load_checkpoint, load_policy,
+                     load_sharded, meta_model, open_stage, pick_device, plot_curves, print0, rank_world, read_jsonl,
+                     rng_state, save_checkpoint, save_sharded, set_rng_state, setup_distributed, shard, sum_gradients,
                      val_loss, write_json, write_report)
-from harness import ARCH_FIELDS, check_hf_config, is_hf_folder, meta_model, save_hf
+from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
 from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
-from sample import PartialRollouts, dynamic_batch, sequences_for_training
+from sample import PartialRollouts, cat_batches, dynamic_batch, row_seed, select_groups, sequences_for_training
 from shard import (checkpoint_blocks, dry_run, edit_full, fsdp_mesh, init_sharded, materialize, mixed_precision,
                    shard_model)
 from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, prefills_think, problems
@@ -277,7 +279,10 @@ def resolve(values):
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         die(f"--out-dir {tc.out_dir} exists and is a file, not a directory")
     if is_hf_folder(tc.init_from):   # the model the preset or flags describe must be the folder's (reads config.json)
-        check_hf_config(tc.init_from, {k: v for k, v in values.items() if k in ARCH_FIELDS})
+        try:
+            check_hf_config(tc.init_from, {k: v for k, v in values.items() if k in ARCH_FIELDS})
+        except ValueError as e:
+            die(str(e))
     if tc.save_hf and os.path.isfile(os.path.join(tc.save_hf, 'config.json')) and not tc.overwrite:
         die(f"--save-hf {tc.save_hf} already holds a model: pass --overwrite to replace it")
     return tuple(out)
@@ -398,12 +403,11 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             elif rank == 0:
                 save_checkpoint(path, checkpoint(raw, tok, tc, task_cfg, step + 1, optimizer=opt.state_dict(), **state))
         if tc.exit_after and step + 1 == tc.exit_after:
+            barrier()   # rank 0's checkpoint is on disk before any rank dies
             os._exit(3)
     bar.close()
     summary = {'params': raw.num_params(), 'final_train_loss': loss_f,
-               'final_val_loss': val_loss(raw, val, device, tok.bos)}
-    if rank == 0 or tc.fsdp:   # a sharded model's forward is collective: every rank evaluates
-        summary.update(base_evals(raw, tok, tc, task_cfg))
+               'final_val_loss': val_loss(raw, val, device, tok.bos), **base_evals(raw, tok, tc, task_cfg)}
     if rank == 0:
         summary['wall_seconds'] = round(time.time() - t0, 1)
         plot_curves(os.path.join(stage_dir, 'loss.png'), read_jsonl(os.path.join(stage_dir, 'metrics.jsonl')),
@@ -437,8 +441,11 @@ def rl_metrics(seen, terms, batch, mask, G, pool):
 
 
 def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
-    """R1-Zero's RL (DeepSeek-R1 sec 2.2): GRPO on the base with rule rewards, no critic, no reward model."""
+    """R1-Zero's RL (DeepSeek-R1 sec 2.2): GRPO on the base with rule rewards, no critic, no reward model.
+    Under torchrun every rank runs these lines on the same global batch: it generates and trains its shard of
+    the groups (`shard`), and the collectives (harness) make the result that of one process."""
     t0 = time.time()
+    rank, world = rank_world()
     stage_dir = os.path.join(tc.out_dir, name)   # grpo, or grpo2, ... in a pipeline
     ck = open_stage(tc, task_cfg, stage_dir, tc.rl_steps)
     if ck == 'done':
@@ -449,8 +456,6 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
     cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
     opt = torch.optim.AdamW(model.optim_groups(0.0), lr=tc.rl_lr, betas=(0.9, 0.99), fused=device.startswith('cuda'))
-    gen_rng = torch.Generator(device=device)   # the rollouts' randomness, saved with the checkpoint
-    gen_rng.manual_seed(tc.seed + 7)
     try:  # Kimi k1.5's prompt sampling and partial rollouts; their state is checkpointed too
         sampler = PromptSampler(cd_train, tc.prompt_sampling, tc.seed + 11, tc.rl_steps, tc.curriculum_frac,
                                 tc.curriculum_start, tc.prio_prior, tc.prio_floor)
@@ -465,12 +470,12 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         opt.load_state_dict(ck['optimizer'])
         start, rows = ck['step'], ck['rows']
         set_rng_state(ck['rng'])
-        gen_rng.set_state(ck['gen_rng'])
         sampler.load_state_dict(ck['sampler'])
         rollouts.load_state_dict(ck['rollouts'])
         print0(f"resumed {name} from {stage_dir}/ckpt.pt at step {start}")
-    log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), start if start else None)
-    samples = MetricsLog(os.path.join(stage_dir, 'samples.jsonl'), start if start else None)
+    if rank == 0:   # one writer
+        log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), start if start else None)
+        samples = MetricsLog(os.path.join(stage_dir, 'samples.jsonl'), start if start else None)
     G, tmpl = tc.rl_group, task_cfg.template
     encode = lambda i: encode_prompt(tok, cd_train[i], tmpl)   # noqa: E731
     adv_scale = grpo.advantage_scale(tc.loss_type, tc.adv_scale)
@@ -480,19 +485,29 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     if start == 0:
         acc0, len0 = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
         rows.append({'step': 0, 'eval_pass@1': acc0, 'eval_mean_tokens': len0})
-        log.log(**rows[-1])
+        if rank == 0:
+            log.log(**rows[-1])
         print0(f"step 0: held-out greedy pass@1 {acc0:.3f}, mean tokens {len0:.1f}")
-    bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2)
+    bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
+               disable=rank != 0)
     for step in bar:
         ts = time.time()
         lr = tc.rl_lr * min(1.0, (step + 1) / max(1, tc.rl_warmup))
         for g in opt.param_groups:
             g['lr'] = lr
         # 1. rollouts from the current policy (also the "old" policy of the ratio), scored by rule checks of the
-        #    decoded text (R1 sec 2.2.2: no reward model); dynamic sampling refills dropped zero-variance groups
+        #    decoded text (R1 sec 2.2.2: no reward model); dynamic sampling refills dropped zero-variance groups.
+        #    Every rank draws the same prompts (identical samplers) and generates its contiguous share of the
+        #    groups, each row from its own seed (run seed, step, round, row); the shares are all-gathered, so every
+        #    rank holds, scores and filters the global batch one process would have, and they decide alike
+        rounds = itertools.count()
+
         def roll(n):
-            return rollouts.step(model, lambda k: sampler.draw(k, step), encode, tok.stop_ids, tok.pad,
-                                 temperature=tc.temperature, generator=gen_rng, version=step, n_groups=n)
+            with autocast(device):
+                b = rollouts.step(model, lambda k: sampler.draw(k, step), encode, tok.stop_ids, tok.pad,
+                                  temperature=tc.temperature, seed=row_seed(tc.seed + 7, step, next(rounds)),
+                                  version=step, n_groups=n, part=shard(n))
+            return cat_batches(gather_list([b]), tok.pad)
 
         def score(b):
             texts = [tok.decode(r) for r in b.responses]
@@ -504,72 +519,90 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         batch, reward, terms, texts, seen = dynamic_batch(roll, score, G, tc.rl_prompts, tok.pad,
                                                           tc.dynamic_rounds if tc.dynamic_sampling else 1)
         # 2. advantages: the group's mean is the baseline, no critic (DeepSeekMath sec 4.1.2), over the kept batch
-        A = grpo.group_advantages(reward, G, adv_scale).to(device)                            # (N,)
-        # 3. prompt (+ earlier partial-rollout segments) + the newest segment, as one sequence per row
-        idx, pos, amask, P = sequences_for_training(batch.contexts, batch.gen, tok.pad, device,
-                                                    model.config.block_size)                 # (N, P + L)
-        resp = batch.gen.tokens.to(device)                                                     # (N, L)
-        mask = batch.gen.mask.to(device)                                                       # (N, L) 1 = trained
+        A = grpo.group_advantages(reward, G, adv_scale)                                      # (N,)
+        trained = batch.gen.mask                                                              # (N, L) 1 = trained
         if tc.mask_truncated:   # DAPO's overlong filtering: a cut-off answer says nothing about its reasoning
-            mask = mask * batch.gen.finished.to(device)[:, None]
-        N, L = resp.shape
-        n_tok = mask.sum().clamp(min=1)   # tokens in the loss (1 when DAPO's filter left none: a zero loss)
-        # every loss returns its micro-batch's share of the batch loss; Dr.GRPO's normaliser is the requested
-        # batch (a constant: dropped groups must not reweight the rest)
-        norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N, batch_tokens=n_tok,
-                    global_tokens=n_tok, max_len=tc.max_new_tokens)
-        slices = [slice(i, i + tc.rl_micro) for i in range(0, N, tc.rl_micro)]
+            trained = trained * batch.gen.finished[:, None]
+        N = len(reward)
+        n_tok = trained.sum().clamp(min=1).to(device)   # tokens in the loss (1 when DAPO's filter left none: a zero loss)
+        # 3. this rank's rows, a contiguous shard of whole groups: prompt (+ earlier partial-rollout segments) + the
+        #    newest segment as one sequence per row. Every rank runs as many micro-batches as the fullest one: a
+        #    rank short of rows runs the rest on its first row at weight 0 (one without groups runs group 0 at
+        #    weight 0), so a collective inside any forward or backward finds every rank there
+        groups = list(range(len(batch.ids)))[shard(len(batch.ids))]
+        mine = select_groups(batch, groups or [0], G)
+        idx, pos, amask, P = sequences_for_training(mine.contexts, mine.gen, tok.pad, device,
+                                                    model.config.block_size)                 # (n, P + L)
+        resp = mine.gen.tokens.to(device)                                                      # (n, L)
+        local = [g * G + j for g in groups or [0] for j in range(G)]                          # rows of the batch
+        mask, A = trained[local, :resp.shape[1]].to(device), A[local].to(device)              # (n, L), (n,)
+        n_micro = math.ceil(G * math.ceil(len(batch.ids) / world) / tc.rl_micro)
+        micro = [(slice(i, i + tc.rl_micro), 1.0) for i in range(0, len(local) if groups else 0, tc.rl_micro)]
+        micro += [(slice(0, 1), 0.0)] * (n_micro - len(micro))
+        # every loss returns its micro-batch's share of the global batch's loss, normalised by global counts, and
+        # the ranks' gradients are summed (harness.sum_gradients). Dr.GRPO's normaliser is the requested batch (a
+        # constant: dropped groups must not reweight the rest). bnpo is by definition a token mean over each
+        # rank's own batch (TRL's), so its sum over ranks takes 1/world: the mean of the ranks' means (one
+        # process's loss when the ranks hold as many tokens)
+        norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N,
+                    batch_tokens=mask.sum().clamp(min=1) * world, global_tokens=n_tok, max_len=tc.max_new_tokens)
 
         def response_logits(m, sl):   # (b, L, V) at the rollout temperature: the policy that sampled them
-            out, _ = m(idx[sl], pos=None if pos is None else pos[sl], mask=None if amask is None else amask[sl],
-                       logits_slice=slice(P - 1, P - 1 + L))
+            with autocast(device):
+                out, _ = m(idx[sl], pos=None if pos is None else pos[sl], mask=None if amask is None else amask[sl],
+                           logits_slice=slice(P - 1, P - 1 + resp.shape[1]))
             return out / tc.temperature
 
         # 4. old (mu > 1 only: with mu = 1 the policy is its own old policy, rho == 1) and reference logprobs
         with torch.no_grad():
-            old, ref_lp = [torch.cat([grpo.logprobs_from_logits(response_logits(m, sl), resp[sl], tc.loss_impl)
-                                      for sl in slices]) if m is not None else None           # (N, L)
+            old, ref_lp = [[grpo.logprobs_from_logits(response_logits(m, sl), resp[sl], tc.loss_impl)
+                            for sl, _ in micro] if m is not None else None                     # [(b, L)]
                            for m in (model if tc.rl_mu > 1 else None, ref)]
         # 5. the policy update: mu epochs over the batch, micro-batch losses summed into one gradient
         for epoch in range(tc.rl_mu):
             stats = {}
-            for sl in slices:
+            for i, (sl, w) in enumerate(micro):
                 logits = response_logits(model, sl)                                            # (b, L, V)
                 loss, met = grpo.loss_from_logits(
-                    logits, resp[sl], None if old is None else old[sl], None if ref_lp is None else ref_lp[sl],
+                    logits, resp[sl], None if old is None else old[i], None if ref_lp is None else ref_lp[i],
                     A[sl], mask[sl], loss_type=tc.loss_type, beta=tc.beta, eps_low=tc.eps_low,
                     eps_high=tc.eps_high, tau=tc.tau, impl=tc.loss_impl, **norm)
-                loss.backward()
-                share = mask[sl].sum() / n_tok.clamp(min=1)   # token means weigh by the micro-batch's tokens
+                (loss * w).backward()
+                share = w * mask[sl].sum() / n_tok   # token means weigh by the micro-batch's tokens
                 met['entropy'] = grpo.masked_entropy(logits.detach(), mask[sl])
                 for k, v in {**met, 'loss': loss.detach()}.items():   # summed as tensors: one sync per step
-                    stats[k] = stats.get(k, 0.0) + v * (1.0 if k.endswith('loss') else share)
+                    stats[k] = stats.get(k, 0.0) + v * (w if k.endswith('loss') else share)
+            sum_gradients(model)   # the global batch's gradient: the sum of the ranks' shares
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.rl_grad_clip)
             check_finite(step + 1, loss=stats['loss'], grad_norm=gnorm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if model.config.ffn == 'moe':
                 update_moe_biases(model)
+        stats = dict(zip(stats, all_reduce_sum(torch.stack([torch.as_tensor(v, device=device).float()
+                                                            for v in stats.values()]))))   # the ranks' shares
         # 6. metrics: rewards over every rollout generated, lengths and losses over the trained batch; a held-out
         #    greedy evaluation every rl_eval_interval steps
-        row = {'step': step + 1, **rl_metrics(seen, terms, batch, mask, G, cd_train),
+        row = {'step': step + 1, **rl_metrics(seen, terms, batch, trained, G, cd_train),
                **{k: float(v) for k, v in stats.items()}, 'grad_norm': float(gnorm),
                'lr': lr, 'step_seconds': round(time.time() - ts, 3)}
         if (step + 1) % tc.rl_eval_interval == 0 or step + 1 == tc.rl_steps:
             row['eval_pass@1'], row['eval_mean_tokens'] = evaluate(model, tok, cd_test, 'countdown', tmpl,
                                                                    tc.max_new_tokens)
         rows.append(row)
-        log.log(**row)
-        if step % 10 == 0:   # a few raw rollouts: what the numbers above actually look like
-            for r in range(0, len(texts), max(1, len(texts) // 4)):
-                samples.log(step=step + 1, prompt=tok.decode(batch.contexts[r]), reward=float(reward[r]),
-                            response=texts[r])
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", len=f"{row['response_len']:.0f}", eval=row.get('eval_pass@1', ''))
-        if (step + 1) % tc.ckpt_interval == 0 or step + 1 == tc.rl_steps:
-            save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), checkpoint(
-                model, tok, tc, task_cfg, step + 1, optimizer=opt.state_dict(), rng=rng_state(),
-                gen_rng=gen_rng.get_state(), rows=rows, sampler=sampler.state_dict(), rollouts=rollouts.state_dict()))
+        if rank == 0:   # one writer: the metrics line, a few raw rollouts, the checkpoint
+            log.log(**row)
+            if step % 10 == 0:   # what the numbers above actually look like
+                for r in range(0, len(texts), max(1, len(texts) // 4)):
+                    samples.log(step=step + 1, prompt=tok.decode(batch.contexts[r]), reward=float(reward[r]),
+                                response=texts[r])
+            if (step + 1) % tc.ckpt_interval == 0 or step + 1 == tc.rl_steps:
+                save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), checkpoint(
+                    model, tok, tc, task_cfg, step + 1, optimizer=opt.state_dict(), rng=rng_state(), rows=rows,
+                    sampler=sampler.state_dict(), rollouts=rollouts.state_dict()))
         if tc.exit_after and step + 1 == tc.exit_after:
+            barrier()   # rank 0's checkpoint is on disk before any rank dies
             os._exit(3)
     bar.close()
     finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0)
@@ -585,6 +618,8 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     # one batch of k samples per problem at T=1 gives both the sampled pass@1 (their mean) and pass@k
     d = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, k=tc.pass_k, temperature=1.0, seed=2,
                  detail=True)
+    if rank_world()[0] != 0:   # one writer
+        return
     s = {'base_countdown_pass@1': rows[0]['eval_pass@1'], 'rl_countdown_pass@1': rl_cd,
          'rl_countdown_pass@1_sampled': d['pass@1'], f'rl_countdown_pass@{tc.pass_k}': d['pass@k'],
          'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': rows[0]['eval_mean_tokens'],
@@ -651,15 +686,19 @@ def main(argv=None):
         dry_run(tc, task_cfg, mc)
         return print0(json.dumps({'dry_run': True, 'params': meta_model(mc).num_params(), 'init_from': tc.init_from
                                   or None, 'stages': [d for _, d in parse_stages(tc.stage)]}))
+    owns_group = not dist.is_initialized()   # long2short rl calls main inside its own process group
     rank, world, local = setup_distributed()
     device = pick_device(tc.device, local)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if device.startswith('cuda'):
+        torch.set_float32_matmul_precision('high')   # TF32 for what runs outside bf16 autocast
     print0(json.dumps({**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()}))
     t0 = time.time()
     pipeline = parse_stages(tc.stage)
-    if world > 1 and [s for s, _ in pipeline] != ['pretrain']:
-        die("under torchrun only --stage pretrain runs (the other stages are one process)")
+    if world > 1 and (tc.rollout_budget or tc.repeat_stop) and any(s == 'grpo' for s, _ in pipeline):
+        die("--rollout-budget and --repeat-stop (partial rollouts) run in one process: their buffer of unfinished "
+            "groups is not split across ranks; drop them under torchrun")
     if tc.fsdp and (not dist.is_initialized() or [s for s, _ in pipeline] != ['pretrain']):
         die("--fsdp shards --stage pretrain under torchrun for now: torchrun --nproc_per_node=N train.py --fsdp ...")
     for s, d in pipeline:   # before any work: no stage may silently replace a checkpoint
@@ -680,6 +719,7 @@ def main(argv=None):
         prev = os.path.join(tc.out_dir, d, 'ckpt.pt')
         if rank == 0:
             stages[d] = stage_summary(tc, d, time.time() - ts)
+        barrier()   # rank 0 has written the stage's checkpoint before any rank loads it for the next one
     if tc.save_hf and rank == 0:   # the last stage's model, for transformers, vLLM or an evaluation elsewhere
         model, tok, ck = load_policy(prev, 'cpu')
         save_hf(model, tok, tc.save_hf, ck)
@@ -693,7 +733,7 @@ def main(argv=None):
         write_json(os.path.join(tc.out_dir, 'summary.json'), top)
         if len(pipeline) > 1:
             print0(json.dumps(top['stages'], indent=2))
-    if world > 1:
+    if world > 1 and owns_group:
         dist.destroy_process_group()
 
 
