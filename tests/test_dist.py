@@ -63,7 +63,7 @@ def varied(base):
         stops = set() if STOPS['extra'] is None else set(stop_ids) | STOPS['extra']
         return saved[0](model, prompts, max_new_tokens, stops, *args, **kw)
 
-    def rl_rewards(texts, *args):
+    def rl_rewards(texts, *args, **kwargs):
         acc = torch.tensor([float(sum(map(ord, t)) % 3 == 0) for t in texts])
         return acc, {'accuracy': acc, 'format': torch.zeros_like(acc)}
     sample.generate = harness.generate = generate
