@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sample
-from harness import (MetricsLog, checkpoint, die, encode_prompt, evaluate, load_policy, plot_curves,
-                     print0, save_checkpoint, write_json, write_report)
+from harness import checkpoint, die, encode_prompt, load_policy, print0, save_checkpoint
+from report import MetricsLog, evaluate, plot_curves, write_json, write_report
 from harness import all_reduce_sum, autocast, gather_list, rank_world, shard, sum_gradients
 from hf import is_hf_folder
 from model import lr_at

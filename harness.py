@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
-import json
 import math
 import os
 import random
@@ -30,10 +29,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from torch.distributed.tensor import DTensor
 
 from hf import is_hf_folder, load_hf
-from model import GPT, ModelConfig, document_mask
-from rewards import arithmetic_reward, countdown_reward
-from sample import generate, row_seed
-from tasks import format_prompt, problems
+from model import GPT, ModelConfig
+from tasks import format_prompt
 from tokenizer import from_dict as tokenizer_from_dict
 
 
@@ -72,6 +69,23 @@ def add_flags(parser, classes, skip=(), rename=None):
             parser.add_argument((rename or {}).get(f.name, '--' + f.name.replace('_', '-')), dest=f.name,
                                 default=None, help=f"{helps.get(f.name, '')} (default {f.default!r})".replace('%', '%%'),
                                 **kw)
+
+
+def check_fields(cfg, positive=(), fractions=(), choices=None):
+    """A config's ranges, one ValueError naming the flag: the listed fields > 0, fractions in [0, 1], choices
+    among theirs, every other number >= 0 and finite."""
+    for f in dataclasses.fields(cfg):
+        v, flag = getattr(cfg, f.name), '--' + f.name.replace('_', '-')
+        if f.name in (choices or {}) and v not in choices[f.name]:
+            raise ValueError(f"{flag} must be one of {choices[f.name]}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if f.name in positive and not v > 0:
+            raise ValueError(f"{flag} must be > 0, got {v}")
+        if f.name in fractions and not 0 <= v <= 1:
+            raise ValueError(f"{flag} must be in [0, 1], got {v}")
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{flag} must be >= 0 and finite, got {v}")
 
 
 def flags_named(message, fields):
@@ -263,144 +277,6 @@ def set_rng_state(s):
     st = np.random.get_state()
     np.random.set_state((st[0], np.array(s['numpy'], dtype=np.uint32), *st[2:]))
     torch.set_rng_state(s['torch'])
-
-
-# -----------------------------------------------------------------------------
-# what a run writes: metrics.jsonl, plots, report.md
-
-class MetricsLog:
-    """
-    A jsonl file, one object per line, flushed at once so a killed run keeps what it logged. Resuming from a
-    checkpoint at step s keeps the lines with step <= s and drops the rest (the steps between the checkpoint and
-    the kill run again), so every step is in the file once.
-    """
-
-    def __init__(self, path, resume_step=None):
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        keep = []
-        if resume_step is not None and os.path.isfile(path):
-            for line in open(path):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:   # a line torn by the kill
-                    continue
-                if row.get('step', 0) <= resume_step:
-                    keep.append(line if line.endswith('\n') else line + '\n')
-        self.f = open(path, 'w')
-        self.f.writelines(keep)
-        self.f.flush()
-
-    def log(self, **kv):
-        self.f.write(json.dumps(kv) + '\n')
-        self.f.flush()
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
-
-
-def plot_curves(path, rows, keys, title):
-    """One PNG, one panel per key, against step. Quietly skipped when matplotlib is absent."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r['step'], r[k]) for r in rows if r.get(k) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='.' if len(pts) < 30 else None)
-        ax.set_title(k)
-        ax.set_xlabel('step')
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(obj, f, indent=2)
-
-
-def write_report(path, title, body, summary=None, config=None):
-    """The one report writer: a title, the stage's own markdown lines, its summary as a table, its config."""
-    lines = [f'# {title}', '', *body, '']
-    if summary:
-        lines += ['| metric | value |', '|---|---|']
-        lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()
-                  if not isinstance(v, (dict, list))]
-        lines.append('')
-    if config:
-        lines += ['## Config', '', '```json', json.dumps(config, indent=1), '```', '']
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines))
-
-
-# -----------------------------------------------------------------------------
-# evaluation: greedy and sampled pass@k on held-out problems
-
-def score(kind, text, p):
-    return countdown_reward(text, p.numbers, p.target) if kind == 'countdown' else arithmetic_reward(text, p.result)
-
-
-@torch.no_grad()
-def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, k=1, temperature=0.0, seed=0,
-             detail=False):
-    """
-    Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean response
-    length in tokens. With n = k samples the unbiased pass@k estimator of Chen et al. 2021 is "any correct".
-    detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy).
-    Under torchrun each rank answers its shard of the problems and the scores are all-gathered: sample j of
-    problem i draws from its own seed (seed, i, j), so N ranks score exactly what one process scores.
-    """
-    was_training = model.training
-    model.eval()
-    mine = shard(len(probs))
-    rows = [(i, j) for i in range(len(probs))[mine] for j in range(k)]
-    correct, lengths = [], []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        with autocast(next(model.parameters()).device):
-            gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
-                           tok.stop_ids, tok.pad, temperature=temperature,
-                           seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
-        for r, (i, _) in enumerate(chunk):
-            n = int(gen.lengths[r])
-            correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
-            lengths.append(n)
-    model.train(was_training)
-    correct, lengths = gather_list(correct), gather_list(lengths)   # in problem order: ranks hold contiguous shards
-    c = np.array(correct).reshape(len(probs), k)
-    out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
-           'mean_tokens': float(np.mean(lengths)) if lengths else math.nan}
-    return out if detail else (out['pass@k'], out['mean_tokens'])
-
-
-def base_evals(model, tok, tc, task_cfg):
-    """Greedy held-out accuracy of a model on worked arithmetic and on countdown (at the RL stage's budget, so
-    that this is the base figure the grpo stage's step 0 reports too)."""
-    ar_test = problems('arithmetic', 'test', tc.n_eval, tc.seed, task_cfg)
-    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
-    arith, _ = evaluate(model, tok, ar_test, 'arithmetic', task_cfg.template, 40)
-    cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
-    return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}
-
-
-@torch.no_grad()
-def val_loss(model, val, device, bos):
-    """Mean next-token loss over packed rows (B, T + 1), each document attending to itself only."""
-    model.eval()
-    losses = [model(val[i:i + 16, :-1].to(device), val[i:i + 16, 1:].to(device),
-                    mask=document_mask(val[i:i + 16, :-1].to(device), bos))[1] for i in range(0, len(val), 16)]
-    model.train()
-    return float(torch.stack(losses).mean())
 
 
 # -----------------------------------------------------------------------------

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import grpo
 import harness
+import report
 import hf
 import train
 from distill import sample_scored  # n checked samples per problem: DPO's pairs come from them
@@ -141,7 +142,7 @@ def load_source(cfg):
 
 def held_out(model, src):
     """Greedy countdown pass@1 and mean response tokens on the source's held-out split, at its budget."""
-    return harness.evaluate(model, src.tok, src.test, 'countdown', src.task_cfg.template, src.max_new_tokens)
+    return report.evaluate(model, src.tok, src.test, 'countdown', src.task_cfg.template, src.max_new_tokens)
 
 
 def save(path, model, src, cfg, **extra):
@@ -161,8 +162,8 @@ def finish(method, out, model, src, cfg, t0, extra=None, notes=()):
                'wall_seconds': round(time.time() - t0, 1)}
     if harness.rank_world()[0] != 0:   # one writer
         return summary
-    harness.write_json(os.path.join(out, 'summary.json'), summary)
-    harness.write_report(os.path.join(out, 'report.md'), f'long2short: {method}', [
+    report.write_json(os.path.join(out, 'summary.json'), summary)
+    report.write_report(os.path.join(out, 'report.md'), f'long2short: {method}', [
         f"source `{cfg.source}`, {len(src.test)} held-out countdown problems, greedy, max_new_tokens "
         f"{src.max_new_tokens}, wall {summary['wall_seconds']} s", '', '| model | pass@1 | mean tokens |', '|---|---|---|',
         f'| source | {s_acc:.3f} | {s_tok:.1f} |', f'| {method} | {acc:.3f} | {n_tok:.1f} |', '', *notes],
@@ -246,7 +247,7 @@ def run_shortest(cfg, src, out):
     harness.print0(f"shortest: {len(examples)} of {len(src.train)} problems have a correct sample in {cfg.n_samples}")
     rows = []
     if examples:
-        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False) if harness.rank_world()[0] == 0 else None
+        log = report.MetricsLog(os.path.join(out, 'metrics.jsonl'), False) if harness.rank_world()[0] == 0 else None
         rows = distill.sft(model, examples, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr, cfg.device,
                            desc='shortest', seed=src.seed + 22, log=log)
     save(os.path.join(out, 'ckpt.pt'), model, src, cfg)
@@ -326,7 +327,7 @@ def run_dpo(cfg, src, out):
         g = torch.Generator().manual_seed(src.seed + 32)
         order, at = torch.randperm(len(pairs), generator=g), 0
         rank = harness.rank_world()[0]
-        log = harness.MetricsLog(os.path.join(out, 'metrics.jsonl'), False) if rank == 0 else None
+        log = report.MetricsLog(os.path.join(out, 'metrics.jsonl'), False) if rank == 0 else None
         bar = tqdm(range(cfg.dpo_steps), desc='dpo', mininterval=2, disable=rank != 0)
         for step in bar:
             if at + cfg.dpo_batch_size > len(order):   # a fresh permutation per epoch
@@ -367,7 +368,7 @@ def run_dpo(cfg, src, out):
              'dpo_steps': len(rows), 'final_loss': rows[-1]['loss'] if rows else None,
              'ckpt': os.path.join(out, 'ckpt.pt')}
     if rows and harness.rank_world()[0] == 0:
-        harness.plot_curves(os.path.join(out, 'dpo.png'), rows, ['loss', 'reward_margin', 'reward_acc'], 'dpo')
+        report.plot_curves(os.path.join(out, 'dpo.png'), rows, ['loss', 'reward_margin', 'reward_acc'], 'dpo')
     return finish('dpo', out, model, src, cfg, t0, extra,
                   [f"{len(pairs)} pairs (chosen {extra['chosen_mean_tokens']:.1f} tokens on average, rejected "
                    f"{extra['rejected_mean_tokens']:.1f}), {len(rows)} steps of {cfg.dpo_batch_size} pairs, "

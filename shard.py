@@ -198,6 +198,32 @@ def init_sharded(model, seed):
     return model
 
 
+def build_model(mc, device, seed, fsdp=False, hsdp=0, activation_checkpointing=False, fresh=True, embed_init=None):
+    """
+    GPT(mc) initialised after torch.manual_seed(seed), then embed_init(model.embed_tokens) if given, on `device`;
+    with fsdp the same model sharded (built on the meta device, shard_model, materialize, and when `fresh` the
+    one-process init replayed shard by shard; a resumed run loads its shards instead).
+    """
+    torch.manual_seed(seed)
+    if not fsdp:
+        model = GPT(mc)
+        if embed_init is not None:
+            embed_init(model.embed_tokens)
+        if activation_checkpointing:
+            checkpoint_blocks(model)
+        return model.to(device)
+    with torch.device('meta'):
+        model = GPT(mc)
+    kind = device.split(':')[0]
+    shard_model(model, fsdp_mesh(kind, hsdp), mixed_precision(kind), activation_checkpointing=activation_checkpointing)
+    materialize(model, device)
+    if fresh:
+        init_sharded(model, seed)   # equal to GPT(mc) after the seed, as in one process
+        if embed_init is not None:
+            edit_full(model.embed_tokens.weight, lambda w: embed_init(nn.Embedding.from_pretrained(w)))
+    return model
+
+
 # the memory plan (--dry-run): what each rank holds during a GRPO step, counted from the model's shapes
 
 def prompt_bound(task_cfg):

@@ -37,23 +37,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 import distill
 import grpo
-from harness import (MetricsLog, Parser, add_flags, all_reduce_sum, autocast, barrier, base_evals, check_finite,
-                     checkpoint, die, encode_prompt, evaluate, flags_named, gather_list, load_checkpoint, load_policy,
-                     load_sharded, meta_model, open_stage, pick_device, plot_curves, print0, rank_world, read_jsonl,
-                     rng_state, save_checkpoint, save_sharded, set_rng_state, setup_distributed, shard, sum_gradients,
-                     val_loss, write_json, write_report)
+from harness import (add_flags, all_reduce_sum, autocast, barrier, check_fields, check_finite, checkpoint, die,
+                     encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_sharded, meta_model,
+                     open_stage, Parser, pick_device, print0, rank_world, rng_state, save_checkpoint, save_sharded,
+                     set_rng_state, setup_distributed, shard, sum_gradients)
+from report import (MetricsLog, base_evals, evaluate, finish_grpo, plot_curves, read_jsonl, rl_metrics, stage_summary,
+                    val_loss, write_json, write_report)
 from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
-from model import GPT, ModelConfig, document_mask, fourier_number_init, lr_at
+from model import ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
 from sample import PartialRollouts, cat_batches, dynamic_batch, row_seed, select_groups, sequences_for_training
-from shard import (checkpoint_blocks, dry_run, edit_full, fsdp_mesh, init_sharded, materialize, mixed_precision,
-                   shard_model)
+from shard import build_model, dry_run
 from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
 
@@ -152,18 +151,7 @@ class TrainConfig:
 
     def __post_init__(self):
         """Every field's range and the choices, checked before any work starts: one line naming the flag."""
-        for f in dataclasses.fields(self):
-            v, flag = getattr(self, f.name), '--' + f.name.replace('_', '-')
-            if f.name in CHOICES and v not in CHOICES[f.name]:
-                raise ValueError(f"{flag} must be one of {CHOICES[f.name]}, got {v!r}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            if f.name in POSITIVE and not v > 0:
-                raise ValueError(f"{flag} must be > 0, got {v}")
-            if f.name in FRACTIONS and not 0 <= v <= 1:
-                raise ValueError(f"{flag} must be in [0, 1], got {v}")
-            if not (v >= 0 and math.isfinite(v)):
-                raise ValueError(f"{flag} must be >= 0 and finite, got {v}")
+        check_fields(self, POSITIVE, FRACTIONS, CHOICES)
         if self.rl_group < 2:
             raise ValueError(f"--rl-group must be >= 2: a group of one has no baseline, got {self.rl_group}")
         if self.corpus_arith_frac + self.corpus_check_frac > 1:
@@ -303,26 +291,9 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
     cd_train, ar_train, tok = build_world(tc.seed, tc.n_train_problems, task_cfg, tc.bpe_merges,
                                           tc.corpus_arith_frac, tc.corpus_check_frac)
     mc = dataclasses.replace(mc, vocab_size=tok.n_vocab)
-    torch.manual_seed(tc.seed)
-    if tc.fsdp:   # sharded before any weight exists, then filled shard by shard: no rank holds the whole model
-        with torch.device('meta'):
-            model = GPT(mc)
-        kind = device.split(':')[0]
-        shard_model(model, fsdp_mesh(kind, tc.hsdp), mixed_precision(kind),
-                    activation_checkpointing=tc.activation_checkpointing)
-        materialize(model, device)
-        if ck is None:
-            init_sharded(model, tc.seed)   # equal to GPT(mc) after the seed, as in one process
-            if tc.number_init:
-                edit_full(model.embed_tokens.weight, lambda w: fourier_number_init(nn.Embedding.from_pretrained(w),
-                                                                                   tok.number_ids()))
-    else:
-        model = GPT(mc)
-        if tc.number_init:
-            fourier_number_init(model.embed_tokens, tok.number_ids())
-        if tc.activation_checkpointing:
-            checkpoint_blocks(model)
-        model = model.to(device)
+    # one process: GPT(mc) after the seed; --fsdp: the same init, built sharded so no rank holds the whole model
+    model = build_model(mc, device, tc.seed, tc.fsdp, tc.hsdp, tc.activation_checkpointing, fresh=ck is None,
+                        embed_init=(lambda emb: fourier_number_init(emb, tok.number_ids())) if tc.number_init else None)
     opt = torch.optim.AdamW(model.optim_groups(tc.pt_weight_decay), lr=tc.pt_lr, betas=(0.9, 0.95),
                             fused=device.startswith('cuda'))
     start = 0
@@ -420,25 +391,6 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
 
 # -----------------------------------------------------------------------------
 # stage: grpo (R1-Zero: RL straight on the base with rule rewards)
-
-def rl_metrics(seen, terms, batch, mask, G, pool):
-    """One step's rollout metrics as floats: `seen` holds every dynamic-sampling round's (rewards, terms)."""
-    gen_r = torch.cat([r for r, _ in seen]).view(-1, G)                                   # (groups, G)
-    gen_t = {k: torch.cat([t[k] for _, t in seen]) for k in seen[0][1]}
-    lens, right = batch.lengths.float(), terms['accuracy'] > 0
-    drawn = [pool[i].solve_rate for i in batch.drawn]   # the difficulty label of the new prompts
-    trained = batch.gen.mask.sum(1)                     # (N,) tokens each row trains
-    row = {'reward': gen_r.mean(), 'reward_std': gen_r.std(), 'accuracy': (gen_t['accuracy'] > 0).float().mean(),
-           **{f'{k}_reward': v.mean() for k, v in gen_t.items() if k != 'accuracy'},
-           'response_len': lens.mean(), 'response_len_correct': lens[right].mean() if right.any() else None,
-           'response_len_wrong': lens[~right].mean() if (~right).any() else None,
-           'zero_var_frac': (gen_r == gen_r[:, :1]).all(1).float().mean(), 'kept_groups': len(batch.ids),
-           'rollout_rounds': len(seen), 'truncated_frac': (~batch.gen.finished).float().mean(),
-           'trained_tokens': mask.sum(), 'prompt_solve_rate': sum(drawn) / len(drawn) if drawn else None,
-           'buffer_groups': batch.buffered, 'repeat_stops': batch.repeat_stops,
-           'continued_token_frac': trained[batch.continued].sum() / trained.sum().clamp(min=1)}
-    return {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
-
 
 def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     """R1-Zero's RL (DeepSeek-R1 sec 2.2): GRPO on the base with rule rewards, no critic, no reward model.
@@ -608,45 +560,6 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0)
 
 
-def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
-    """Final evaluation, summary.json, plots and report.md."""
-    tmpl, last = task_cfg.template, rows[-1]
-    if last.get('step') == tc.rl_steps and 'eval_pass@1' in last:   # the loop just evaluated the final model
-        rl_cd, rl_len = last['eval_pass@1'], last['eval_mean_tokens']
-    else:
-        rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
-    # one batch of k samples per problem at T=1 gives both the sampled pass@1 (their mean) and pass@k
-    d = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, k=tc.pass_k, temperature=1.0, seed=2,
-                 detail=True)
-    if rank_world()[0] != 0:   # one writer
-        return
-    s = {'base_countdown_pass@1': rows[0]['eval_pass@1'], 'rl_countdown_pass@1': rl_cd,
-         'rl_countdown_pass@1_sampled': d['pass@1'], f'rl_countdown_pass@{tc.pass_k}': d['pass@k'],
-         'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': rows[0]['eval_mean_tokens'],
-         'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
-    pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
-    if os.path.isfile(pre):
-        s['base_arith_acc'] = json.load(open(pre)).get('base_arith_acc')
-    write_json(os.path.join(stage_dir, 'summary.json'), s)
-    plots = {'reward': ['reward', 'accuracy', 'eval_pass@1'],
-             'length': ['response_len', 'response_len_correct', 'response_len_wrong'],
-             'stability': ['kl', 'entropy', 'clip_frac_low', 'clip_frac_high', 'grad_norm']}
-    for plot, keys in plots.items():
-        plot_curves(os.path.join(stage_dir, f'{plot}.png'), rows, keys, f'grpo: {plot}')
-    first = next((r for r in rows if 'accuracy' in r), {})
-    write_report(os.path.join(stage_dir, 'report.md'), 'nanoR1 grpo report', [
-        f"preset `{tc.preset}`, {model.num_params():,} parameters, {tc.rl_steps} RL steps, loss `{tc.loss_type}`",
-        '', '## Before / after (held-out, greedy)', '', '| metric | base | after RL |', '|---|---|---|',
-        f"| countdown pass@1 | {s['base_countdown_pass@1']:.3f} | {rl_cd:.3f} |",
-        f"| mean response tokens | {s['base_mean_response_tokens']:.1f} | {rl_len:.1f} |",
-        f"| train accuracy (first / last step) | {first.get('accuracy', math.nan):.3f} | "
-        f"{last.get('accuracy', math.nan):.3f} |", '',
-        f"sampled pass@1 {d['pass@1']:.3f}, pass@{tc.pass_k} {d['pass@k']:.3f}", '', '## Plots', '',
-        *[f'![{p}]({p}.png)\n' for p in plots]], s,
-        {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})
-    print0(json.dumps(s, indent=2))
-
-
 # -----------------------------------------------------------------------------
 # the pipeline
 
@@ -664,19 +577,6 @@ def parse_stages(stage):
         die("pretrain can appear once in a pipeline (it always writes <out_dir>/pretrain)")
     dirs = [s if names[:i].count(s) == 0 else f"{s}{names[:i].count(s) + 1}" for i, s in enumerate(names)]
     return list(zip(names, dirs))
-
-
-def stage_summary(tc, d, wall):
-    """A stage's summary.json with the keys every stage shares filled in (held-out greedy pass@1, mean response
-    tokens, stage wall seconds)."""
-    path = os.path.join(tc.out_dir, d, 'summary.json')
-    s = json.load(open(path))
-    for key, names in (('countdown_pass@1', ('rl_countdown_pass@1', 'base_countdown_pass@1')),
-                       ('mean_response_tokens', ('rl_mean_response_tokens', 'base_countdown_mean_tokens'))):
-        s.setdefault(key, next((s[n] for n in names if n in s), None))
-    s.setdefault('stage_wall_seconds', round(wall, 1))
-    write_json(path, s)
-    return s
 
 
 def main(argv=None):

@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 import distill      # noqa: E402
 import harness      # noqa: E402
 import long2short   # noqa: E402
+import report       # noqa: E402
 import sample       # noqa: E402
 import train        # noqa: E402
 from tasks import TaskConfig, problems   # noqa: E402
@@ -56,8 +57,8 @@ def varied(base):
     stop token (varied lengths: token counts differ between ranks), reward a text by its characters (groups
     with and without variance: dynamic sampling drops and refills) and call such a text correct (rs, distill
     and dpo get data). Plots are not compared here and cost a second each: skipped."""
-    saved = sample.generate, harness.generate, train.rl_rewards, distill.is_correct
-    plots = train.plot_curves, distill.plot_curves, harness.plot_curves
+    saved = sample.generate, report.generate, train.rl_rewards, distill.is_correct
+    plots = train.plot_curves, distill.plot_curves, report.plot_curves
 
     def generate(model, prompts, max_new_tokens, stop_ids, *args, **kw):
         stops = set() if STOPS['extra'] is None else set(stop_ids) | STOPS['extra']
@@ -66,14 +67,14 @@ def varied(base):
     def rl_rewards(texts, *args, **kwargs):
         acc = torch.tensor([float(sum(map(ord, t)) % 3 == 0) for t in texts])
         return acc, {'accuracy': acc, 'format': torch.zeros_like(acc)}
-    sample.generate = harness.generate = generate
+    sample.generate = report.generate = generate
     train.rl_rewards, distill.is_correct = rl_rewards, lambda text, p: sum(map(ord, text)) % 3 == 0
-    train.plot_curves = distill.plot_curves = harness.plot_curves = lambda *a, **kw: None
+    train.plot_curves = distill.plot_curves = report.plot_curves = lambda *a, **kw: None
     try:
         yield
     finally:
-        sample.generate, harness.generate, train.rl_rewards, distill.is_correct = saved
-        train.plot_curves, distill.plot_curves, harness.plot_curves = plots
+        sample.generate, report.generate, train.rl_rewards, distill.is_correct = saved
+        train.plot_curves, distill.plot_curves, report.plot_curves = plots
 
 
 def worker(out, base, kill=False, resume=False):
@@ -95,8 +96,8 @@ def worker(out, base, kill=False, resume=False):
         STOPS['extra'] = EARLY
         model, tok, ck = harness.load_policy(base, 'cpu')
         probs = problems('countdown', 'test', 7, ck['train_config']['seed'], TaskConfig())
-        evals = {'greedy': harness.evaluate(model, tok, probs, 'countdown', 'short', 24, batch_size=4),
-                 'sampled': harness.evaluate(model, tok, probs, 'countdown', 'short', 24, batch_size=4, k=3,
+        evals = {'greedy': report.evaluate(model, tok, probs, 'countdown', 'short', 24, batch_size=4),
+                 'sampled': report.evaluate(model, tok, probs, 'countdown', 'short', 24, batch_size=4, k=3,
                                              temperature=1.0, seed=5, detail=True)}
         for name, flags in STAGES.items():
             train.main(SFT + flags + ['--init-from', base, '--rs-base', base, '--teacher-from', base,
@@ -105,7 +106,7 @@ def worker(out, base, kill=False, resume=False):
                          '--n-samples', '4', '--dpo-steps', '3', '--dpo-batch-size', '3', '--n-eval', '4',
                          '--threads', '1', '--device', 'cpu'])
         if harness.rank_world()[0] == 0:
-            harness.write_json(f'{out}/worker.json', {'refusal': refusal, 'evals': evals,
+            report.write_json(f'{out}/worker.json', {'refusal': refusal, 'evals': evals,
                                                       'world': harness.rank_world()[1]})
         if kill:
             train.main(killed + ['--exit-after', '2'])

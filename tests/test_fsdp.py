@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from harness import load_policy, load_sharded, save_sharded  # noqa: E402
+from harness import load_policy, load_sharded, save_sharded
 from shard import (fsdp_mesh, init_sharded, materialize, memory_plan, prompt_bound, shard_frozen,  # noqa: E402
                    shard_model)
 from model import GPT, ModelConfig  # noqa: E402

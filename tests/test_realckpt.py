@@ -25,7 +25,7 @@ tokenizers = pytest.importorskip('tokenizers')
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 import train  # noqa: E402
-from harness import load_policy  # noqa: E402
+from harness import load_policy
 from tasks import TaskConfig, format_prompt, problems  # noqa: E402
 from test_train import ENV, ROOT, one_line_error, run  # noqa: E402
 

@@ -1,0 +1,226 @@
+"""
+What a run reports: the metrics log, plots, report.md and summary.json, the held-out evaluation (greedy pass@1,
+sampled pass@k, sharded over ranks under torchrun), and the GRPO stage's per-step metrics and final report.
+Rank 0 writes; every rank evaluates (each answers its shard of the problems).
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from harness import autocast, encode_prompt, gather_list, print0, rank_world, shard
+from model import document_mask
+from rewards import arithmetic_reward, countdown_reward
+from sample import generate, row_seed
+from tasks import problems
+
+
+class MetricsLog:
+    """
+    A jsonl file, one object per line, flushed at once so a killed run keeps what it logged. Resuming from a
+    checkpoint at step s keeps the lines with step <= s and drops the rest (the steps between the checkpoint and
+    the kill run again), so every step is in the file once.
+    """
+
+    def __init__(self, path, resume_step=None):
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        keep = []
+        if resume_step is not None and os.path.isfile(path):
+            for line in open(path):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:   # a line torn by the kill
+                    continue
+                if row.get('step', 0) <= resume_step:
+                    keep.append(line if line.endswith('\n') else line + '\n')
+        self.f = open(path, 'w')
+        self.f.writelines(keep)
+        self.f.flush()
+
+    def log(self, **kv):
+        self.f.write(json.dumps(kv) + '\n')
+        self.f.flush()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+def plot_curves(path, rows, keys, title):
+    """One PNG, one panel per key, against step. Quietly skipped when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r['step'], r[k]) for r in rows if r.get(k) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='.' if len(pts) < 30 else None)
+        ax.set_title(k)
+        ax.set_xlabel('step')
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_report(path, title, body, summary=None, config=None):
+    """The one report writer: a title, the stage's own markdown lines, its summary as a table, its config."""
+    lines = [f'# {title}', '', *body, '']
+    if summary:
+        lines += ['| metric | value |', '|---|---|']
+        lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items()
+                  if not isinstance(v, (dict, list))]
+        lines.append('')
+    if config:
+        lines += ['## Config', '', '```json', json.dumps(config, indent=1), '```', '']
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines))
+
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy and sampled pass@k on held-out problems
+
+def score(kind, text, p):
+    return countdown_reward(text, p.numbers, p.target) if kind == 'countdown' else arithmetic_reward(text, p.result)
+
+
+@torch.no_grad()
+def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, k=1, temperature=0.0, seed=0,
+             detail=False):
+    """
+    Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean response
+    length in tokens. With n = k samples the unbiased pass@k estimator of Chen et al. 2021 is "any correct".
+    detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy).
+    Under torchrun each rank answers its shard of the problems and the scores are all-gathered: sample j of
+    problem i draws from its own seed (seed, i, j), so N ranks score exactly what one process scores.
+    """
+    was_training = model.training
+    model.eval()
+    mine = shard(len(probs))
+    rows = [(i, j) for i in range(len(probs))[mine] for j in range(k)]
+    correct, lengths = [], []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        with autocast(next(model.parameters()).device):
+            gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
+                           tok.stop_ids, tok.pad, temperature=temperature,
+                           seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
+        for r, (i, _) in enumerate(chunk):
+            n = int(gen.lengths[r])
+            correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
+            lengths.append(n)
+    model.train(was_training)
+    correct, lengths = gather_list(correct), gather_list(lengths)   # in problem order: ranks hold contiguous shards
+    c = np.array(correct).reshape(len(probs), k)
+    out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
+           'mean_tokens': float(np.mean(lengths)) if lengths else math.nan}
+    return out if detail else (out['pass@k'], out['mean_tokens'])
+
+
+def base_evals(model, tok, tc, task_cfg):
+    """Greedy held-out accuracy of a model on worked arithmetic and on countdown (at the RL stage's budget, so
+    that this is the base figure the grpo stage's step 0 reports too)."""
+    ar_test = problems('arithmetic', 'test', tc.n_eval, tc.seed, task_cfg)
+    cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
+    arith, _ = evaluate(model, tok, ar_test, 'arithmetic', task_cfg.template, 40)
+    cd, cd_len = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    return {'base_arith_acc': arith, 'base_countdown_pass@1': cd, 'base_countdown_mean_tokens': cd_len}
+
+
+@torch.no_grad()
+def val_loss(model, val, device, bos):
+    """Mean next-token loss over packed rows (B, T + 1), each document attending to itself only."""
+    model.eval()
+    losses = [model(val[i:i + 16, :-1].to(device), val[i:i + 16, 1:].to(device),
+                    mask=document_mask(val[i:i + 16, :-1].to(device), bos))[1] for i in range(0, len(val), 16)]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+
+def rl_metrics(seen, terms, batch, mask, G, pool):
+    """One step's rollout metrics as floats: `seen` holds every dynamic-sampling round's (rewards, terms)."""
+    gen_r = torch.cat([r for r, _ in seen]).view(-1, G)                                   # (groups, G)
+    gen_t = {k: torch.cat([t[k] for _, t in seen]) for k in seen[0][1]}
+    lens, right = batch.lengths.float(), terms['accuracy'] > 0
+    drawn = [pool[i].solve_rate for i in batch.drawn]   # the difficulty label of the new prompts
+    trained = batch.gen.mask.sum(1)                     # (N,) tokens each row trains
+    row = {'reward': gen_r.mean(), 'reward_std': gen_r.std(), 'accuracy': (gen_t['accuracy'] > 0).float().mean(),
+           **{f'{k}_reward': v.mean() for k, v in gen_t.items() if k != 'accuracy'},
+           'response_len': lens.mean(), 'response_len_correct': lens[right].mean() if right.any() else None,
+           'response_len_wrong': lens[~right].mean() if (~right).any() else None,
+           'zero_var_frac': (gen_r == gen_r[:, :1]).all(1).float().mean(), 'kept_groups': len(batch.ids),
+           'rollout_rounds': len(seen), 'truncated_frac': (~batch.gen.finished).float().mean(),
+           'trained_tokens': mask.sum(), 'prompt_solve_rate': sum(drawn) / len(drawn) if drawn else None,
+           'buffer_groups': batch.buffered, 'repeat_stops': batch.repeat_stops,
+           'continued_token_frac': trained[batch.continued].sum() / trained.sum().clamp(min=1)}
+    return {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
+
+
+def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
+    """Final evaluation, summary.json, plots and report.md."""
+    tmpl, last = task_cfg.template, rows[-1]
+    if last.get('step') == tc.rl_steps and 'eval_pass@1' in last:   # the loop just evaluated the final model
+        rl_cd, rl_len = last['eval_pass@1'], last['eval_mean_tokens']
+    else:
+        rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
+    # one batch of k samples per problem at T=1 gives both the sampled pass@1 (their mean) and pass@k
+    d = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, k=tc.pass_k, temperature=1.0, seed=2,
+                 detail=True)
+    if rank_world()[0] != 0:   # one writer
+        return
+    s = {'base_countdown_pass@1': rows[0]['eval_pass@1'], 'rl_countdown_pass@1': rl_cd,
+         'rl_countdown_pass@1_sampled': d['pass@1'], f'rl_countdown_pass@{tc.pass_k}': d['pass@k'],
+         'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': rows[0]['eval_mean_tokens'],
+         'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
+    pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
+    if os.path.isfile(pre):
+        s['base_arith_acc'] = json.load(open(pre)).get('base_arith_acc')
+    write_json(os.path.join(stage_dir, 'summary.json'), s)
+    plots = {'reward': ['reward', 'accuracy', 'eval_pass@1'],
+             'length': ['response_len', 'response_len_correct', 'response_len_wrong'],
+             'stability': ['kl', 'entropy', 'clip_frac_low', 'clip_frac_high', 'grad_norm']}
+    for plot, keys in plots.items():
+        plot_curves(os.path.join(stage_dir, f'{plot}.png'), rows, keys, f'grpo: {plot}')
+    first = next((r for r in rows if 'accuracy' in r), {})
+    write_report(os.path.join(stage_dir, 'report.md'), 'nanoR1 grpo report', [
+        f"preset `{tc.preset}`, {model.num_params():,} parameters, {tc.rl_steps} RL steps, loss `{tc.loss_type}`",
+        '', '## Before / after (held-out, greedy)', '', '| metric | base | after RL |', '|---|---|---|',
+        f"| countdown pass@1 | {s['base_countdown_pass@1']:.3f} | {rl_cd:.3f} |",
+        f"| mean response tokens | {s['base_mean_response_tokens']:.1f} | {rl_len:.1f} |",
+        f"| train accuracy (first / last step) | {first.get('accuracy', math.nan):.3f} | "
+        f"{last.get('accuracy', math.nan):.3f} |", '',
+        f"sampled pass@1 {d['pass@1']:.3f}, pass@{tc.pass_k} {d['pass@k']:.3f}", '', '## Plots', '',
+        *[f'![{p}]({p}.png)\n' for p in plots]], s,
+        {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})
+    print0(json.dumps(s, indent=2))
+
+
+def stage_summary(tc, d, wall):
+    """A stage's summary.json with the keys every stage shares filled in (held-out greedy pass@1, mean response
+    tokens, stage wall seconds)."""
+    path = os.path.join(tc.out_dir, d, 'summary.json')
+    s = json.load(open(path))
+    for key, names in (('countdown_pass@1', ('rl_countdown_pass@1', 'base_countdown_pass@1')),
+                       ('mean_response_tokens', ('rl_mean_response_tokens', 'base_countdown_mean_tokens'))):
+        s.setdefault(key, next((s[n] for n in names if n in s), None))
+    s.setdefault('stage_wall_seconds', round(wall, 1))
+    write_json(path, s)
+    return s
