@@ -36,7 +36,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from grpo import LOSS_TYPES, logprobs_from_logits, loss_from_logits, policy_loss, token_logprobs
+from grpo import (LOSS_TYPES, logprobs_from_logits, loss_from_hidden, loss_from_logits, masked_entropy,
+                  policy_loss, token_logprobs)
 from mla import mla_decode_ref, mla_decode_triton
 
 # HBM bandwidth from the vendor sheets, bytes/s, matched against torch.cuda.get_device_name() in this order
@@ -67,6 +68,19 @@ def time_ms(fn, device, warmup, iters):
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def time_interleaved(fns, device, warmup, iters):
+    """Median ms of each fn, timed round-robin (a, b, c, a, b, c, ...) so that the load of a shared machine falls
+    on every contender alike. fns: {name: fn}; returns {name: ms}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            times[name].append(time_ms(fn, device, 0, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class CPUPeakMemory(TorchDispatchMode):
@@ -255,6 +269,84 @@ def liger_rows(full, tokens, old, ref, adv, mask, args, device, warmup, iters, N
     return rows
 
 
+def loss_hidden(argv):
+    """GRPO loss from hidden states (chunked, no logits) vs logits + loss_from_logits vs Liger's fused linear GRPO"""
+    p = argparse.ArgumentParser(prog='bench.py loss_hidden', description=loss_hidden.__doc__)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda or cpu")
+    p.add_argument('--n-tokens', type=int, default=2048, help="N = B*T token rows")
+    p.add_argument('--vocab', type=int, default=32768, help="V")
+    p.add_argument('--hidden', type=int, default=512, help="C, the hidden width")
+    p.add_argument('--batch', type=int, default=16, help="B sequences; T = n_tokens // B")
+    p.add_argument('--dtype', default='fp32', choices=DTYPES, help="hidden and weight dtype")
+    p.add_argument('--beta', type=float, default=0.04, help="KL weight (0: no reference model)")
+    p.add_argument('--chunk-rows', type=int, default=1024, help="ours: rows of the logits block")
+    p.add_argument('--chunk-vocab', type=int, default=4096, help="ours: vocabulary columns of the logits block")
+    p.add_argument('--warmup', type=int, default=1, help="untimed calls of each first")
+    p.add_argument('--iters', type=int, default=5, help="timed rounds (interleaved), median reported")
+    p.add_argument('--seed', type=int, default=0, help="seed of the random inputs")
+    args = p.parse_args(argv)
+    device, gpu = _device(args.device)
+    N, V, C, B = args.n_tokens, args.vocab, args.hidden, args.batch
+    T = N // B
+    print(json.dumps(dict(vars(args), T=T, torch_threads=torch.get_num_threads())))
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    hidden = torch.randn(B, T, C, generator=g, device=device).to(dtype)                        # (B, T, C)
+    W = (0.05 * torch.randn(V, C, generator=g, device=device)).to(dtype)                       # (V, C)
+    tokens = torch.randint(0, V, (B, T), generator=g, device=device)                           # (B, T)
+    with torch.no_grad():
+        logp = token_logprobs(hidden @ W.T, tokens)                                            # (B, T)
+    old = logp + 0.1 * torch.randn(B, T, generator=g, device=device)
+    ref = (logp + 0.1 * torch.randn(B, T, generator=g, device=device)) if args.beta else None
+    adv = torch.randn(B, generator=g, device=device)
+    mask = torch.ones(B, T, device=device)   # every token trained: no path may skip masked rows here
+    kw = dict(loss_type='grpo', beta=args.beta)
+
+    def ours(h, w):
+        return loss_from_hidden(h, w, tokens, old, ref, adv, mask, chunk_rows=args.chunk_rows,
+                                chunk_vocab=args.chunk_vocab, **kw)[0]
+
+    def today(h, w):   # what the trainer did: the logits, the loss from them, the entropy metric from them
+        logits = h @ w.T                                                                       # (B, T, V)
+        loss = loss_from_logits(logits, tokens, old, ref, adv, mask, **kw)[0]
+        masked_entropy(logits.detach(), mask)
+        return loss
+
+    paths = {'ours loss_from_hidden (chunked)': ours, 'today: logits + loss_from_logits + entropy': today}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        # its torch path on CPU; compiled=False: torch.compile would only touch its small per-token math
+        liger = LigerFusedLinearGRPOLoss(beta=args.beta, compiled=False, use_ref_model=args.beta > 0,
+                                         loss_type='grpo', epsilon_low=0.2, epsilon_high=0.2)
+        paths['liger LigerFusedLinearGRPOLoss'] = lambda h, w: liger(
+            h, w, tokens, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+    except ImportError:
+        print("liger_kernel not installed: its fused linear GRPO loss is skipped (pip install liger-kernel)")
+
+    def step(fn):
+        def run():
+            h, w = hidden.detach().requires_grad_(), W.detach().requires_grad_()
+            fn(h, w).backward()
+            return h.grad, w.grad
+        return run
+
+    # the same loss and gradients by every path, so a fast wrong number shows
+    ref_loss = today(hidden, W).item()
+    ref_grads = step(today)()
+    for name, fn in paths.items():
+        grads = step(fn)()
+        d = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads, ref_grads))
+        print(f"{name:44s} loss {fn(hidden, W).item():.6f} (today {ref_loss:.6f}), max |d grad| {d:.1e}")
+    fns = {name: step(fn) for name, fn in paths.items()}
+    ms = time_interleaved(fns, device, args.warmup, args.iters)
+    print(f"N = {N} (B={B}, T={T}), V = {V}, C = {C}, {args.dtype}, grpo, beta={args.beta}; fwd+bwd, median of "
+          f"{args.iters} interleaved rounds; peak memory above the inputs; device: "
+          f"{torch.cuda.get_device_name(device) if gpu else 'cpu'}")
+    print(f"{'':44s} {'ms':>9s} {'peak mem MB':>12s}")
+    for name, fn in fns.items():
+        print(f"{name:44s} {ms[name]:9.1f} {peak_bytes(fn, device) / 2**20:12.1f}")
+
+
 def mla_decode(argv):
     """MLA decode over the latent cache (Triton split-K) vs the torch reference vs FlashMLA / FlashInfer: ms, GB/s"""
     p = argparse.ArgumentParser(prog='bench.py mla_decode', description=mla_decode.__doc__)
@@ -418,7 +510,7 @@ def _device(name):
     return device, device.type == 'cuda'
 
 
-BENCHMARKS = {'grpo_loss': grpo_loss, 'mla_decode': mla_decode, 'model': model}
+BENCHMARKS = {'grpo_loss': grpo_loss, 'loss_hidden': loss_hidden, 'mla_decode': mla_decode, 'model': model}
 
 
 def main():

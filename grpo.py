@@ -35,10 +35,9 @@ Where we deviate, and why
   without other changes. The loss is scaled by 1 / (2 tau) (see `_kimi_loss`).
 - Sequences with no trainable token count as |o_i| = 1 (they contribute 0) instead of dividing by zero.
 
-The second half of the file is the fused Triton kernel for the same loss (`loss_from_logits`): per-token
-logprobs by an online log-sum-exp over V, the clipped surrogate, k3 KL and their derivatives in one pass, and a
-backward that writes the logits' gradient without a second (B, T, V) fp32 buffer. The PyTorch functions above
-are its reference (STYLE.md 6); tests/test_grpo_triton.py holds the two equal for every loss type.
+Fast paths, each held to the PyTorch functions above (STYLE.md 6): `loss_from_hidden` computes the loss from the
+final hidden states and the output head in blocks, never building the (B, T, V) logits (tests/test_grpo.py);
+`loss_from_logits` runs a fused Triton kernel over the logits on CUDA (tests/test_grpo_triton.py).
 """
 import torch
 
@@ -145,8 +144,7 @@ def masked_entropy(logits, mask, chunk=256):
     """Mean entropy of the policy over masked tokens, in fp32; a detached metric (entropy collapse shows up here
     first). logits (B, T, V), mask (B, T). Works on `chunk` positions at a time so the fp32 copy stays small."""
     if logits.dim() != 3 or mask.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, T, V) and mask (B, T), got {tuple(logits.shape)} "
-                         f"and {tuple(mask.shape)}")
+        raise ValueError(f"expected logits (B, T, V) and mask (B, T), got {tuple(logits.shape)}, {tuple(mask.shape)}")
     mask = mask.float()                                        # (B, T)
     total = torch.zeros((), device=logits.device)
     for t0 in range(0, logits.size(1), chunk):
@@ -309,21 +307,113 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, loss_type='grpo', be
 
 
 # -----------------------------------------------------------------------------
+# the same loss from the hidden states: the (N, V) logits are never built
+#
+# The trainer's logits (N, V) fp32 and autograd's softmax of them are the largest tensors of a step. Here h (N, C)
+# and the head W (V, C) come in and one (chunk_rows, chunk_vocab) block of logits exists at a time, as in
+# Liger-Kernel's fused linear losses and Cut Cross-Entropy (Wijmans et al. 2024). The forward keeps per row the
+# online logsumexp over V blocks (Milakov & Gimelshein 2018) and the entropy; the backward recomputes each block
+# and adds dz = g (onehot - softmax) into dh = dz W and dW = dz^T h: a fourth (N, C, V) matmul for no (N, V)
+# buffer. The surrogate stays policy_loss on (N,) log-probs, so every loss_type is the reference's by
+# construction. Torch only, on every device; bf16 inputs are upcast a block at a time (fp32 math).
+
+
+class ChunkedLogp(torch.autograd.Function):
+    """h (N, C), W (V, C), tokens (N,) -> logp (N,) fp32 with grad to h and W, entropy (N,) fp32 detached."""
+
+    @staticmethod
+    def forward(ctx, h, W, tokens, chunk_rows, chunk_vocab):
+        N, V = h.shape[0], W.shape[0]
+        lse, ent = torch.empty(N, device=h.device), torch.empty(N, device=h.device)   # (N,) fp32
+        for r0 in range(0, N, chunk_rows):
+            hr = h[r0:r0 + chunk_rows].float()                                       # (R, C)
+            # running max m, s = sum e^(z-m) and t = sum e^(z-m) z over the blocks so far; -inf: nothing yet
+            m = torch.full(hr.shape[:1], float('-inf'), device=h.device)             # (R,)
+            s, t = torch.zeros_like(m), torch.zeros_like(m)                          # (R,) x 2
+            for v0 in range(0, V, chunk_vocab):
+                z = hr @ W[v0:v0 + chunk_vocab].float().T                             # (R, Vc)
+                M = torch.maximum(m, z.amax(-1))                                      # (R,)
+                z -= M[:, None]
+                e = z.exp()                                                           # (R, Vc)
+                a, s_c = torch.exp(m - M), e.sum(-1)   # a rescales the sums taken under the old max
+                s = a * s + s_c
+                t = a * t + z.mul_(e).sum(-1) + M * s_c
+                m = M
+            lse[r0:r0 + chunk_rows] = m + s.log()
+            # H = -sum p log p = lse - sum p z: no probability tensor kept
+            ent[r0:r0 + chunk_rows] = lse[r0:r0 + chunk_rows] - t / s
+        z_tok = (h.float() * W[tokens].float()).sum(-1)                               # (N,) the sampled logits
+        ctx.save_for_backward(h, W, tokens, lse)
+        ctx.chunks = (chunk_rows, chunk_vocab)
+        ctx.mark_non_differentiable(ent)
+        return z_tok - lse, ent
+
+    @staticmethod
+    def backward(ctx, g, _):
+        h, W, tokens, lse = ctx.saved_tensors
+        (R, Vc), V = ctx.chunks, W.shape[0]
+        dh = torch.zeros(h.shape, device=h.device) if ctx.needs_input_grad[0] else None      # (N, C) fp32
+        dW = torch.zeros(W.shape, device=W.device) if ctx.needs_input_grad[1] else None      # (V, C) fp32
+        # d logp / dz = onehot(token) - softmax(z): the onehot part is one row of W (of h) per token ...
+        if dh is not None:
+            dh += g[:, None] * W[tokens].float()
+        if dW is not None:
+            dW.index_add_(0, tokens, g[:, None] * h.float())
+        # ... the softmax part needs every logit again. A token with g == 0 (masked) adds nothing: skipped.
+        # -g softmax(z) = -sign(g) exp(z - lse + log|g|): the shift rides in the matmul as its bias (fp32) and
+        # the sign on the (R, C) sides, so the block sees one elementwise pass (exp)
+        live = g.nonzero().squeeze(1)                                                # (n,)
+        for r0 in range(0, live.numel(), R):
+            rows = live[r0:r0 + R]
+            hr, gr = h[rows].float(), g[rows]                                        # (R, C), (R,)
+            shift, sign = (gr.abs().log() - lse[rows])[:, None], -gr.sign()[:, None]  # (R, 1) x 2
+            hs, dhr = hr * sign, torch.zeros_like(hr)                                # (R, C) x 2
+            for v0 in range(0, V, Vc):
+                Wv = W[v0:v0 + Vc].float()                                           # (Vc, C)
+                e = torch.addmm(shift, hr, Wv.T).exp_()                              # (R, Vc) |g| softmax
+                if dh is not None:
+                    dhr.addmm_(e, Wv)
+                if dW is not None:
+                    dW[v0:v0 + Vc].addmm_(e.T, hs)
+            if dh is not None:
+                dh.index_add_(0, rows, dhr * sign)
+        return (dh.to(h.dtype) if dh is not None else None, dW.to(W.dtype) if dW is not None else None,
+                None, None, None)
+
+
+def loss_from_hidden(hidden, lm_head_weight, tokens, old_logp, ref_logp, advantages, mask, loss_type='grpo',
+                     beta=0.0, eps_low=0.2, eps_high=0.2, tau=1.0, max_len=None, global_tokens=None,
+                     batch_rows=None, batch_tokens=None, chunk_rows=1024, chunk_vocab=4096):
+    """loss_from_logits(hidden @ lm_head_weight.T, ...) in value, gradient (to hidden and the weight) and metrics,
+    without the logits. hidden (B, T, C) (divided by the rollout temperature beforehand, if any: (h/T) W^T =
+    logits / T), lm_head_weight (V, C). metrics also hold 'entropy', the masked token mean, detached.
+    chunk_rows x chunk_vocab is the block of logits held at once (fp32: 16 MB at the defaults)."""
+    if hidden.dim() != 3 or lm_head_weight.dim() != 2 or hidden.shape[-1] != lm_head_weight.shape[1] or \
+            tokens.shape != hidden.shape[:2]:
+        raise ValueError(f"expected hidden (B, T, C), lm_head_weight (V, C) and tokens (B, T), got "
+                         f"{tuple(hidden.shape)}, {tuple(lm_head_weight.shape)} and {tuple(tokens.shape)}")
+    B, T, C = hidden.shape
+    logp, ent = ChunkedLogp.apply(hidden.reshape(B * T, C), lm_head_weight, tokens.reshape(-1), chunk_rows,
+                                  chunk_vocab)                                  # (N,) x 2
+    loss, metrics = policy_loss(logp.view(B, T), old_logp, ref_logp, advantages, mask, loss_type, beta, eps_low,
+                                eps_high, tau, max_len, global_tokens, batch_rows, batch_tokens)
+    m = mask.float()
+    metrics['entropy'] = (ent.view(B, T) * m).sum() / m.sum().clamp(min=1)
+    return loss, metrics
+
+
+# -----------------------------------------------------------------------------
 # fused kernel: the same loss straight from the logits
 #
 # token_logprobs makes an fp32 copy of the (B, T, V) logits and autograd keeps an fp32 softmax of the same size:
 # ~10 GB each at N = B*T = 16k tokens, V = 152k. The kernels never hold a (B, T, V) fp32 tensor. The forward
-# reads each row once, in blocks of V, with an online logsumexp (Milakov & Gimelshein 2018: keep the running max
-# m and s = sum exp(z - m), rescale s when m grows) and writes per token logp, the lse, the clipped surrogate
-# and the k3 term and their derivatives w.r.t. logp. The backward reads the row again and writes
-# dlogits = g * (onehot(token) - softmax) in the logits' dtype, g = dloss/dlogp, the softmax recomputed from
-# the lse. With the gradient left to the backward, the logits must be read twice and their gradient written
-# once: 3 N V elements, 6 N V bytes in bf16, the least traffic for this design and what it moves (a gradient
-# computed in the forward saves one read but has to fix the normalisation inside the kernel; see below).
-# The reduction over tokens (every loss_type, Kimi's per-sequence square) stays in torch on (B, T) tensors with
-# _aggregate / _kimi_loss, so autograd hands the kernel g per token whatever the loss_type: a fused path with
-# its own normalisation can silently drift from its reference (Liger-Kernel issue #1082: a fused GRPO loss with
-# ~100x its trainer's gradient norm, from a missing correction factor and a different dapo normaliser).
+# reads each row once, in blocks of V, with the online logsumexp, and writes per token logp, the lse, the clipped
+# surrogate, the k3 term and their derivatives w.r.t. logp. The backward reads the row again and writes
+# dlogits = g (onehot(token) - softmax) in the logits' dtype, g = dloss/dlogp: 3 N V elements moved, 6 N V bytes
+# in bf16, the least for a gradient left to the backward. The reduction over tokens (every loss_type, Kimi's
+# square) stays in torch on (B, T) tensors, so autograd hands the kernel g per token whatever the loss_type: a
+# fused path with its own normalisation can drift from its reference (Liger-Kernel issue #1082: a fused GRPO
+# loss with ~100x its trainer's gradient norm, from a missing correction factor and another dapo normaliser).
 try:  # Triton is optional: without it (e.g. a CPU-only install) only the PyTorch path exists
     import triton
     import triton.language as tl
@@ -420,66 +510,47 @@ def _launch_config(V, block_v):
     return block_v, (8 if block_v >= 2048 else 4)
 
 
-def _fused_forward(logits, tokens, old_logp, ref_logp, advantages, clip_lo, clip_hi, block_v):
-    """Launch the forward kernel on logits (B, T, V) with a unit stride over V. Returns (B, T) fp32 tensors
-    logp, lse, pg, dpg, kl, dkl; pg/dpg are None without old_logp, kl/dkl None without ref_logp."""
-    B, T, V = logits.shape
-    f32 = lambda x: x.detach().float().contiguous()          # noqa: E731 (B, T) or (B,) side inputs, in fp32
-    new = lambda: torch.empty(B, T, device=logits.device, dtype=torch.float32)  # noqa: E731
-    loss, has_ref = old_logp is not None, ref_logp is not None
-    logp, lse = new(), new()
-    pg, dpg = (new(), new()) if loss else (None, None)
-    kl, dkl = (new(), new()) if has_ref else (None, None)
-    # the kernel skips the pointers it does not use (LOSS / HAS_REF are compile-time), logp stands in for them
-    old = f32(old_logp) if loss else logp
-    ref = f32(ref_logp) if has_ref else logp
-    adv = f32(advantages) if loss else logp
-    block_v, num_warps = _launch_config(V, block_v)
-    _logp_loss_fwd_kernel[(B * T,)](
-        logits, tokens.contiguous(), old, ref, adv,
-        logp, lse, pg if loss else logp, dpg if loss else logp, kl if has_ref else logp, dkl if has_ref else logp,
-        T, V, logits.stride(0), logits.stride(1), float(clip_lo), float(clip_hi),
-        LOSS=loss, HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps)
-    return logp, lse, pg, dpg, kl, dkl
-
-
-def _fused_backward(logits, tokens, lse, g, block_v):
-    """dlogits (B, T, V) in the logits' dtype from g = dloss/dlogp (B, T) fp32; the only (B, T, V) allocation."""
-    B, T, V = logits.shape
-    dlogits = torch.empty((B, T, V), device=logits.device, dtype=logits.dtype)
-    block_v, num_warps = _launch_config(V, block_v)
-    _logp_bwd_kernel[(B * T,)](logits, tokens.contiguous(), lse, g.float().contiguous(), dlogits,
-                               T, V, logits.stride(0), logits.stride(1), BLOCK_V=block_v, num_warps=num_warps)
-    return dlogits
-
-
 class FusedLogpLoss(torch.autograd.Function):
     """logits (B, T, V) -> logp, pg, kl, each (B, T) fp32 and differentiable (pg None without old_logp, kl None
     without ref_logp). The backward folds the three incoming gradients into one g per token (chain rule through
-    the saved derivatives) and lets the kernel expand it over V."""
+    the saved derivatives) and lets the kernel expand it over V into dlogits, the only (B, T, V) allocation."""
 
     @staticmethod
     def forward(ctx, logits, tokens, old_logp, ref_logp, advantages, clip_lo, clip_hi, block_v):
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()                     # the kernel needs unit stride over V only
-        logp, lse, pg, dpg, kl, dkl = _fused_forward(logits, tokens, old_logp, ref_logp, advantages,
-                                                     clip_lo, clip_hi, block_v)
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()  # unit stride over V is all it needs
+        B, T, V = logits.shape
+        f32 = lambda x: x.detach().float().contiguous()      # noqa: E731 (B, T) or (B,) side inputs, in fp32
+        new = lambda: torch.empty(B, T, device=logits.device, dtype=torch.float32)  # noqa: E731
+        loss, has_ref = old_logp is not None, ref_logp is not None
+        logp, lse = new(), new()
+        pg, dpg = (new(), new()) if loss else (None, None)
+        kl, dkl = (new(), new()) if has_ref else (None, None)
+        # the kernel skips the pointers it does not use (LOSS / HAS_REF are compile-time), logp stands in for them
+        old, ref, adv = (f32(old_logp) if loss else logp), (f32(ref_logp) if has_ref else logp), \
+            (f32(advantages) if loss else logp)
+        block_v, num_warps = _launch_config(V, block_v)
+        _logp_loss_fwd_kernel[(B * T,)](
+            logits, tokens.contiguous(), old, ref, adv,
+            logp, lse, pg if loss else logp, dpg if loss else logp, kl if has_ref else logp, dkl if has_ref else logp,
+            T, V, logits.stride(0), logits.stride(1), float(clip_lo), float(clip_hi),
+            LOSS=loss, HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps)
         ctx.save_for_backward(logits, tokens, lse, dpg, dkl)
-        ctx.block_v = block_v
+        ctx.block_v, ctx.num_warps = block_v, num_warps
         ctx.set_materialize_grads(False)                     # an unused output gives None, not a zero tensor
         return logp, pg, kl
 
     @staticmethod
     def backward(ctx, g_logp, g_pg, g_kl):
         logits, tokens, lse, dpg, dkl = ctx.saved_tensors
-        g = torch.zeros_like(lse)                            # (B, T) dloss / dlogp
-        if g_logp is not None:
-            g = g + g_logp                                   # Kimi's sequence term, or a caller's use of logp
-        if g_pg is not None:
-            g = g + g_pg * dpg
-        if g_kl is not None:
-            g = g + g_kl * dkl
-        dlogits = _fused_backward(logits, tokens, lse, g, ctx.block_v) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        # (B, T) dloss / dlogp: g_logp carries Kimi's sequence term, or a caller's use of logp
+        g = sum(x for x in (g_logp, g_pg * dpg if g_pg is not None else None,
+                            g_kl * dkl if g_kl is not None else None) if x is not None)
+        B, T, V = logits.shape
+        dlogits = torch.empty((B, T, V), device=logits.device, dtype=logits.dtype)
+        _logp_bwd_kernel[(B * T,)](logits, tokens.contiguous(), lse, g.float().contiguous(), dlogits, T, V,
+                                   logits.stride(0), logits.stride(1), BLOCK_V=ctx.block_v, num_warps=ctx.num_warps)
         return dlogits, None, None, None, None, None, None, None
 
 

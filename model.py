@@ -141,25 +141,38 @@ class ModelConfig:
 # building blocks
 
 class KVCache:
-    """Per-layer buffers for cached generation. `layers[i]` is a dict the i-th attention fills."""
+    """Per-layer buffers for cached generation. `layers[i]` is a dict the i-th attention fills; every buffer has
+    the batch on dim 0 (dense GQA's k/v (B, Hkv, L, D), MLA's latent kvpe (B, L, dc+dr) or naive k/v)."""
 
     def __init__(self, n_layer, batch_size, max_len):
         self.batch_size, self.max_len = batch_size, max_len
         self.layers = [dict() for _ in range(n_layer)]
 
     def write(self, i, name, x, start, dim=1):
-        """Store x (T along `dim`) at [start, start + T) of buffer `name` of layer i; return [0, start + T)."""
+        """Store x (T along `dim`) at [start, start + T) of buffer `name` of layer i; return [0, start + T).
+        A tensor `start` (0-dim long) is the static-shape write of a CUDA-graph decode step: no host sync, no
+        shape that depends on it, so the whole buffer is returned and the caller's mask hides unwritten slots."""
         layer = self.layers[i]
         T = x.shape[dim]
-        if start + T > self.max_len:
+        if not torch.is_tensor(start) and start + T > self.max_len:
             raise ValueError(f"KV cache overflow: writing up to {start + T} > max_len {self.max_len}")
         if name not in layer:
             shape = list(x.shape)
             shape[dim] = self.max_len
             layer[name] = torch.zeros(shape, dtype=x.dtype, device=x.device)
         buf = layer[name]
+        if torch.is_tensor(start):
+            return buf.index_copy_(dim, start + torch.arange(T, device=x.device), x)
         buf.narrow(dim, start, T).copy_(x)
         return buf.narrow(dim, 0, start + T)
+
+    def select(self, rows):
+        """Keep, reorder or repeat batch rows: every buffer becomes buffer[rows]. rows (B',) long. The sampler
+        uses it to copy one prefill per distinct prompt to its G samples, and to drop rows that have finished."""
+        for layer in self.layers:
+            for name, buf in layer.items():
+                layer[name] = buf.index_select(0, rows)                      # (B', ...)
+        self.batch_size = rows.numel()
 
     def nbytes(self):
         """Bytes held by all buffers (the tests read the cache footprint off this)."""
@@ -349,7 +362,8 @@ class GPT(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds block_size {self.config.block_size}")
         return KVCache(self.config.n_layer, batch_size, max_len)
 
-    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, start=0, logits_slice=None):
+    def forward(self, idx, targets=None, pos=None, mask=None, cache=None, start=0, logits_slice=None,
+                return_hidden=False):
         """
         idx (B, T) token ids; targets (B, T) with -1 where no loss is taken.
         pos (B, T) positions for RoPE (default start + arange(T)); mask (B, 1, T, Tk) bool, True = attend
@@ -357,13 +371,15 @@ class GPT(nn.Module):
         logits_slice, a slice over the time axis (e.g. slice(P - 1, P - 1 + L) for a response of L tokens after
         a prompt of P), computes logits only there (HF's logits_to_keep); it excludes targets.
         Returns (logits (B, T, V) fp32-castable, or (B, T', V) for the T' sliced positions; loss or None).
+        return_hidden=True returns (the final-norm hidden states (B, T or T', C) that lm_head would read, None)
+        instead: grpo.loss_from_hidden takes them with lm_head.weight and never builds the (B, T, V) logits.
         In training mode with targets, loss also holds mtp_loss_weight * the MTP loss and the MoE balance loss;
         after every call `self.mtp_loss` and `self.aux_loss` hold those terms (tensors with grad, or None) so
         the trainer can log them, or add `aux_loss` to an RL loss computed from the logits.
         """
         B, T = idx.shape
-        if logits_slice is not None and targets is not None:
-            raise ValueError("logits_slice computes only some positions' logits: pass targets=None")
+        if (logits_slice is not None or return_hidden) and targets is not None:
+            raise ValueError("logits_slice and return_hidden compute no loss: pass targets=None")
         if pos is None:
             if start + T > self.config.block_size:
                 raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -376,12 +392,15 @@ class GPT(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, start)
         x = self.norm(x)
-        # the RL trainer scores only response tokens: slicing before lm_head skips the (T, V) matmul and
-        # the logits memory of the prompt positions, the largest activation of a small model with a big vocab
-        logits = self.lm_head(x if logits_slice is None else x[:, logits_slice])  # (B, T or T', V)
         aux = [b.mlp.aux_loss for b in self.layers if getattr(b.mlp, 'aux_loss', None) is not None]
         self.aux_loss = sum(aux) if aux else None
         self.mtp_loss = None
+        # the RL trainer scores only response tokens: slicing before lm_head skips the (T, V) matmul and
+        # the logits memory of the prompt positions, the largest activation of a small model with a big vocab
+        h = x if logits_slice is None else x[:, logits_slice]                    # (B, T or T', C)
+        if return_hidden:
+            return h, None
+        logits = self.lm_head(h)                                                 # (B, T or T', V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

@@ -75,25 +75,30 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def pick(logits, temperature, top_k, top_p, rng):
-    """logits (B, V) fp32 -> (token (B,), logprob (B,)). rng: a torch.Generator, or this step's uniforms (B,)."""
+def pick(logits, temperature, top_k, top_p, rng, rows=None):
+    """logits (b, V) fp32 -> (token (b,), logprob (b,)). rng: a torch.Generator, or this step's uniforms (B,) (a
+    row's own stream, sample._uniforms). rows (B,) bool, when rows have left the batch, marks the B rows' b still
+    in it: the uniforms are drawn (or read) for all B rows and the kept rows take theirs, so the random stream,
+    hence every token, is the one the whole batch draws."""
     if temperature == 0:
         logp = F.log_softmax(logits, -1)
         tok = logits.argmax(-1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
-    logp = F.log_softmax(logits, -1)                                  # (B, V)
+    logp = F.log_softmax(logits, -1)                                  # (b, V)
     # inverse-CDF sampling: one uniform per row picks the first token whose cumulative mass exceeds u * total.
     # (An exponential race, argmax p_i / E_i, is as exact but draws V exponentials per row: on a tiny model
     # that RNG cost a fifth of a CPU decode step.)
-    B, V = logp.shape
-    probs = logp.exp()                                                # (B, V)
-    cdf = probs.cumsum(-1)                                            # (B, V) non-decreasing
-    u = rng if torch.is_tensor(rng) else torch.rand(B, device=logits.device, generator=rng)  # (B,)
-    tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (B,)
+    b, V = logp.shape
+    probs = logp.exp()                                                # (b, V)
+    cdf = probs.cumsum(-1)                                            # (b, V) non-decreasing
+    n = b if rows is None else rows.numel()
+    u = rng if torch.is_tensor(rng) else torch.rand(n, device=logits.device, generator=rng)  # (B,)
+    u = u if rows is None else u[rows]                                # (b,)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (b,)
     # a token chosen this way has cdf_j > cdf_{j-1}, i.e. p_j > 0, except when u * total rounds up to the total
     # (j = V): then take the row's last token of positive probability
-    last = V - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)     # (B,)
+    last = V - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)     # (b,)
     tok = torch.minimum(tok, last)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
@@ -115,38 +120,134 @@ def _uniforms(B, T, seeds, device):
                         for s in seeds]) if B else torch.zeros(0, T, device=device)
 
 
+# a finished row leaves the batch once the finished rows make up this share of it: the leaving copies the
+# cache, so it waits for several; the static path also captures a new CUDA graph each time, so it waits longer
+COMPACT_SHARE = {'eager': 0.25, 'static': 0.5}
+
+
+def use_static(model, device):
+    """static=None's choice: the static-shape step with CUDA graphs on CUDA, for models a graph can hold. MoE
+    routing reads its expert counts on the host (moe.py's sorted dispatch), which a graph cannot capture."""
+    return device.type == 'cuda' and model.config.ffn != 'moe'
+
+
+class StaticDecode:
+    """
+    One decode step whose shapes never change, so a CUDA graph can capture it once and replay it every step
+    (a small model's decode step is kernel-launch bound on a GPU). What changes per step lives in fixed buffers
+    updated in place: the token, its RoPE position, the cache slot (a 0-dim tensor: KVCache.write then writes
+    with index_copy_ and returns the whole buffer) and the attention mask over all L slots, which hides the
+    pad and the slots not written yet. The eager step (sliced cache, no mask for equal prompts) is its twin;
+    graph=False runs the same step without capture (how the CPU tests run it). Sampling stays outside.
+    """
+
+    def __init__(self, model, cache, mask, graph):
+        b = mask.shape[0]
+        self.model, self.cache, self.mask = model, cache, mask.clone()              # (b, 1, 1, L) bool
+        self.tok = torch.zeros(b, 1, dtype=torch.long, device=mask.device)           # (b, 1)
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=mask.device)           # (b, 1)
+        self.start = torch.zeros((), dtype=torch.long, device=mask.device)           # the slot written
+        self.graph, self.use_graph, self.out = None, graph, None
+
+    def _run(self):
+        logits, _ = self.model(self.tok, pos=self.pos, mask=self.mask, cache=self.cache, start=self.start)
+        return logits[:, -1].float()                                                 # (b, V)
+
+    def __call__(self, tok, pos, slot):
+        self.tok.copy_(tok[:, None])
+        self.pos.copy_(pos[:, None])
+        self.start.fill_(slot)
+        self.mask[:, 0, 0, slot] = True                                              # the new token's own slot
+        if not self.use_graph:
+            return self._run()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()   # rewrites this step's cache slot with the same values when just captured
+        return self.out
+
+    def _capture(self):
+        # warm up on a side stream (cuBLAS handles, allocator), as torch.cuda.graphs' docs ask, then capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._run()                                                   # (b, V) the graph's output
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0,
-             seeds=None, generator=None):
-    """Cached batched generation. prompts: list of id lists. Returns a Generation."""
+             seeds=None, generator=None, static=None):
+    """
+    Cached batched generation. prompts: list of id lists. Returns a Generation. Beyond caching:
+    - One prefill per distinct prompt: GRPO passes each prompt G times; its cache rows are computed once and
+      copied to its G rows (KVCache.select), for the dense and the MLA latent cache alike.
+    - Finished rows leave the batch (COMPACT_SHARE): the cache, positions and mask keep only the live rows.
+    - static (None: `use_static`): the StaticDecode step, replayed as a CUDA graph on CUDA; True forces it (on
+      the CPU without a graph, for the tests), False keeps the eager step.
+    Tokens and logprobs do not depend on any of these: generate_naive is the twin the tests hold it to.
+    """
     device = next(model.parameters()).device
     B = len(prompts)
-    idx, pos, valid = left_pad(prompts, pad_id, device)
-    P = idx.shape[1]
-    cache = model.new_cache(B, P + max_new_tokens)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty: every prompt needs at least one token (e.g. <|bos|>)")
+    static = use_static(model, device) if static is None else static
     U = _uniforms(B, max_new_tokens, seeds, device)                  # (B, T) or None: one generator
     stop = torch.tensor(sorted(stop_ids), device=device)
+    # 1. prefill the distinct prompts only (they pad to the same P as the whole batch), then copy their rows
+    uniq = list(dict.fromkeys(tuple(p) for p in prompts))
+    row_of = {p: i for i, p in enumerate(uniq)}
+    src = torch.tensor([row_of[tuple(p)] for p in prompts], device=device)       # (B,) prefill row of each row
+    idx, pos, valid = left_pad(uniq, pad_id, device)                              # (U, P)
+    P = idx.shape[1]
+    cache = model.new_cache(len(uniq), P + max_new_tokens)
     ragged = not bool(valid.all())  # equal-length prompts need no mask: the fast causal kernel applies
-    logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0) if ragged else None, cache=cache, start=0)
-    logits = logits[:, -1].float()                                   # (B, V)
+    logits, _ = model(idx, pos=pos, mask=attention_mask(valid, valid, 0) if ragged else None, cache=cache, start=0,
+                      logits_slice=slice(P - 1, P))                              # (U, 1, V)
+    if len(uniq) < B:
+        cache.select(src)                                                         # (B, ...) every buffer
+    logits, pos, valid = logits[src, -1].float(), pos[src], valid[src]            # (B, V), (B, P), (B, P)
+
+    # 2. decode: `ids` are the B rows still in the batch, `kept` marks them for the sampler's random stream
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((B, max_new_tokens), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = pos[:, -1] + 1                                        # (B,)
+    ids = torch.arange(B, device=device)                                          # (b,)
+    kept = torch.ones(B, dtype=torch.bool, device=device)                         # (B,)
+    done = torch.zeros(B, dtype=torch.bool, device=device)                        # (b,)
+    next_pos = pos[:, -1] + 1                                                     # (b,)
+    step = None
+    if static:
+        mask = torch.zeros(B, 1, 1, P + max_new_tokens, dtype=torch.bool, device=device)  # (B, 1, 1, L)
+        mask[:, 0, 0, :P] = valid
+        step = StaticDecode(model, cache, mask, graph=device.type == 'cuda')
     for t in range(max_new_tokens):
-        tok, lp = pick(logits, temperature, top_k, top_p, generator if U is None else U[:, t])
+        tok, lp = pick(logits, temperature, top_k, top_p, generator if U is None else U[:, t],
+                       None if len(ids) == B else kept)                          # (b,)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        out_tok[:, t] = tok
-        out_logp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+        out_tok[ids, t] = tok
+        out_logp[ids, t] = torch.where(done, torch.zeros_like(lp), lp)
         done = done | torch.isin(tok, stop)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        n_done = int(done.sum())
+        if t == max_new_tokens - 1 or n_done == len(ids):
             break
-        mask = None
-        if ragged:
-            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)  # (B, P+t+1)
-            mask = attention_mask(valid[:, -1:], valid, P + t)        # (B, 1, 1, P+t+1)
-        logits, _ = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache, start=P + t)
-        logits = logits[:, -1].float()
+        if n_done >= COMPACT_SHARE['static' if static else 'eager'] * len(ids):
+            live = (~done).nonzero().squeeze(1)                                   # (b',) positions in the batch
+            ids, tok, next_pos, done, valid = ids[live], tok[live], next_pos[live], done[live], valid[live]
+            kept = torch.zeros(B, dtype=torch.bool, device=device).index_fill_(0, ids, True)
+            cache.select(live)
+            if static:
+                step = StaticDecode(model, cache, step.mask[live], step.use_graph)
+        if static:
+            logits = step(tok, next_pos, P + t)                                   # (b, V)
+        else:
+            mask = None
+            if ragged:
+                valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)      # (b, P+t+1)
+                mask = attention_mask(valid[:, -1:], valid, P + t)                # (b, 1, 1, P+t+1)
+            logits, _ = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache, start=P + t)
+            logits = logits[:, -1].float()                                        # (b, V)
         next_pos = next_pos + 1
     return _finish(out_tok, out_logp, stop, pad_id)
 
@@ -154,7 +255,8 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, 
 @torch.no_grad()
 def generate_naive(model, prompts, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_k=0, top_p=1.0,
                    seeds=None, generator=None):
-    """The slow twin of `generate`: no cache, every step re-runs the model over the whole padded prefix."""
+    """The slow twin of `generate`: no cache, every step re-runs the model over the whole padded prefix of
+    every row, finished or not; one prompt per row, however often it repeats."""
     device = next(model.parameters()).device
     B = len(prompts)
     idx, pos, valid = left_pad(prompts, pad_id, device)
@@ -191,14 +293,15 @@ def _finish(out_tok, out_logp, stop, pad_id):
 
 
 def group_rollouts(model, prompts, group_size, max_new_tokens, stop_ids, pad_id, temperature=1.0,
-                   top_k=0, top_p=1.0, generator=None, seeds=None):
+                   top_k=0, top_p=1.0, generator=None, seeds=None, static=None):
     """
     G samples per prompt in one batched, cached call (GRPO's group). Rows are ordered prompt by prompt:
     rows [i*G, (i+1)*G) belong to prompt i, the layout grpo.group_advantages expects. seeds: one per row.
+    generate prefills each prompt once for its G rows.
     """
     rows = [p for p in prompts for _ in range(group_size)]
     return generate(model, rows, max_new_tokens, stop_ids, pad_id, temperature, top_k, top_p,
-                    seeds=seeds, generator=generator)
+                    seeds=seeds, generator=generator, static=static)
 
 
 # -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@ Tests for grpo.py: advantages and the scale each loss type needs, per-token log-
 and gradient, clipping, the KL term, Kimi's gradient against the paper's formula, and the micro-batch identity
 (micro-batch losses given the batch's normalisers sum to the whole batch's loss). Every expected number is worked
 by hand in the comments and computed here with plain Python arithmetic, never through grpo.py's internals.
+loss_from_hidden (chunked, no logits) is held to its slow twin: the logits h W^T built in full, torch's
+log_softmax, policy_loss, autograd, and the entropy -sum p log p written out here.
 
 Run:  python -m pytest tests/test_grpo.py -q      (CPU, about a second)
 """
@@ -15,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo import (LOSS_NEAR_ZERO_NOTE, LOSS_TYPES, advantage_scale, group_advantages, kl_k3,  # noqa: E402
-                  masked_entropy, policy_loss, token_logprobs, zero_variance_groups)
+                  loss_from_hidden, masked_entropy, policy_loss, token_logprobs, zero_variance_groups)
 
 
 def close(a, b, tol=1e-5):
@@ -404,6 +406,113 @@ def test_microbatches_sum_to_whole_batch(loss_type):
                 for s in (slice(0, 1), slice(1, 4)))
     close(total, whole)
     close(torch.autograd.grad(total, logp)[0], g_whole)
+
+
+# -----------------------------------------------------------------------------
+# the loss from the hidden states (chunked over rows and vocabulary) against the logits built in full
+
+HB, HT, HC, HV = 4, 6, 16, 37    # 24 token rows; V = 37 spans three vocabulary blocks of 16, the last ragged
+
+
+def hidden_batch(seed=0, dtype=torch.float32):
+    """hidden (B, T, C), head W (V, C), tokens, old/ref log-probs ~0.5 nats off (both clip bounds bind), A of both
+    signs, a mask with holes and one sequence with no trained token."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(HB, HT, HC, generator=g).to(dtype)
+    W = (0.7 * torch.randn(HV, HC, generator=g)).to(dtype)
+    tokens = torch.randint(0, HV, (HB, HT), generator=g)
+    with torch.no_grad():
+        logp = torch.log_softmax(h.float() @ W.float().T, -1).gather(-1, tokens[..., None])[..., 0]
+    old = logp + 0.5 * torch.randn(HB, HT, generator=g)
+    ref = logp + 0.5 * torch.randn(HB, HT, generator=g)
+    A = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    mask = (torch.rand(HB, HT, generator=g) > 0.25).float()
+    mask[3] = 0
+    return h, W, tokens, old, ref, A, mask
+
+
+def full_logits_reference(h, W, tokens, *args, **kw):
+    """The slow twin: logits = h W^T in full, log_softmax, policy_loss, autograd; entropy -sum p log p by hand."""
+    h, W = h.detach().float().requires_grad_(), W.detach().float().requires_grad_()
+    logits = h @ W.T                                                              # (B, T, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]    # (B, T)
+    loss, metrics = policy_loss(logp, *args, **kw)
+    loss.backward()
+    p = torch.softmax(logits.detach(), -1)
+    ent = -(p * p.log()).sum(-1)                                                  # (B, T)
+    mask = args[-1]
+    metrics['entropy'] = (ent * mask).sum() / mask.sum()
+    return loss.detach(), metrics, h.grad, W.grad
+
+
+def chunked(h, W, tokens, *args, **kw):
+    h, W = h.detach().requires_grad_(), W.detach().requires_grad_()
+    loss, metrics = loss_from_hidden(h, W, tokens, *args, **kw)
+    loss.backward()
+    return loss.detach(), metrics, h.grad, W.grad
+
+
+@pytest.mark.parametrize('chunks', [(5, 16), (1024, 4096)], ids=['many_blocks', 'one_block'])
+@pytest.mark.parametrize('on_policy', [False, True], ids=['old', 'on_policy'])
+@pytest.mark.parametrize('beta', [0.0, 0.04])
+@pytest.mark.parametrize('loss_type', LOSS_TYPES)
+def test_loss_from_hidden_equals_full_logits(loss_type, beta, on_policy, chunks):
+    """Value, every metric (entropy included) and the gradients to hidden and to the head, within 1e-5 in fp32."""
+    h, W, tokens, old, ref, A, mask = hidden_batch()
+    old = None if on_policy else old
+    kw = dict(loss_type=loss_type, beta=beta, eps_low=0.2, eps_high=0.28, tau=0.5, max_len=HT + 2,
+              global_tokens=37)
+    loss_r, met_r, dh_r, dW_r = full_logits_reference(h, W, tokens, old, ref, A, mask, **kw)
+    loss_c, met_c, dh_c, dW_c = chunked(h, W, tokens, old, ref, A, mask, chunk_rows=chunks[0],
+                                        chunk_vocab=chunks[1], **kw)
+    close(loss_c, loss_r)
+    close(dh_c, dh_r)
+    close(dW_c, dW_r)
+    assert met_c.keys() == met_r.keys()
+    for k in met_r:
+        close(met_c[k], met_r[k])
+    assert not met_c['entropy'].requires_grad
+
+
+@pytest.mark.parametrize('loss_type', LOSS_TYPES)
+def test_loss_from_hidden_microbatches_sum_to_whole_batch(loss_type):
+    h, W, tokens, old, ref, A, mask = hidden_batch(1)
+    n = mask.sum()
+    kw = dict(loss_type=loss_type, beta=0.04, tau=0.5, max_len=HT + 2, global_tokens=n, chunk_rows=5,
+              chunk_vocab=16)
+    whole, _, dh, dW = chunked(h, W, tokens, old, ref, A, mask, **kw)
+    hh, WW = h.detach().requires_grad_(), W.detach().requires_grad_()
+    total = sum(loss_from_hidden(hh[s], WW, tokens[s], old[s], ref[s], A[s], mask[s], batch_rows=HB,
+                                 batch_tokens=n, **kw)[0] for s in (slice(0, 1), slice(1, 4)))
+    total.backward()
+    close(total, whole)
+    close(hh.grad, dh)
+    close(WW.grad, dW)
+
+
+def test_loss_from_hidden_bf16_is_fp32_math_on_the_bf16_inputs():
+    """bf16 hidden and head are upcast a block at a time: the fp32 result of the same (rounded) inputs, the
+    gradients in bf16."""
+    h, W, tokens, old, ref, A, mask = hidden_batch(2, torch.bfloat16)
+    kw = dict(loss_type='grpo', beta=0.04, chunk_rows=5, chunk_vocab=16)
+    loss_r, _, dh_r, dW_r = full_logits_reference(h, W, tokens, old, ref, A, mask, loss_type='grpo', beta=0.04)
+    loss_c, _, dh_c, dW_c = chunked(h, W, tokens, old, ref, A, mask, **kw)
+    assert dh_c.dtype == dW_c.dtype == torch.bfloat16
+    close(loss_c, loss_r)
+    torch.testing.assert_close(dh_c.float(), dh_r, atol=1e-2, rtol=1e-2)   # one bf16 rounding of the gradient
+    torch.testing.assert_close(dW_c.float(), dW_r, atol=1e-2, rtol=1e-2)
+
+
+def test_loss_from_hidden_frozen_head_and_bad_shapes():
+    h, W, tokens, old, ref, A, mask = hidden_batch(3)
+    hh = h.detach().requires_grad_()
+    loss_from_hidden(hh, W, tokens, old, ref, A, mask, chunk_rows=5, chunk_vocab=16)[0].backward()
+    _, _, dh_r, _ = full_logits_reference(h, W, tokens, old, ref, A, mask)
+    close(hh.grad, dh_r)                     # the head gets no gradient and needs none
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        loss_from_hidden(h, W[:, :-1], tokens, old, ref, A, mask)
+    with pytest.raises(ValueError, match="tokens"):
+        loss_from_hidden(h, W, tokens[:, :-1], old, ref, A, mask)
 
 
 # -----------------------------------------------------------------------------

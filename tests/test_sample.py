@@ -1,4 +1,11 @@
-"""Cached generation against its slow twin. Run: python -m pytest tests/test_sample.py -q"""
+"""
+Cached generation against its slow twin (generate_naive: no cache, no shared prefill, every row to the end):
+greedy and sampled, batch generator and per-row seeds, ragged prompts, stop tokens, G > 1, dense GQA and
+MLA + MoE, the eager and the static-shape decode step; plus that the shared prefill and the leaving of finished
+rows really happen, and GPT.forward's return_hidden.
+
+Run: python -m pytest tests/test_sample.py -q
+"""
 import pytest
 import torch
 
@@ -157,3 +164,90 @@ def test_logits_slice_equals_slicing_the_full_logits(kw):
             assert m.aux_loss is None
     with pytest.raises(ValueError, match='targets'):
         m(x, x, logits_slice=slice(7, 19))
+
+
+# -----------------------------------------------------------------------------
+# the fast rollout paths: shared prefill, rows leaving the batch, the static step, all against generate_naive
+
+STOPS = {EOS, 7, 9}   # with the tiny model some rows hit one of these early and others run to the end
+
+
+@pytest.mark.parametrize('static', [False, True], ids=['eager', 'static'])
+@pytest.mark.parametrize('rand', ['generator', 'seeds'])
+@pytest.mark.parametrize('sampling', [dict(temperature=0), dict(temperature=0.8, top_k=20, top_p=0.95),
+                                      dict(temperature=1.0)], ids=['greedy', 'filtered', 't1'])
+@pytest.mark.parametrize('kw', [{}, MLA_MOE], ids=['dense', 'mla_moe'])
+def test_group_rollouts_equal_naive(kw, sampling, rand, static):
+    """G = 4 samples of 6 ragged prompts: token for token and logprob within 1e-5 of the slow twin, which
+    prefills every row and keeps finished rows in the batch; the random stream is the same whether a batch
+    generator or a generator per row draws it."""
+    m = tiny_model(**kw)
+    prompts, G = ragged_prompts(6, seed=1), 4
+    rows = [p for p in prompts for _ in range(G)]
+    if rand == 'generator':
+        a = group_rollouts(m, prompts, G, 40, STOPS, PAD, generator=torch.Generator().manual_seed(3), static=static,
+                           **sampling)
+        b = generate_naive(m, rows, 40, STOPS, PAD, generator=torch.Generator().manual_seed(3), **sampling)
+    else:
+        seeds = list(range(100, 100 + len(rows)))
+        a = generate(m, rows, 40, STOPS, PAD, seeds=seeds, static=static, **sampling)
+        b = generate_naive(m, rows, 40, STOPS, PAD, seeds=seeds, **sampling)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.finished, b.finished)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    if sampling['temperature'] > 0:  # rows stopped at different steps: the batch shrank while others went on
+        assert a.finished.any() and (a.lengths == 40).any(), a.lengths
+
+
+@pytest.mark.parametrize('static', [False, True], ids=['eager', 'static'])
+@pytest.mark.parametrize('kw', [{}, MLA_MOE], ids=['dense', 'mla_moe'])
+def test_prefill_once_per_prompt_and_finished_rows_leave(kw, static):
+    """The model sees the 3 distinct prompts once in the prefill (not their 3 x 8 rows), and later decode steps
+    run fewer rows than 24 once rows have stopped: read off the batch size of every forward call."""
+    m = tiny_model(**kw)
+    sizes = []
+    m.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape))
+    gen = group_rollouts(m, ragged_prompts(3, seed=4), 8, 40, STOPS, PAD, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0), static=static)
+    assert sizes[0][0] == 3 and sizes[0][1] > 1              # the prefill: distinct prompts, whole prompt
+    decode = [s[0] for s in sizes[1:]]
+    assert decode[0] == 24 and min(decode) < 24, decode
+    assert min(decode) >= int((~gen.finished).sum())          # an unfinished row never leaves
+    assert decode == sorted(decode, reverse=True)
+
+
+@pytest.mark.parametrize('kw', [{}, MLA_MOE], ids=['dense', 'mla_moe'])
+@torch.no_grad()
+def test_cache_select_equals_separate_prefills(kw):
+    """KVCache.select after one prefill of 2 prompts holds what 5 separate prefills would (rows 0,0,1,1,0)."""
+    m = tiny_model(**kw)
+    x = torch.randint(2, V, (2, 7))
+    rows = torch.tensor([0, 0, 1, 1, 0])
+    a, b = m.new_cache(2, 10), m.new_cache(5, 10)
+    m(x, cache=a)
+    m(x[rows], cache=b)
+    a.select(rows)
+    assert a.batch_size == 5
+    for la, lb in zip(a.layers, b.layers):
+        assert la.keys() == lb.keys()
+        for k in la:
+            torch.testing.assert_close(la[k], lb[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('kw', [{}, MLA_MOE], ids=['dense', 'mla_moe'])
+@torch.no_grad()
+def test_return_hidden_is_what_lm_head_reads(kw):
+    """return_hidden gives the final-norm states: lm_head of them is the logits, sliced alike; the MoE balance
+    loss is still recorded."""
+    m = tiny_model(**kw).train()
+    x = torch.randint(2, V, (3, 20))
+    for s in (None, slice(7, 19)):
+        logits, _ = m(x, logits_slice=s)
+        aux = m.aux_loss
+        h, loss = m(x, logits_slice=s, return_hidden=True)
+        assert loss is None and h.shape == (*logits.shape[:2], m.config.n_embd)
+        torch.testing.assert_close(m.lm_head(h), logits, atol=0, rtol=0)
+        if kw:
+            torch.testing.assert_close(m.aux_loss, aux)
+    with pytest.raises(ValueError, match='targets'):
+        m(x, x, return_hidden=True)
