@@ -381,6 +381,13 @@ class ChunkedLogp(torch.autograd.Function):
                 None, None, None)
 
 
+def logprobs_from_hidden(hidden, lm_head_weight, tokens, chunk_rows=1024, chunk_vocab=4096):
+    """token_logprobs(hidden @ lm_head_weight.T, tokens) without the logits: (B, T, C), (V, C), (B, T) -> (B, T)."""
+    B, T, C = hidden.shape
+    return ChunkedLogp.apply(hidden.reshape(B * T, C), lm_head_weight, tokens.reshape(-1), chunk_rows,
+                             chunk_vocab)[0].view(B, T)
+
+
 def loss_from_hidden(hidden, lm_head_weight, tokens, old_logp, ref_logp, advantages, mask, loss_type='grpo',
                      beta=0.0, eps_low=0.2, eps_high=0.2, tau=1.0, max_len=None, global_tokens=None,
                      batch_rows=None, batch_tokens=None, chunk_rows=1024, chunk_vocab=4096):

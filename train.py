@@ -98,7 +98,7 @@ class TrainConfig:
     rl_mu: int = 1                    # optimisation epochs over each batch (1: on-policy, rho == 1)
     rl_micro: int = 64                # rows per forward/backward micro-batch
     loss_type: str = 'grpo'           # grpo | bnpo | dapo | dr_grpo | kimi (grpo.py)
-    loss_impl: str = 'auto'           # auto (the Triton kernel on CUDA, torch elsewhere) | torch | triton
+    loss_impl: str = 'auto'           # auto (Triton over the response logits on CUDA, chunked elsewhere) | chunked | triton | torch
     adv_scale: str = 'auto'           # auto | group | batch | none; auto: none for kimi and dr_grpo, group otherwise
     beta: float = 0.05                # k3 KL weight to the frozen initial policy (0: no reference model)
     eps_low: float = 0.2              # clip range below 1
@@ -169,7 +169,7 @@ POSITIVE = {'pt_steps', 'pt_batch_size', 'pt_grad_accum', 'pt_lr', 'pt_eval_inte
 FRACTIONS = {'corpus_arith_frac', 'corpus_check_frac', 'pt_min_lr_frac', 'eps_low', 'curriculum_frac',
              'curriculum_start', 'prio_prior', 'prio_floor', 'repeat_stop'}
 CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOICES,
-           'loss_impl': grpo.IMPLS, 'prompt_sampling': ('uniform', 'curriculum', 'prioritized'),
+           'loss_impl': grpo.IMPLS + ('chunked',), 'prompt_sampling': ('uniform', 'curriculum', 'prioritized'),
            'distill_mode': ('sft', 'logits')}
 
 
@@ -496,32 +496,44 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         # constant: dropped groups must not reweight the rest). bnpo is by definition a token mean over each
         # rank's own batch (TRL's), so its sum over ranks takes 1/world: the mean of the ranks' means (one
         # process's loss when the ranks hold as many tokens)
+        # the loss: the Triton kernel over the response positions' logits on CUDA ('auto', 'triton', or the torch
+        # reference 'torch'); elsewhere ('auto' off CUDA, or 'chunked') from the hidden states in (rows x vocab)
+        # blocks, so the (tokens x vocab) logits never exist
+        chunked = tc.loss_impl == 'chunked' or (tc.loss_impl == 'auto' and not str(device).startswith('cuda'))
         norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N,
                     batch_tokens=mask.sum().clamp(min=1) * world, global_tokens=n_tok, max_len=tc.max_new_tokens)
 
-        def response_logits(m, sl):   # (b, L, V) at the rollout temperature: the policy that sampled them
-            with autocast(device):
+        def response_out(m, sl):   # at the rollout temperature (the policy that sampled): (b, L, C) final hidden
+            with autocast(device):  # states for the chunked loss, which never builds the logits; else (b, L, V)
                 out, _ = m(idx[sl], pos=None if pos is None else pos[sl], mask=None if amask is None else amask[sl],
-                           logits_slice=slice(P - 1, P - 1 + resp.shape[1]))
+                           logits_slice=slice(P - 1, P - 1 + resp.shape[1]), return_hidden=chunked)
             return out / tc.temperature
+
+        def logprobs(m, sl):   # (b, L)
+            out = response_out(m, sl)
+            return (grpo.logprobs_from_hidden(out, m.lm_head.weight, resp[sl]) if chunked
+                    else grpo.logprobs_from_logits(out, resp[sl], tc.loss_impl))
 
         # 4. old (mu > 1 only: with mu = 1 the policy is its own old policy, rho == 1) and reference logprobs
         with torch.no_grad():
-            old, ref_lp = [[grpo.logprobs_from_logits(response_logits(m, sl), resp[sl], tc.loss_impl)
-                            for sl, _ in micro] if m is not None else None                     # [(b, L)]
+            old, ref_lp = [[logprobs(m, sl) for sl, _ in micro] if m is not None else None   # [(b, L)]
                            for m in (model if tc.rl_mu > 1 else None, ref)]
         # 5. the policy update: mu epochs over the batch, micro-batch losses summed into one gradient
         for epoch in range(tc.rl_mu):
             stats = {}
             for i, (sl, w) in enumerate(micro):
-                logits = response_logits(model, sl)                                            # (b, L, V)
-                loss, met = grpo.loss_from_logits(
-                    logits, resp[sl], None if old is None else old[i], None if ref_lp is None else ref_lp[i],
-                    A[sl], mask[sl], loss_type=tc.loss_type, beta=tc.beta, eps_low=tc.eps_low,
-                    eps_high=tc.eps_high, tau=tc.tau, impl=tc.loss_impl, **norm)
+                out = response_out(model, sl)                                                  # (b, L, C | V)
+                args = (resp[sl], None if old is None else old[i], None if ref_lp is None else ref_lp[i], A[sl],
+                        mask[sl])
+                kw = dict(loss_type=tc.loss_type, beta=tc.beta, eps_low=tc.eps_low, eps_high=tc.eps_high, tau=tc.tau,
+                          **norm)
+                if chunked:   # the entropy metric comes out of the same chunked pass
+                    loss, met = grpo.loss_from_hidden(out, model.lm_head.weight, *args, **kw)
+                else:
+                    loss, met = grpo.loss_from_logits(out, *args, impl=tc.loss_impl, **kw)
+                    met['entropy'] = grpo.masked_entropy(out.detach(), mask[sl])
                 (loss * w).backward()
                 share = w * mask[sl].sum() / n_tok   # token means weigh by the micro-batch's tokens
-                met['entropy'] = grpo.masked_entropy(logits.detach(), mask[sl])
                 for k, v in {**met, 'loss': loss.detach()}.items():   # summed as tensors: one sync per step
                     stats[k] = stats.get(k, 0.0) + v * (w if k.endswith('loss') else share)
             sum_gradients(model)   # the global batch's gradient: the sum of the ranks' shares

@@ -78,12 +78,15 @@ def test_dynamic_sampling_stops_at_its_round_cap_and_keeps_all_without_the_filte
 # the trainer's loss path equals the full-logits reference, in value and in gradient
 
 def trainer_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, impl, loss_type):
-    """What grpo_stage computes for one micro-batch: logits of the response positions only, into
-    grpo.loss_from_logits (mu = 1: on-policy, old_logp None)."""
+    """What grpo_stage computes for one micro-batch (mu = 1: on-policy, old_logp None): the hidden states of the
+    response positions into grpo.loss_from_hidden (off CUDA), or their logits into grpo.loss_from_logits."""
     L = tokens.shape[1]
-    logits, _ = model(idx, pos=pos, mask=amask, logits_slice=slice(P - 1, P - 1 + L))
-    return grpo.loss_from_logits(logits / temperature, tokens, None, None, A, mask, loss_type=loss_type,
-                                 max_len=8, global_tokens=mask.sum(), impl=impl)[0]
+    out, _ = model(idx, pos=pos, mask=amask, logits_slice=slice(P - 1, P - 1 + L), return_hidden=impl == 'chunked')
+    kw = dict(loss_type=loss_type, max_len=8, global_tokens=mask.sum())
+    if impl == 'chunked':   # off CUDA: from the hidden states in blocks (small ones here, to cross several)
+        return grpo.loss_from_hidden(out / temperature, model.lm_head.weight, tokens, None, None, A, mask,
+                                     chunk_rows=5, chunk_vocab=16, **kw)[0]
+    return grpo.loss_from_logits(out / temperature, tokens, None, None, A, mask, impl=impl, **kw)[0]
 
 
 def reference_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, loss_type):
@@ -95,7 +98,7 @@ def reference_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, loss
                             global_tokens=mask.sum())[0]
 
 
-@pytest.mark.parametrize('impl', ['torch', 'triton'])
+@pytest.mark.parametrize('impl', ['chunked', 'torch', 'triton'])
 @pytest.mark.parametrize('arch', ['dense', 'mla_moe'])
 def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
     if impl == 'triton' and grpo.triton is None:
