@@ -5,6 +5,9 @@ Benchmarks, one function per name, each with its own flags:
     python bench.py grpo_loss [--device cuda|cpu] [--n-tokens 16384] [--vocab 151936] [--dtype bf16] ...
     python bench.py mla_decode [--device cuda|cpu] [--batch 128] [--seqlen 4096] [--heads 16] [--layout paged] ...
     python bench.py model [--device cuda|cpu] [--presets tiny,tiny-dense] [--threads 1]
+    python bench.py loss_hidden [--n-tokens 2048] [--vocab 32768] [--hidden 512] [--dtype fp32] ...
+    python bench.py rollout [--dims tiny-dense,small] [--temps 0.7,0] [--threads 1] ...
+    python bench.py grpo_step [--dims tiny-dense] [--threads 1] ...
 
 grpo_loss: the GRPO loss from logits, forward + backward, and the log-probs alone (what the old and the reference
 policy cost). On CUDA: ours (grpo.loss_from_logits, Triton) against the eager PyTorch reference
@@ -24,6 +27,18 @@ once (B s_k (d_c + d_R) elements) plus the queries, outputs and lse. On CPU: the
 model: what a preset's model costs end to end, with random weights: pretraining tokens/s (forward + backward +
 AdamW on pt_batch_size x block_size) and rollout tokens/s (sample.generate, 128 rows, a 24-token prompt, 160 new
 tokens at temperature 0.7, no early stop), one line per preset: the figures behind the tiny presets' choices.
+
+Against the peers, each in one run with ours, timed in interleaved rounds (medians) so a shared machine's load
+falls on both, each skipped when the peer is not installed:
+loss_hidden: grpo.loss_from_hidden (no logits) vs the trainer's old path (logits = h W^T, loss_from_logits and
+masked_entropy from them) vs Liger-Kernel's LigerFusedLinearGRPOLoss: fwd+bwd ms and peak memory, same loss and
+gradients checked first.
+rollout: sample.group_rollouts vs transformers' generate on the same weights (a dense model through
+GPT.save_pretrained and AutoModelForCausalLM), 16 prompts x G = 8, tokens/s, the ratio, and for greedy the share
+of rows equal to transformers' tokens.
+grpo_step: one GRPO step as train.py takes it (rollouts, rewards, the loss from the hidden states, AdamW) vs TRL's
+GRPOTrainer on the same weights, tokenizer (one word per id), prompts, reward and settings (mu = 1, beta = 0,
+loss 'grpo', temperature 0.7, 160 new tokens), s/step; our step runs between TRL's steps.
 """
 import argparse
 import json
@@ -502,6 +517,164 @@ def model(argv):
               f"{args.rows * args.new_tokens / t_gen * 1e3:>14,.0f} {t_gen / args.new_tokens:>15.1f}")
 
 
+# -----------------------------------------------------------------------------
+# against the peers: transformers' generate and TRL's GRPOTrainer, on the same weights (a dense model, exported
+# with GPT.save_pretrained and loaded by AutoModelForCausalLM)
+
+DIMS = {'tiny-dense': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128),
+        'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384)}
+
+
+def _dense_pair(dims, vocab, block_size, device, tmp):
+    """Our dense GQA model with random weights and its transformers twin (None when transformers is missing)."""
+    from model import GPT, ModelConfig
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=vocab, block_size=block_size, attn='gqa', ffn='dense', **DIMS[dims])).to(device)
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return m.eval(), None
+    m.save_pretrained(tmp)
+    hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
+    with torch.no_grad():   # the same weights: the same logits
+        x = torch.randint(0, vocab, (2, 16), device=device)
+        assert torch.allclose(m(x)[0], hf(x).logits, atol=1e-4), "the transformers twin disagrees"
+    return m.eval(), hf.eval()
+
+
+def rollout(argv):
+    """rollouts: sample.group_rollouts vs transformers generate on the same weights: tokens/s and the ratio"""
+    import tempfile
+    from sample import group_rollouts
+    p = argparse.ArgumentParser(prog='bench.py rollout', description=rollout.__doc__)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda or cpu")
+    p.add_argument('--dims', default='tiny-dense,small', help=f"comma-separated model dims, of {sorted(DIMS)}")
+    p.add_argument('--vocab', type=int, default=1024, help="vocabulary size")
+    p.add_argument('--prompts', type=int, default=16, help="distinct prompts")
+    p.add_argument('--group', type=int, default=8, help="G samples per prompt (rows = prompts x G)")
+    p.add_argument('--prompt-len', type=int, default=24, help="prompt tokens")
+    p.add_argument('--new-tokens', type=int, default=160, help="sampled tokens per row (no stop token)")
+    p.add_argument('--temps', default='0.7,0', help="comma-separated temperatures (0 = greedy)")
+    p.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument('--iters', type=int, default=3, help="timed rounds (interleaved), median reported")
+    args = p.parse_args(argv)
+    device, gpu = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(dict(vars(args), torch_threads=torch.get_num_threads())))
+    B, L = args.prompts * args.group, args.prompt_len + args.new_tokens
+    print(f"{'dims':11s} {'T':>4s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s}  greedy rows equal to HF's")
+    for dims in args.dims.split(','):
+        with tempfile.TemporaryDirectory() as tmp:
+            m, hf = _dense_pair(dims, args.vocab, L, device, tmp)
+        prompts = torch.randint(1, args.vocab, (args.prompts, args.prompt_len)).tolist()
+        x = torch.tensor(prompts, device=device).repeat_interleave(args.group, 0)          # (B, P) G rows each
+        for temp in map(float, args.temps.split(',')):
+            gen = torch.Generator(device=device).manual_seed(0)
+            ours = lambda: group_rollouts(m, prompts, args.group, args.new_tokens, set(), 0,  # noqa: E731
+                                          temperature=temp, generator=gen)
+            fns = {'ours': ours}
+            if hf is not None:
+                sampling = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0) if temp else dict(do_sample=False)
+                fns['hf'] = lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
+                                                min_new_tokens=args.new_tokens, pad_token_id=0, **sampling)
+            with torch.no_grad():
+                ms = time_interleaved(fns, device, 1, args.iters)
+                same = (fns['hf']()[:, args.prompt_len:] == ours().tokens).all(1).float().mean().item() \
+                    if hf is not None and not temp else float('nan')
+            tps = {k: B * args.new_tokens / v * 1e3 for k, v in ms.items()}
+            print(f"{dims:11s} {temp:4.1f} {tps['ours']:11,.0f} {tps.get('hf', float('nan')):9,.0f} "
+                  f"{tps.get('hf') and tps['ours'] / tps['hf'] or float('nan'):8.2f}  "
+                  f"{'' if same != same else f'{same:.0%}'}")
+    if hf is None:
+        print("transformers not installed: its generate is skipped (pip install transformers)")
+
+
+def grpo_step(argv):
+    """one GRPO step (rollouts, rewards, loss, AdamW) vs TRL's GRPOTrainer on the same weights, s/step"""
+    import tempfile
+    from grpo import group_advantages
+    from sample import group_rollouts, sequences_for_training
+    p = argparse.ArgumentParser(prog='bench.py grpo_step', description=grpo_step.__doc__)
+    p.add_argument('--dims', default='tiny-dense', help=f"model dims, one of {sorted(DIMS)}")
+    p.add_argument('--vocab', type=int, default=1024, help="vocabulary size")
+    p.add_argument('--prompts', type=int, default=16, help="prompts per step")
+    p.add_argument('--group', type=int, default=8, help="G samples per prompt")
+    p.add_argument('--prompt-len', type=int, default=24, help="prompt tokens")
+    p.add_argument('--new-tokens', type=int, default=160, help="sampled tokens per row (no stop token)")
+    p.add_argument('--temperature', type=float, default=0.7, help="rollout temperature")
+    p.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument('--iters', type=int, default=3, help="timed steps of each (interleaved), median reported")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(dict(vars(args), torch_threads=torch.get_num_threads())))
+    device, V, G, T = torch.device('cpu'), args.vocab, args.group, args.temperature
+    prompts = torch.randint(2, V, (args.prompts, args.prompt_len)).tolist()
+    rows = [q for q in prompts for _ in range(G)]
+
+    def reward(text):   # a plain function of the text, the same for both: the share of even token ids
+        words = text.split()
+        return sum(int(w[1:]) % 2 == 0 for w in words) / max(1, len(words))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m, hf = _dense_pair(args.dims, V, args.prompt_len + args.new_tokens, device, tmp)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
+    gen = torch.Generator().manual_seed(0)
+
+    def ours():
+        """What train.py's GRPO step does (mu = 1, beta = 0, loss 'grpo'), with the loss from the hidden states."""
+        m.eval()
+        g = group_rollouts(m, prompts, G, args.new_tokens, set(), 0, temperature=T, generator=gen)
+        texts = [' '.join(f't{i}' for i in r[:int(n)]) for r, n in zip(g.tokens.tolist(), g.lengths)]
+        A = group_advantages(torch.tensor([reward(t) for t in texts]), G)
+        idx, pos, amask, P = sequences_for_training(rows, g, 0, device)
+        m.train()
+        h, _ = m(idx, pos=pos, mask=amask, logits_slice=slice(P - 1, P - 1 + g.tokens.shape[1]), return_hidden=True)
+        loss, _ = loss_from_hidden(h / T, m.lm_head.weight, g.tokens, None, None, A, g.mask, loss_type='grpo')
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {'ours': [], 'trl': []}
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+        from datasets import Dataset
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast, TrainerCallback
+    except ImportError as e:
+        print(f"TRL not usable here ({e}): only ours is timed (pip install trl)")
+        for _ in range(args.iters + 1):
+            times['ours'].append(time_ms(ours, device, 0, 1))
+    else:
+        # token id i is the word t{i}: prompts and completions are the same ids on both sides
+        tk = Tokenizer(models.WordLevel({f't{i}': i for i in range(V)}, unk_token='t0'))
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix='##')
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token='t0', eos_token='t1', unk_token='t0')
+        data = Dataset.from_dict({'prompt': [' '.join(f't{i}' for i in q) for q in prompts] * (args.iters + 1)})
+
+        class Interleave(TrainerCallback):   # time TRL's step, then run and time ours, and so on
+            def on_step_begin(self, *a, **kw):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **kw):
+                times['trl'].append(1e3 * (time.perf_counter() - self.t0))
+                times['ours'].append(time_ms(ours, device, 0, 1))
+
+        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(rows), num_generations=G,
+                         max_completion_length=args.new_tokens, generation_kwargs={'min_new_tokens': args.new_tokens},
+                         temperature=T, top_k=0, top_p=1.0, beta=0.0, loss_type='grpo', learning_rate=1e-6,
+                         max_steps=args.iters + 1, shuffle_dataset=False, save_strategy='no', report_to='none',
+                         use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=10 ** 6, seed=0)
+        GRPOTrainer(model=hf, reward_funcs=lambda completions, **kw: [reward(c) for c in completions], args=cfg,
+                    train_dataset=data, processing_class=tok, callbacks=[Interleave()]).train()
+    med = {k: statistics.median(v[1:]) / 1e3 for k, v in times.items() if len(v) > 1}   # the first is warm-up
+    print(f"{args.dims}: {len(rows)} rows x {args.new_tokens} tokens after {args.prompt_len}; s/step, median of "
+          f"{args.iters} after one warm-up: " + ', '.join(f"{k} {v:.2f}" for k, v in med.items()) +
+          (f"; TRL / ours = {med['trl'] / med['ours']:.2f}" if 'trl' in med else ''))
+
+
 def _device(name):
     """torch.device and whether it is a GPU, with a one-line error when CUDA is asked for and missing."""
     device = torch.device(name)
@@ -510,7 +683,8 @@ def _device(name):
     return device, device.type == 'cuda'
 
 
-BENCHMARKS = {'grpo_loss': grpo_loss, 'loss_hidden': loss_hidden, 'mla_decode': mla_decode, 'model': model}
+BENCHMARKS = {'grpo_loss': grpo_loss, 'loss_hidden': loss_hidden, 'mla_decode': mla_decode, 'model': model,
+              'rollout': rollout, 'grpo_step': grpo_step}
 
 
 def main():

@@ -12,12 +12,19 @@ question, sampled from the old policy).
 - Returned logprobs are those of the distribution the token was actually drawn from (after temperature and
   top-k/top-p), i.e. the behaviour policy that GRPO's ratio divides by; greedy returns the model's plain
   log-softmax. RL samples at temperature 1 with no filtering, where the two coincide.
-- `generate_naive` is the slow twin: no cache, the whole prefix recomputed every step. Tests hold the two equal.
+- Rollout speed (`generate`): one prefill per distinct prompt, copied to its G rows (GRPO repeats each prompt
+  G times); finished rows leave the batch, with a batch generator still drawing for every row so that no token
+  changes; on CUDA a static-shape decode step replayed as a CUDA graph (`StaticDecode`). Shared-prefix
+  attention (Hydragen, Juravsky et al. 2024: read the prompt's cache once per group) is not done: each row
+  still reads its own copy of the prompt's keys.
+- `generate_naive` is the slow twin: no cache, the whole prefix recomputed every step, every row to the end.
+  Tests hold the two equal, token for token, for every fast path.
 - `PartialRollouts`: Kimi k1.5's partial rollouts (sec 2.6.2), a token budget per iteration with unfinished
   trajectories carried over in a bounded buffer, and its repeat detection; greedy continuation from the buffer
   equals one uninterrupted generation (tests/test_sampling.py).
 """
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,9 +104,10 @@ def pick(logits, temperature, top_k, top_p, rng, rows=None):
     u = u if rows is None else u[rows]                                # (b,)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (b,)
     # a token chosen this way has cdf_j > cdf_{j-1}, i.e. p_j > 0, except when u * total rounds up to the total
-    # (j = V): then take the row's last token of positive probability
-    last = V - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)     # (b,)
-    tok = torch.minimum(tok, last)
+    # (j = V): then take the row's last token of positive probability (rare, so looked for only then)
+    if bool((tok == V).any()):
+        last = V - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)  # (b,)
+        tok = torch.minimum(tok, last)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -139,6 +147,7 @@ class StaticDecode:
     with index_copy_ and returns the whole buffer) and the attention mask over all L slots, which hides the
     pad and the slots not written yet. The eager step (sliced cache, no mask for equal prompts) is its twin;
     graph=False runs the same step without capture (how the CPU tests run it). Sampling stays outside.
+    Not yet run on a GPU (none has been lent to this project): a capture that fails warns and runs eagerly.
     """
 
     def __init__(self, model, cache, mask, graph):
@@ -161,7 +170,12 @@ class StaticDecode:
         if not self.use_graph:
             return self._run()
         if self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as e:   # an op that cannot be captured: the same step, eagerly
+                warnings.warn(f"CUDA graph capture of the decode step failed, running it eagerly: {e}")
+                self.graph, self.use_graph = None, False
+                return self._run()
         self.graph.replay()   # rewrites this step's cache slot with the same values when just captured
         return self.out
 
@@ -172,9 +186,10 @@ class StaticDecode:
         with torch.cuda.stream(side):
             self._run()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self.out = self._run()                                                   # (b, V) the graph's output
+        self.graph = graph
 
 
 @torch.no_grad()
