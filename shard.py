@@ -288,7 +288,8 @@ def memory_plan(model, tc, world, device_type, prompt_len):
         kv, what = 2 * cfg.n_kv_head * cfg.head_dim * act, 'GQA K, V'
     rows['KV cache'] = (B * T * cfg.n_layer * kv, f"{B} rollout rows x {T} positions x {cfg.n_layer} layers x "
                                                    f"{kv} B ({what})")
-    rows['prefill logits'] = (B * prompt_len * V * act, f"{B} rows x {prompt_len} prompt positions x {V} vocab")
+    n_prompts = math.ceil(tc.rl_prompts / world)   # sample.generate prefills each distinct prompt once, last position
+    rows['prefill logits'] = (n_prompts * V * act, f"{n_prompts} prompts x 1 (the last) position x {V} vocab")
     rows['logits'] = (tc.rl_micro * tc.max_new_tokens * V * 4, f"{tc.rl_micro} (--rl-micro) x {tc.max_new_tokens}"
                                                               f" response positions x {V} vocab, fp32")
     tokens = tc.rl_micro * T
@@ -361,3 +362,27 @@ def dry_run(tc, task_cfg, mc):
            ', '.join(f"{k} {gib(rows[k][0]).strip()} GiB" for k in big))
     for flags, t in plan_fixes(model, tc, world, device_type, prompt_len, capacity):
         print0(f"  fix: {flags} -> {gib(t).strip()} GiB")
+
+
+def check_fits(tc, task_cfg, mc):
+    """Before any weight is loaded: stop with one line when this rank's plan exceeds the GPU's memory (or, on a
+    CPU, the machine's RAM), naming the largest items and the first fix that makes it fit. A preset too big for
+    the machine then stops here instead of thrashing; --dry-run prints the whole plan."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    device_type = (tc.device or ('cuda' if torch.cuda.is_available() else 'cpu')).split(':')[0]
+    with torch.device('meta'):
+        model = GPT(mc)
+    prompt_len = prompt_bound(task_cfg)
+    rows = memory_plan(model, tc, world, device_type, prompt_len)
+    total = sum(b for b, _ in rows.values())
+    if device_type == 'cuda' and torch.cuda.is_available():
+        capacity, where = torch.cuda.mem_get_info()[1], torch.cuda.get_device_name()
+    else:
+        capacity, where = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'this machine\'s RAM'
+    if total <= capacity:
+        return
+    big = ', '.join(f"{k} {rows[k][0] / 2 ** 30:.1f}" for k in sorted(rows, key=lambda k: -rows[k][0])[:3])
+    fix = next(iter(plan_fixes(model, tc, world, device_type, prompt_len, capacity)), None)
+    die(f"this run needs {total / 2 ** 30:.1f} GiB per rank, more than {where} ({capacity / 2 ** 30:.1f} GiB); "
+        f"largest: {big} GiB" + (f"; {fix[0]} would need {fix[1] / 2 ** 30:.1f}" if fix else '') +
+        " (python train.py ... --dry-run prints the plan)")

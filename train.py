@@ -52,7 +52,7 @@ from model import ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
 from sample import PartialRollouts, cat_batches, dynamic_batch, row_seed, select_groups, sequences_for_training
-from shard import build_model, dry_run
+from shard import build_model, check_fits, dry_run
 from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
 
@@ -613,6 +613,7 @@ def main(argv=None):
             "groups is not split across ranks; drop them under torchrun")
     if tc.fsdp and (not dist.is_initialized() or [s for s, _ in pipeline] != ['pretrain']):
         die("--fsdp shards --stage pretrain under torchrun for now: torchrun --nproc_per_node=N train.py --fsdp ...")
+    check_fits(tc, task_cfg, mc)   # before any weight is read: a run too big for the machine stops here
     for s, d in pipeline:   # before any work: no stage may silently replace a checkpoint
         if not tc.resume and not tc.overwrite and os.path.isfile(os.path.join(tc.out_dir, d, 'ckpt.pt')):
             die(f"{os.path.join(tc.out_dir, d, 'ckpt.pt')} exists: pass --resume to continue the run or --overwrite "

@@ -242,7 +242,9 @@ def test_plan_counts_what_one_process_holds(name):
     rows = tc.rl_prompts * tc.rl_group
     cache = model.new_cache(rows, T)
     with torch.no_grad():
-        prefill, _ = model(torch.randint(0, cfg.vocab_size, (rows, P)), cache=cache)   # allocates all T positions
+        # sample.generate: the distinct prompts' last position only; the G samples' cache rows are copies
+        prefill, _ = model(torch.randint(0, cfg.vocab_size, (tc.rl_prompts, P)), logits_slice=slice(P - 1, P))
+        model(torch.randint(0, cfg.vocab_size, (rows, P)), cache=cache)                # allocates all T positions
         logits, _ = model(torch.randint(0, cfg.vocab_size, (tc.rl_micro, T)), logits_slice=slice(P - 1, T - 1))
     assert plan['KV cache'][0] == cache.nbytes()
     assert plan['prefill logits'][0] == prefill.numel() * prefill.element_size()

@@ -149,14 +149,20 @@ def test_tiny_world_model_exports_too(tmp_path):
     one_line_error(p, f"--save-hf {hf} already holds a model")
 
 
-@pytest.mark.skip(reason="needs the dist branch's torchrun grpo (prompt sharding); enable once it is merged")
 def test_grpo_from_a_qwen_folder_two_ranks_match_one(qwen_folder, tmp_path):
+    """The same run from the Qwen folder under torchrun (2 gloo ranks): the metrics and the weights of one process."""
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     common = ['--preset', 'test', '--stage', 'grpo', '--init-from', qwen_folder, '--rl-steps', '2'] + TZ
     run(common + ['--out-dir', one])
     run(common + ['--out-dir', two], torchrun=True)
-    for x, y in zip(metrics(one), metrics(two)):
+    a, b = metrics(one), metrics(two)
+    assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 1, 2]
+    for x, y in zip(a, b):
         assert abs(x.get('reward', 0) - y.get('reward', 0)) < 1e-6
+    wa = torch.load(os.path.join(one, 'grpo', 'ckpt.pt'), weights_only=True)['model']
+    wb = torch.load(os.path.join(two, 'grpo', 'ckpt.pt'), weights_only=True)['model']
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
 def test_not_a_model_gives_one_line(qwen_folder, tmp_path):
@@ -190,3 +196,11 @@ def test_qwen_presets_dry_run_without_weights(preset, capsys):
                                   intermediate_size=c['intermediate_size'], tie_word_embeddings=c['tie_embeddings'])
     with torch.device('meta'):
         assert sum(p.numel() for p in transformers.Qwen2ForCausalLM(hf).parameters()) == REAL[preset]
+
+
+def test_a_preset_too_big_for_the_machine_stops_before_loading(tmp_path):
+    """Without --dry-run, the 3B preset on this machine stops with one line from the memory plan before it reads a
+    weight or builds a model (its fp32 weights alone, 11.5 GiB, are what the plan counts, never allocated)."""
+    p = run(['--preset', 'qwen2.5-3b-countdown', '--out-dir', str(tmp_path / 'q3')], check=False)
+    one_line_error(p, 'GiB per rank, more than', '--dry-run prints the plan')
+    assert not os.path.exists(tmp_path / 'q3')
