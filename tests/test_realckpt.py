@@ -152,7 +152,9 @@ def test_tiny_world_model_exports_too(tmp_path):
 def test_grpo_from_a_qwen_folder_two_ranks_match_one(qwen_folder, tmp_path):
     """The same run from the Qwen folder under torchrun (2 gloo ranks): the metrics and the weights of one process."""
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-    common = ['--preset', 'test', '--stage', 'grpo', '--init-from', qwen_folder, '--rl-steps', '2'] + TZ
+    # torchrun's own parser reads '--lo' as an abbreviation of its --log-dir: TZ without it (lo=1 is the default)
+    tz = [a for i, a in enumerate(TZ) if a != '--lo' and (i == 0 or TZ[i - 1] != '--lo')]
+    common = ['--preset', 'test', '--stage', 'grpo', '--init-from', qwen_folder, '--rl-steps', '2'] + tz
     run(common + ['--out-dir', one])
     run(common + ['--out-dir', two], torchrun=True)
     a, b = metrics(one), metrics(two)
