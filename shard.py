@@ -329,16 +329,21 @@ def plan_fixes(model, tc, world, device_type, prompt_len, capacity):
     return [('nothing up to 4096 ranks', total(best, 4096))]
 
 
-def dry_run(tc, task_cfg, mc):
-    """--dry-run: print the per-rank memory plan of this config, name what does not fit in the device's memory and
-    the flags that would fix it, allocating nothing (the model is built on the meta device)."""
-    world = tc.world_size or int(os.environ.get('WORLD_SIZE', 1))
+def _plan(tc, task_cfg, mc, world):
+    """(meta model, device type, prompt bound, the plan's rows, their total bytes) of these settings."""
     device_type = (tc.device or ('cuda' if torch.cuda.is_available() else 'cpu')).split(':')[0]
     with torch.device('meta'):
         model = GPT(mc)
     prompt_len = prompt_bound(task_cfg)
     rows = memory_plan(model, tc, world, device_type, prompt_len)
-    total = sum(b for b, _ in rows.values())
+    return model, device_type, prompt_len, rows, sum(b for b, _ in rows.values())
+
+
+def dry_run(tc, task_cfg, mc):
+    """--dry-run: print the per-rank memory plan of this config, name what does not fit in the device's memory and
+    the flags that would fix it, allocating nothing (the model is built on the meta device)."""
+    world = tc.world_size or int(os.environ.get('WORLD_SIZE', 1))
+    model, device_type, prompt_len, rows, total = _plan(tc, task_cfg, mc, world)
     gib = lambda b: f"{b / 2 ** 30:8.2f}"  # noqa: E731
     sharding = (f"--fsdp, shard group {shard_group_size(world, tc.fsdp, tc.hsdp)}" + (f" x {tc.hsdp} replicas"
                 if tc.hsdp > 1 else '')) if tc.fsdp else 'weights replicated (DDP)'
@@ -369,12 +374,7 @@ def check_fits(tc, task_cfg, mc):
     CPU, the machine's RAM), naming the largest items and the first fix that makes it fit. A preset too big for
     the machine then stops here instead of thrashing; --dry-run prints the whole plan."""
     world = int(os.environ.get('WORLD_SIZE', 1))
-    device_type = (tc.device or ('cuda' if torch.cuda.is_available() else 'cpu')).split(':')[0]
-    with torch.device('meta'):
-        model = GPT(mc)
-    prompt_len = prompt_bound(task_cfg)
-    rows = memory_plan(model, tc, world, device_type, prompt_len)
-    total = sum(b for b, _ in rows.values())
+    model, device_type, prompt_len, rows, total = _plan(tc, task_cfg, mc, world)
     if device_type == 'cuda' and torch.cuda.is_available():
         capacity, where = torch.cuda.mem_get_info()[1], torch.cuda.get_device_name()
     else:
