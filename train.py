@@ -345,7 +345,8 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
                 (loss / tc.pt_grad_accum).backward()
             loss_acc += loss.detach() / tc.pt_grad_accum
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.pt_grad_clip or float('inf'))
-        check_finite(step, loss=loss_acc, grad_norm=gnorm)
+        if step % tc.log_interval == 0 or (step + 1) % tc.ckpt_interval == 0 or step == tc.pt_steps - 1:
+            check_finite(step, loss=loss_acc, grad_norm=gnorm)   # a sync: only where we log or save anyway
         opt.step()
         opt.zero_grad(set_to_none=True)
         if mc.ffn == 'moe':
