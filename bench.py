@@ -10,7 +10,7 @@ Benchmarks, one function per name, each with its own flags:
     python bench.py grpo_step [--dims tiny-dense] [--threads 1] ...
 
 grpo_loss: the GRPO loss from logits, forward + backward, and the log-probs alone (what the old and the reference
-policy cost). On CUDA: ours (grpo.loss_from_logits, Triton) against the eager PyTorch reference
+policy cost). On CUDA: ours (fused_loss.loss_from_logits, Triton) against the eager PyTorch reference
 (policy_loss(token_logprobs(...))) and, when installed, Liger-Kernel's Triton GRPO loss; time, effective
 bandwidth over the roofline bytes (the logits read twice and their gradient written once: 3 N V elements, 6 N V
 bytes in bf16, REFERENCE.md sec 3), that as a share of the HBM peak, and peak memory above the inputs
@@ -30,7 +30,7 @@ tokens at temperature 0.7, no early stop), one line per preset: the figures behi
 
 Against the peers, each in one run with ours, timed in interleaved rounds (medians) so a shared machine's load
 falls on both, each skipped when the peer is not installed:
-loss_hidden: grpo.loss_from_hidden (no logits) vs the trainer's old path (logits = h W^T, loss_from_logits and
+loss_hidden: fused_loss.loss_from_hidden (no logits) vs the trainer's old path (logits = h W^T, loss_from_logits and
 masked_entropy from them) vs Liger-Kernel's LigerFusedLinearGRPOLoss: fwd+bwd ms and peak memory, same loss and
 gradients checked first.
 rollout: sample.group_rollouts vs transformers' generate on the same weights (a dense model through
@@ -51,8 +51,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from grpo import (LOSS_TYPES, logprobs_from_logits, loss_from_hidden, loss_from_logits, masked_entropy,
-                  policy_loss, token_logprobs)
+from fused_loss import logprobs_from_logits, loss_from_hidden, loss_from_logits
+from grpo import LOSS_TYPES, masked_entropy, policy_loss, token_logprobs
 from mla import mla_decode_ref, mla_decode_triton
 
 # HBM bandwidth from the vendor sheets, bytes/s, matched against torch.cuda.get_device_name() in this order

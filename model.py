@@ -372,7 +372,7 @@ class GPT(nn.Module):
         a prompt of P), computes logits only there (HF's logits_to_keep); it excludes targets.
         Returns (logits (B, T, V) fp32-castable, or (B, T', V) for the T' sliced positions; loss or None).
         return_hidden=True returns (the final-norm hidden states (B, T or T', C) that lm_head would read, None)
-        instead: grpo.loss_from_hidden takes them with lm_head.weight and never builds the (B, T, V) logits.
+        instead: fused_loss.loss_from_hidden takes them with lm_head.weight and never builds the (B, T, V) logits.
         In training mode with targets, loss also holds mtp_loss_weight * the MTP loss and the MoE balance loss;
         after every call `self.mtp_loss` and `self.aux_loss` hold those terms (tensors with grad, or None) so
         the trainer can log them, or add `aux_loss` to an RL loss computed from the logits.

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import distill
+import fused_loss
 import grpo
 from harness import (add_flags, all_reduce_sum, autocast, barrier, check_fields, check_finite, checkpoint, die,
                      encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_sharded, meta_model,
@@ -169,7 +170,7 @@ POSITIVE = {'pt_steps', 'pt_batch_size', 'pt_grad_accum', 'pt_lr', 'pt_eval_inte
 FRACTIONS = {'corpus_arith_frac', 'corpus_check_frac', 'pt_min_lr_frac', 'eps_low', 'curriculum_frac',
              'curriculum_start', 'prio_prior', 'prio_floor', 'repeat_stop'}
 CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOICES,
-           'loss_impl': grpo.IMPLS + ('chunked',), 'prompt_sampling': ('uniform', 'curriculum', 'prioritized'),
+           'loss_impl': fused_loss.IMPLS + ('chunked',), 'prompt_sampling': ('uniform', 'curriculum', 'prioritized'),
            'distill_mode': ('sft', 'logits')}
 
 
@@ -512,8 +513,8 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
 
         def logprobs(m, sl):   # (b, L)
             out = response_out(m, sl)
-            return (grpo.logprobs_from_hidden(out, m.lm_head.weight, resp[sl]) if chunked
-                    else grpo.logprobs_from_logits(out, resp[sl], tc.loss_impl))
+            return (fused_loss.logprobs_from_hidden(out, m.lm_head.weight, resp[sl]) if chunked
+                    else fused_loss.logprobs_from_logits(out, resp[sl], tc.loss_impl))
 
         # 4. old (mu > 1 only: with mu = 1 the policy is its own old policy, rho == 1) and reference logprobs
         with torch.no_grad():
@@ -529,9 +530,9 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
                 kw = dict(loss_type=tc.loss_type, beta=tc.beta, eps_low=tc.eps_low, eps_high=tc.eps_high, tau=tc.tau,
                           **norm)
                 if chunked:   # the entropy metric comes out of the same chunked pass
-                    loss, met = grpo.loss_from_hidden(out, model.lm_head.weight, *args, **kw)
+                    loss, met = fused_loss.loss_from_hidden(out, model.lm_head.weight, *args, **kw)
                 else:
-                    loss, met = grpo.loss_from_logits(out, *args, impl=tc.loss_impl, **kw)
+                    loss, met = fused_loss.loss_from_logits(out, *args, impl=tc.loss_impl, **kw)
                     met['entropy'] = grpo.masked_entropy(out.detach(), mask[sl])
                 (loss * w).backward()
                 share = w * mask[sl].sum() / n_tok   # token means weigh by the micro-batch's tokens

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fused_loss import loss_from_hidden  # noqa: E402
 from grpo import (LOSS_NEAR_ZERO_NOTE, LOSS_TYPES, advantage_scale, group_advantages, kl_k3,  # noqa: E402
-                  loss_from_hidden, masked_entropy, policy_loss, token_logprobs, zero_variance_groups)
+                  masked_entropy, policy_loss, token_logprobs, zero_variance_groups)
 
 
 def close(a, b, tol=1e-5):

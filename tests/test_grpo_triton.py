@@ -1,5 +1,5 @@
 """
-The fused GRPO loss kernel in grpo.py (loss_from_logits, logprobs_from_logits) against the PyTorch reference
+The fused GRPO loss kernel in fused_loss.py (loss_from_logits, logprobs_from_logits) against the PyTorch reference
 policy_loss(token_logprobs(logits, tokens), ...) with autograd: the loss, every metric and the logits' gradient,
 for every loss_type, beta 0 and > 0, vocabularies that are not a power of two and span many kernel blocks,
 masked tokens (and a sequence with none), fp32 within 1e-5 and bf16 within one bf16 rounding of the gradient;
@@ -8,7 +8,7 @@ and micro-batches given the batch's normalisers summing to the whole batch's los
 Without CUDA the kernels run in Triton's interpreter (numpy on the CPU, slow), so shapes are tiny (B*T = 24).
 TRITON_INTERPRET=1 must be set before anything imports triton (it is read when a kernel is decorated): this
 module sets it at the top, and tests/conftest.py sets it for `pytest tests`, where other test modules import
-grpo (hence triton) first. With CUDA the same tests run the compiled kernels on the GPU.
+fused_loss (hence triton) first. With CUDA the same tests run the compiled kernels on the GPU.
 
 Run:  TRITON_INTERPRET=1 python -m pytest tests/test_grpo_triton.py -q     (CPU, about 15 s)
       python -m pytest tests -q                                            (works too)
@@ -24,8 +24,8 @@ if not CUDA:
     os.environ['TRITON_INTERPRET'] = '1'  # before the first import of triton, which grpo does
 pytest.importorskip('triton')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import (LOSS_TYPES, logprobs_from_logits, loss_from_logits, policy_loss, select_impl,  # noqa: E402
-                  token_logprobs, triton_interpreted)
+from fused_loss import logprobs_from_logits, loss_from_logits, select_impl, triton_interpreted  # noqa: E402
+from grpo import LOSS_TYPES, policy_loss, token_logprobs  # noqa: E402
 
 if not CUDA and not triton_interpreted():
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the "

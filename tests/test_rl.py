@@ -1,6 +1,6 @@
 """
 The GRPO stage: dynamic sampling's refill (sample.dynamic_batch) against scripted batches, the trainer's loss path
-(logits for the response positions only, grpo.loss_from_logits, the Triton kernel under the interpreter) against
+(logits for the response positions only, fused_loss.loss_from_logits, the Triton kernel under the interpreter) against
 the full-logits reference, and the stage end to end on the 'test' preset (outputs, report, resume, errors).
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rl.py -q
 """
@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import fused_loss
 import grpo
 from model import GPT, ModelConfig
 from sample import Generation, RolloutBatch, dynamic_batch, sequences_for_training
@@ -79,14 +80,14 @@ def test_dynamic_sampling_stops_at_its_round_cap_and_keeps_all_without_the_filte
 
 def trainer_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, impl, loss_type):
     """What grpo_stage computes for one micro-batch (mu = 1: on-policy, old_logp None): the hidden states of the
-    response positions into grpo.loss_from_hidden (off CUDA), or their logits into grpo.loss_from_logits."""
+    response positions into fused_loss.loss_from_hidden (off CUDA), or their logits into fused_loss.loss_from_logits."""
     L = tokens.shape[1]
     out, _ = model(idx, pos=pos, mask=amask, logits_slice=slice(P - 1, P - 1 + L), return_hidden=impl == 'chunked')
     kw = dict(loss_type=loss_type, max_len=8, global_tokens=mask.sum())
     if impl == 'chunked':   # off CUDA: from the hidden states in blocks (small ones here, to cross several)
-        return grpo.loss_from_hidden(out / temperature, model.lm_head.weight, tokens, None, None, A, mask,
+        return fused_loss.loss_from_hidden(out / temperature, model.lm_head.weight, tokens, None, None, A, mask,
                                      chunk_rows=5, chunk_vocab=16, **kw)[0]
-    return grpo.loss_from_logits(out / temperature, tokens, None, None, A, mask, impl=impl, **kw)[0]
+    return fused_loss.loss_from_logits(out / temperature, tokens, None, None, A, mask, impl=impl, **kw)[0]
 
 
 def reference_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, loss_type):
@@ -101,7 +102,7 @@ def reference_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, loss
 @pytest.mark.parametrize('impl', ['chunked', 'torch', 'triton'])
 @pytest.mark.parametrize('arch', ['dense', 'mla_moe'])
 def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
-    if impl == 'triton' and grpo.triton is None:
+    if impl == 'triton' and fused_loss.triton is None:
         pytest.skip('triton not installed')
     kw = dict(attn='gqa', ffn='dense') if arch == 'dense' else dict(kv_lora_rank=16, qk_nope_head_dim=8,
                                                                       qk_rope_head_dim=8, v_head_dim=8,
