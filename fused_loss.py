@@ -14,7 +14,8 @@ carries its own normalisation.
 """
 import torch
 
-from grpo import aggregate, check_policy_inputs, kimi_loss, loss_metrics, policy_loss, token_logprobs
+from grpo import (aggregate, check_policy_inputs, kimi_loss, loss_metrics, masked_entropy, policy_loss,
+                  token_logprobs)
 
 # -----------------------------------------------------------------------------
 # the same loss from the hidden states: the (N, V) logits are never built
@@ -344,3 +345,31 @@ def loss_from_logits(logits, tokens, old_logp, ref_logp, advantages, mask, loss_
     with torch.no_grad():
         rho = torch.exp(logp - old_logp)                       # (B, T)
     return loss, loss_metrics(rho, A_tok, mask, eps_low, eps_high, pg_loss, kl_loss, kl)
+
+
+# -----------------------------------------------------------------------------
+# the trainer's entry: one name for both paths
+
+def trainer_impl(loss_impl, device):
+    """--loss-impl -> 'chunked' (from the hidden states) or an impl of the logits path. 'auto': the kernel over the
+    response logits on CUDA, chunked elsewhere (no (N, V) logits, and no Triton interpreter on a CPU)."""
+    if loss_impl == 'chunked' or (loss_impl == 'auto' and not str(device).startswith('cuda')):
+        return 'chunked'
+    return loss_impl
+
+
+def response_logprobs(out, lm_head_weight, tokens, impl):
+    """(B, T) log-probs of tokens. out: final hidden states (B, T, C) if impl == 'chunked', else logits (B, T, V)."""
+    if impl == 'chunked':
+        return logprobs_from_hidden(out, lm_head_weight, tokens)
+    return logprobs_from_logits(out, tokens, impl)
+
+
+def response_loss(out, lm_head_weight, tokens, old_logp, ref_logp, advantages, mask, impl, **loss_options):
+    """(loss, metrics incl. 'entropy') of out as in response_logprobs; the entropy of the chunked path comes out
+    of its own pass over the vocabulary."""
+    if impl == 'chunked':
+        return loss_from_hidden(out, lm_head_weight, tokens, old_logp, ref_logp, advantages, mask, **loss_options)
+    loss, metrics = loss_from_logits(out, tokens, old_logp, ref_logp, advantages, mask, impl=impl, **loss_options)
+    metrics['entropy'] = masked_entropy(out.detach(), mask)
+    return loss, metrics

@@ -174,6 +174,21 @@ def rl_metrics(seen, terms, batch, mask, G, pool):
     return {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
 
 
+def finish_pretrain(tc, task_cfg, model, tok, val, device, final_loss, stage_dir, t0):
+    """The base's summary.json (losses, held-out greedy countdown and arithmetic), loss plot and report.md."""
+    summary = {'params': model.num_params(), 'final_train_loss': final_loss,
+               'final_val_loss': val_loss(model, val, device, tok.bos), **base_evals(model, tok, tc, task_cfg)}
+    if rank_world()[0] != 0:   # one writer
+        return
+    summary['wall_seconds'] = round(time.time() - t0, 1)
+    plot_curves(os.path.join(stage_dir, 'loss.png'), read_jsonl(os.path.join(stage_dir, 'metrics.jsonl')),
+                ['loss', 'val_loss'], 'pretrain')
+    write_json(os.path.join(stage_dir, 'summary.json'), summary)
+    write_report(os.path.join(stage_dir, 'report.md'), 'nanoR1 pretrain report', ['![loss](loss.png)'], summary,
+                 {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})
+    print0(json.dumps(summary, indent=2))
+
+
 def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     """Final evaluation, summary.json, plots and report.md."""
     tmpl, last = task_cfg.template, rows[-1]
@@ -211,6 +226,18 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
         *[f'![{p}]({p}.png)\n' for p in plots]], s,
         {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})
     print0(json.dumps(s, indent=2))
+
+
+def run_summary(out_dir, stages, wall):
+    """<out_dir>/summary.json of a run: the last stage's keys at the top, every stage's headline figures below.
+    stages: {stage dir: its stage_summary}, in pipeline order."""
+    last = list(stages.values())[-1]
+    top = {**{k: v for k, v in last.items() if k != 'stage_wall_seconds'}, 'pipeline': list(stages),
+           'stages': {d: {k: v[k] for k in ('countdown_pass@1', 'mean_response_tokens', 'stage_wall_seconds')}
+                      for d, v in stages.items()}, 'wall_seconds': round(wall, 1)}
+    write_json(os.path.join(out_dir, 'summary.json'), top)
+    if len(stages) > 1:
+        print0(json.dumps(top['stages'], indent=2))
 
 
 def stage_summary(tc, d, wall):

@@ -10,7 +10,7 @@ Stages
 - pretrain: next-token prediction on the synthetic corpus (tasks.py), standing in for the web-scale base model
   that R1-Zero starts from (DeepSeek-R1 sec 2.2: "RL directly on the base model").
 - grpo: R1-Zero's RL on the pretrained base with rule rewards (`grpo_stage`; the loss is grpo.py's, the rewards
-  rewards.py's, the rollouts sample.py's).
+  rewards.py's, the rollouts sample.py's and rollouts.py's).
 - sft, rs, distill: R1's cold start (sec 2.3.1), rejection sampling (sec 2.3.3) and distillation (sec 2.4), in
   distill.py.
 - a comma-separated pipeline, e.g. --stage pretrain,sft,grpo,rs,grpo (the R1 pipeline, preset tiny-r1): each
@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -46,13 +45,14 @@ from harness import (add_flags, all_reduce_sum, autocast, barrier, check_fields,
                      encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_sharded, meta_model,
                      open_stage, Parser, pick_device, print0, rank_world, rng_state, save_checkpoint, save_sharded,
                      set_rng_state, setup_distributed, shard, sum_gradients)
-from report import (MetricsLog, base_evals, evaluate, finish_grpo, plot_curves, read_jsonl, rl_metrics, stage_summary,
-                    val_loss, write_json, write_report)
+from report import (MetricsLog, evaluate, finish_grpo, finish_pretrain, rl_metrics, run_summary, stage_summary,
+                    val_loss)
 from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
 from model import ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
-from sample import PartialRollouts, cat_batches, dynamic_batch, row_seed, select_groups, sequences_for_training
+from rollouts import PartialRollouts, cat_batches, dynamic_batch, training_shard
+from sample import row_seed
 from shard import build_model, check_fits, dry_run
 from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
@@ -118,7 +118,7 @@ class TrainConfig:
     rl_grad_clip: float = 1.0         # grad-norm clip
     rl_eval_interval: int = 25        # iterations between held-out greedy evaluations
     pass_k: int = 8                   # k of the final sampled pass@k
-    # Kimi k1.5 sampling strategies (sec 2.3.4), partial rollouts (2.6.2): tasks.PromptSampler, sample.PartialRollouts
+    # Kimi k1.5 sampling strategies (sec 2.3.4), partial rollouts (2.6.2): tasks.PromptSampler, rollouts.PartialRollouts
     prompt_sampling: str = 'uniform'  # uniform | curriculum (easy to hard by solve_rate) | prioritized (~ 1 - success)
     curriculum_frac: float = 0.5      # curriculum: share of rl_steps over which the draw window grows to the whole pool
     curriculum_start: float = 0.1     # curriculum: share of the pool (the easiest) drawn from at step 0
@@ -197,26 +197,17 @@ PRESETS = {
     'tiny-distill': dict(**DENSE, stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt', n_layer=2,
                          n_embd=96, rs_problems=800, rs_temperature=0.7, sft_steps=200),
 }
-# R1-Zero from a real checkpoint: the TinyZero countdown replay, RL straight on a Qwen2.5 base with the task at
-# TinyZero's distribution and its base-model prompt (<think> prefilled; --template chat with an -Instruct model).
-# The architecture is written out (Qwen2.5's config.json) so --dry-run sizes the run without the weights;
-# --init-from <folder> must hold that model (harness.check_hf_config). block_size = TinyZero's 256 prompt + 1024
-# response tokens. Hyper-parameters and their sources:
-# - TinyZero (github.com/Jiayi-Pan/TinyZero; scripts/train_tiny_zero.sh, verl PPO, and the repo's GRPO script
-#   scripts/train_tiny_zero_a100_grpo.sh): actor lr 1e-6, KL 0.001 (the GRPO script: as a loss, "low_var_kl", i.e.
-#   k3), data.max_prompt_length 256, max_response_length 1024, rollout temperature 1.0 (verl's default), clip
-#   0.2 (verl's clip_ratio), GRPO with rollout.n=5 on train_batch_size=128 prompts -> the 3B preset's 128 x 5;
-#   its reward gives a formatted wrong answer 0.1 (format_score) -> format_weight 0.1. Its README: 3B+ learns to
-#   search and verify, "for Qwen2.5-0.5B base, we know it fails to learn reasoning".
-# - nano-aha-moment (github.com/McGill-NLP/nano-aha-moment, nano_r1_script.py; Qwen2.5-3B on one GPU): 1000
-#   iterations of 64 episodes = 16 prompts x 4 samples -> the 0.5B preset's batch and both presets' rl_steps, lr
-#   1e-6, KL coefficient 0.001, temperature 1.0, top-p/top-k off, 1024 response tokens, grad clip 1.0, weight
-#   decay 0, the loss summed over tokens / all response tokens of the batch (our 'dapo'), reward = format (1.0)
-#   + equation -> format_weight 1.0, a 500-problem test split -> n_eval 500.
-# - ours: rl_warmup 0 (both keep lr constant), no dynamic sampling (neither has it), eval and checkpoint every 50
-#   steps, a pool of 20,000 train problems, rl_micro (rows per forward/backward) sized for one H100/H200.
-#   Known differences: our AdamW betas are (0.9, 0.99) (nano-aha-moment 0.9, 0.999); one update per batch
-#   (TinyZero's verl makes ppo_mini_batch_size updates per batch); held-out problems are our own draw.
+# R1-Zero from a real checkpoint: TinyZero's countdown replay, RL straight on a Qwen2.5 base with its task
+# distribution and base-model prompt (<think> prefilled; --template chat for an -Instruct model). The architecture
+# is Qwen2.5's config.json, so --dry-run sizes a run without the weights; --init-from must hold that model.
+# Sources: TinyZero (github.com/Jiayi-Pan/TinyZero, scripts/train_tiny_zero*.sh on verl): lr 1e-6, k3 KL 0.001,
+# 256 prompt + 1024 response tokens (block_size), temperature 1.0, clip 0.2, GRPO 128 prompts x 5 (the 3B
+# preset), 0.1 for a formatted wrong answer (format_weight); its README: the 0.5B base "fails to learn
+# reasoning". nano-aha-moment (github.com/McGill-NLP/nano-aha-moment, nano_r1_script.py): 1000 iterations of 16
+# prompts x 4 (the 0.5B preset), KL 0.001, grad clip 1.0, no weight decay, tokens summed / all response tokens
+# ('dapo'), format reward 1.0, a 500-problem test split. Ours: no warmup and no dynamic sampling (neither has
+# them), eval and checkpoint every 50 steps, 20,000 train problems, rl_micro sized for one H100/H200. Known
+# differences: AdamW betas (0.9, 0.99) (nano-aha-moment 0.999); one update per batch (verl makes several).
 QWEN25 = dict(attn='gqa', ffn='dense', attn_bias=True, tie_embeddings=True, vocab_size=151936, rope_theta=1e6,
               norm_eps=1e-6, block_size=1280)
 TINYZERO_COUNTDOWN = dict(stage='grpo', task='tinyzero', template='tinyzero', n_numbers=4, min_numbers=3, lo=1,
@@ -313,7 +304,6 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
     if world > 1 and not tc.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model)
     fwd = torch.compile(model) if tc.compile else model
-    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else contextlib.nullcontext()
 
     T, micro = mc.block_size, tc.pt_batch_size
     per_step = micro * tc.pt_grad_accum * world   # sequences in one global batch
@@ -341,7 +331,7 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             xy = batch[j * micro:(j + 1) * micro].to(device)
             last = m == tc.pt_grad_accum - 1   # FSDP reduce-scatters every micro-batch: its grads stay sharded
             ctx = model.no_sync() if world > 1 and not tc.fsdp and not last else contextlib.nullcontext()
-            with ctx, amp:
+            with ctx, autocast(device):
                 _, loss = fwd(xy[:, :-1], xy[:, 1:], mask=document_mask(xy[:, :-1], tok.bos))
                 (loss / tc.pt_grad_accum).backward()
             loss_acc += loss.detach() / tc.pt_grad_accum
@@ -379,16 +369,7 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             barrier()   # rank 0's checkpoint is on disk before any rank dies
             os._exit(3)
     bar.close()
-    summary = {'params': raw.num_params(), 'final_train_loss': loss_f,
-               'final_val_loss': val_loss(raw, val, device, tok.bos), **base_evals(raw, tok, tc, task_cfg)}
-    if rank == 0:
-        summary['wall_seconds'] = round(time.time() - t0, 1)
-        plot_curves(os.path.join(stage_dir, 'loss.png'), read_jsonl(os.path.join(stage_dir, 'metrics.jsonl')),
-                    ['loss', 'val_loss'], 'pretrain')
-        write_json(os.path.join(stage_dir, 'summary.json'), summary)
-        write_report(os.path.join(stage_dir, 'report.md'), 'nanoR1 pretrain report', ['![loss](loss.png)'],
-                     summary, {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()})
-        print0(json.dumps(summary, indent=2))
+    finish_pretrain(tc, task_cfg, raw, tok, val, device, loss_f, stage_dir, t0)
 
 
 # -----------------------------------------------------------------------------
@@ -427,9 +408,8 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         sampler.load_state_dict(ck['sampler'])
         rollouts.load_state_dict(ck['rollouts'])
         print0(f"resumed {name} from {stage_dir}/ckpt.pt at step {start}")
-    if rank == 0:   # one writer
-        log = MetricsLog(os.path.join(stage_dir, 'metrics.jsonl'), start if start else None)
-        samples = MetricsLog(os.path.join(stage_dir, 'samples.jsonl'), start if start else None)
+    log, samples = [MetricsLog(os.path.join(stage_dir, f), start or None) if rank == 0 else None   # one writer
+                    for f in ('metrics.jsonl', 'samples.jsonl')]
     G, tmpl = tc.rl_group, task_cfg.template
     encode = lambda i: encode_prompt(tok, cd_train[i], tmpl)   # noqa: E731
     adv_scale = grpo.advantage_scale(tc.loss_type, tc.adv_scale)
@@ -439,7 +419,7 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     if start == 0:
         acc0, len0 = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
         rows.append({'step': 0, 'eval_pass@1': acc0, 'eval_mean_tokens': len0})
-        if rank == 0:
+        if log:
             log.log(**rows[-1])
         print0(f"step 0: held-out greedy pass@1 {acc0:.3f}, mean tokens {len0:.1f}")
     bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
@@ -449,11 +429,9 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         lr = tc.rl_lr * min(1.0, (step + 1) / max(1, tc.rl_warmup))
         for g in opt.param_groups:
             g['lr'] = lr
-        # 1. rollouts from the current policy (also the "old" policy of the ratio), scored by rule checks of the
-        #    decoded text (R1 sec 2.2.2: no reward model); dynamic sampling refills dropped zero-variance groups.
-        #    Every rank draws the same prompts (identical samplers) and generates its contiguous share of the
-        #    groups, each row from its own seed (run seed, step, round, row); the shares are all-gathered, so every
-        #    rank holds, scores and filters the global batch one process would have, and they decide alike
+        # 1. rollouts from the current policy (the "old" policy of the ratio), scored by rule checks of the text
+        #    (R1 sec 2.2.2: no reward model); dynamic sampling refills dropped zero-variance groups. Every rank
+        #    draws the same prompts, generates its share of the groups (a seed per row) and all-gathers them
         rounds = itertools.count()
 
         def roll(n):
@@ -479,63 +457,40 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
             trained = trained * batch.gen.finished[:, None]
         N = len(reward)
         n_tok = trained.sum().clamp(min=1).to(device)   # tokens in the loss (1 when DAPO's filter left none: a zero loss)
-        # 3. this rank's rows, a contiguous shard of whole groups: prompt (+ earlier partial-rollout segments) + the
-        #    newest segment as one sequence per row. Every rank runs as many micro-batches as the fullest one: a
-        #    rank short of rows runs the rest on its first row at weight 0 (one without groups runs group 0 at
-        #    weight 0), so a collective inside any forward or backward finds every rank there
-        groups = list(range(len(batch.ids)))[shard(len(batch.ids))]
-        mine = select_groups(batch, groups or [0], G)
-        idx, pos, amask, P = sequences_for_training(mine.contexts, mine.gen, tok.pad, device,
-                                                    model.config.block_size)                 # (n, P + L)
-        resp = mine.gen.tokens.to(device)                                                      # (n, L)
-        local = [g * G + j for g in groups or [0] for j in range(G)]                          # rows of the batch
-        mask, A = trained[local, :resp.shape[1]].to(device), A[local].to(device)              # (n, L), (n,)
-        n_micro = math.ceil(G * math.ceil(len(batch.ids) / world) / tc.rl_micro)
-        micro = [(slice(i, i + tc.rl_micro), 1.0) for i in range(0, len(local) if groups else 0, tc.rl_micro)]
-        micro += [(slice(0, 1), 0.0)] * (n_micro - len(micro))
+        # 3. this rank's rows: a contiguous shard of whole groups, prompt + response as one sequence, in
+        #    micro-batches (every rank runs as many as the fullest one: rollouts.training_shard)
+        tb = training_shard(batch, trained, A, G, shard(len(batch.ids)), world, tc.rl_micro, tok.pad, device,
+                            model.config.block_size)                                          # (n, P + L) rows
         # every loss returns its micro-batch's share of the global batch's loss, normalised by global counts, and
         # the ranks' gradients are summed (harness.sum_gradients). Dr.GRPO's normaliser is the requested batch (a
         # constant: dropped groups must not reweight the rest). bnpo is by definition a token mean over each
-        # rank's own batch (TRL's), so its sum over ranks takes 1/world: the mean of the ranks' means (one
-        # process's loss when the ranks hold as many tokens)
-        # the loss: the Triton kernel over the response positions' logits on CUDA ('auto', 'triton', or the torch
-        # reference 'torch'); elsewhere ('auto' off CUDA, or 'chunked') from the hidden states in (rows x vocab)
-        # blocks, so the (tokens x vocab) logits never exist
-        chunked = tc.loss_impl == 'chunked' or (tc.loss_impl == 'auto' and not str(device).startswith('cuda'))
+        # rank's own batch (TRL's), so its sum over ranks takes 1/world: the mean of the ranks' means
         norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N,
-                    batch_tokens=mask.sum().clamp(min=1) * world, global_tokens=n_tok, max_len=tc.max_new_tokens)
+                    batch_tokens=tb.mask.sum().clamp(min=1) * world, global_tokens=n_tok, max_len=tc.max_new_tokens)
+        impl = fused_loss.trainer_impl(tc.loss_impl, device)   # 'chunked' off CUDA: the logits never exist
 
-        def response_out(m, sl):   # at the rollout temperature (the policy that sampled): (b, L, C) final hidden
-            with autocast(device):  # states for the chunked loss, which never builds the logits; else (b, L, V)
-                out, _ = m(idx[sl], pos=None if pos is None else pos[sl], mask=None if amask is None else amask[sl],
-                           logits_slice=slice(P - 1, P - 1 + resp.shape[1]), return_hidden=chunked)
+        def response_out(m, sl):   # at the rollout temperature (the policy that sampled): the final hidden states
+            with autocast(device):  # (b, L, C) for the chunked loss, else the response positions' logits (b, L, V)
+                out, _ = m(tb.idx[sl], pos=None if tb.pos is None else tb.pos[sl],
+                           mask=None if tb.amask is None else tb.amask[sl],
+                           logits_slice=slice(tb.P - 1, tb.P - 1 + tb.resp.shape[1]), return_hidden=impl == 'chunked')
             return out / tc.temperature
-
-        def logprobs(m, sl):   # (b, L)
-            out = response_out(m, sl)
-            return (fused_loss.logprobs_from_hidden(out, m.lm_head.weight, resp[sl]) if chunked
-                    else fused_loss.logprobs_from_logits(out, resp[sl], tc.loss_impl))
 
         # 4. old (mu > 1 only: with mu = 1 the policy is its own old policy, rho == 1) and reference logprobs
         with torch.no_grad():
-            old, ref_lp = [[logprobs(m, sl) for sl, _ in micro] if m is not None else None   # [(b, L)]
+            old, ref_lp = [[fused_loss.response_logprobs(response_out(m, sl), m.lm_head.weight, tb.resp[sl], impl)
+                            for sl, _ in tb.micro] if m is not None else None                   # [(b, L)]
                            for m in (model if tc.rl_mu > 1 else None, ref)]
         # 5. the policy update: mu epochs over the batch, micro-batch losses summed into one gradient
         for epoch in range(tc.rl_mu):
             stats = {}
-            for i, (sl, w) in enumerate(micro):
-                out = response_out(model, sl)                                                  # (b, L, C | V)
-                args = (resp[sl], None if old is None else old[i], None if ref_lp is None else ref_lp[i], A[sl],
-                        mask[sl])
-                kw = dict(loss_type=tc.loss_type, beta=tc.beta, eps_low=tc.eps_low, eps_high=tc.eps_high, tau=tc.tau,
-                          **norm)
-                if chunked:   # the entropy metric comes out of the same chunked pass
-                    loss, met = fused_loss.loss_from_hidden(out, model.lm_head.weight, *args, **kw)
-                else:
-                    loss, met = fused_loss.loss_from_logits(out, *args, impl=tc.loss_impl, **kw)
-                    met['entropy'] = grpo.masked_entropy(out.detach(), mask[sl])
+            for i, (sl, w) in enumerate(tb.micro):
+                loss, met = fused_loss.response_loss(
+                    response_out(model, sl), model.lm_head.weight, tb.resp[sl], None if old is None else old[i],
+                    None if ref_lp is None else ref_lp[i], tb.A[sl], tb.mask[sl], impl, loss_type=tc.loss_type,
+                    beta=tc.beta, eps_low=tc.eps_low, eps_high=tc.eps_high, tau=tc.tau, **norm)
                 (loss * w).backward()
-                share = w * mask[sl].sum() / n_tok   # token means weigh by the micro-batch's tokens
+                share = w * tb.mask[sl].sum() / n_tok   # token means weigh by the micro-batch's tokens
                 for k, v in {**met, 'loss': loss.detach()}.items():   # summed as tensors: one sync per step
                     stats[k] = stats.get(k, 0.0) + v * (w if k.endswith('loss') else share)
             sum_gradients(model)   # the global batch's gradient: the sum of the ranks' shares
@@ -595,8 +550,8 @@ def parse_stages(stage):
 
 def main(argv=None):
     tc, task_cfg, mc = parse_args(argv)
+    print0(json.dumps({**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()}))
     if tc.dry_run:   # sized without loading: resolve reads at most --init-from's config.json, never a weight
-        print0(json.dumps({**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()}))
         dry_run(tc, task_cfg, mc)
         return print0(json.dumps({'dry_run': True, 'params': meta_model(mc).num_params(), 'init_from': tc.init_from
                                   or None, 'stages': [d for _, d in parse_stages(tc.stage)]}))
@@ -607,7 +562,6 @@ def main(argv=None):
         torch.set_num_threads(tc.threads)
     if device.startswith('cuda'):
         torch.set_float32_matmul_precision('high')   # TF32 for what runs outside bf16 autocast
-    print0(json.dumps({**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **mc.to_dict()}))
     t0 = time.time()
     pipeline = parse_stages(tc.stage)
     if world > 1 and (tc.rollout_budget or tc.repeat_stop) and any(s == 'grpo' for s, _ in pipeline):
@@ -640,14 +594,7 @@ def main(argv=None):
         save_hf(model, tok, tc.save_hf, ck)
         print0(f"wrote {tc.save_hf}: {prev} as a Hugging Face folder")
     if rank == 0:
-        # the run level: the last stage's keys at the top, every stage's below
-        top = {**stages[pipeline[-1][1]], 'pipeline': [d for _, d in pipeline],
-               'stages': {d: {k: v[k] for k in ('countdown_pass@1', 'mean_response_tokens', 'stage_wall_seconds')}
-                          for d, v in stages.items()}, 'wall_seconds': round(time.time() - t0, 1)}
-        top.pop('stage_wall_seconds')
-        write_json(os.path.join(tc.out_dir, 'summary.json'), top)
-        if len(pipeline) > 1:
-            print0(json.dumps(top['stages'], indent=2))
+        run_summary(tc.out_dir, stages, time.time() - t0)
     if world > 1 and owns_group:
         dist.destroy_process_group()
 

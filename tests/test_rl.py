@@ -1,5 +1,5 @@
 """
-The GRPO stage: dynamic sampling's refill (sample.dynamic_batch) against scripted batches, the trainer's loss path
+The GRPO stage: dynamic sampling's refill (rollouts.dynamic_batch) against scripted batches, the trainer's loss path
 (logits for the response positions only, fused_loss.loss_from_logits, the Triton kernel under the interpreter) against
 the full-logits reference, and the stage end to end on the 'test' preset (outputs, report, resume, errors).
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rl.py -q
@@ -13,7 +13,8 @@ import torch
 import fused_loss
 import grpo
 from model import GPT, ModelConfig
-from sample import Generation, RolloutBatch, dynamic_batch, sequences_for_training
+from rollouts import RolloutBatch, dynamic_batch
+from sample import Generation, sequences_for_training
 from test_train import run
 
 G, PAD = 4, 0

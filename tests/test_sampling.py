@@ -1,6 +1,6 @@
 """
 Kimi k1.5's sampling strategies (tasks.PromptSampler) and partial rollouts with repeat detection
-(sample.PartialRollouts), alone and inside the grpo stage on the 'test' preset.
+(rollouts.PartialRollouts), alone and inside the grpo stage on the 'test' preset.
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_sampling.py -q
 """
 import json
@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import grpo
+import rollouts
 import train
-from sample import sequences_for_training
 from model import GPT, ModelConfig
 from rewards import is_repeating
-from sample import PartialRollouts, generate
+from rollouts import PartialRollouts
+from sample import generate, sequences_for_training
 from tasks import PromptSampler, TaskConfig, problems
 
 V, PAD, EOS = 50, 0, 1
@@ -222,7 +223,8 @@ def early_stops(monkeypatch):
 
     def gen(model, prompts, max_new_tokens, stop_ids, *args, **kw):
         return real(model, prompts, max_new_tokens, set(stop_ids) | set(range(40, 2048, 16)), *args, **kw)
-    monkeypatch.setattr(sample, 'generate', gen)
+    monkeypatch.setattr(sample, 'generate', gen)     # group_rollouts' generate
+    monkeypatch.setattr(rollouts, 'generate', gen)   # PartialRollouts'
     monkeypatch.setattr(train, 'rl_rewards', text_reward)
 
 
