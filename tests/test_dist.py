@@ -58,7 +58,7 @@ def varied(base):
     with and without variance: dynamic sampling drops and refills) and call such a text correct (rs, distill
     and dpo get data). Plots are not compared here and cost a second each: skipped."""
     saved = sample.generate, report.generate, train.rl_rewards, distill.is_correct
-    plots = train.plot_curves, distill.plot_curves, report.plot_curves
+    plots = distill.plot_curves, report.plot_curves
 
     def generate(model, prompts, max_new_tokens, stop_ids, *args, **kw):
         stops = set() if STOPS['extra'] is None else set(stop_ids) | STOPS['extra']
@@ -69,12 +69,12 @@ def varied(base):
         return acc, {'accuracy': acc, 'format': torch.zeros_like(acc)}
     sample.generate = report.generate = generate
     train.rl_rewards, distill.is_correct = rl_rewards, lambda text, p: sum(map(ord, text)) % 3 == 0
-    train.plot_curves = distill.plot_curves = report.plot_curves = lambda *a, **kw: None
+    distill.plot_curves = report.plot_curves = lambda *a, **kw: None
     try:
         yield
     finally:
         sample.generate, report.generate, train.rl_rewards, distill.is_correct = saved
-        train.plot_curves, distill.plot_curves, report.plot_curves = plots
+        distill.plot_curves, report.plot_curves = plots
 
 
 def worker(out, base, kill=False, resume=False):
