@@ -272,9 +272,10 @@ class TrainShard:
 def training_shard(batch, trained, A, G, part, world, micro_rows, pad_id, device, block_size):
     """
     batch: the kept RolloutBatch (every rank holds it whole); trained (N, L) and A (N,) over its rows; part: the
-    slice of its groups this rank trains (harness.shard: contiguous, whole groups). Every rank runs as many micro-batches as the
-    fullest one: a rank short of rows runs the rest on its first row at weight 0, and one without groups runs
-    group 0 at weight 0, so that a collective inside any forward or backward (FSDP, DDP) finds every rank there.
+    slice of its groups this rank trains (harness.shard: contiguous, whole groups). Every rank runs as many
+    micro-batches as the fullest one: a rank short of rows runs the rest on its first row at weight 0, and one
+    without groups runs group 0 at weight 0, so that a collective inside any forward or backward (FSDP, DDP)
+    finds every rank there.
     """
     groups = list(range(len(batch.ids)))[part]
     mine = select_groups(batch, groups or [0], G)
