@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from hf import is_hf_folder, load_hf
 from model import GPT, ModelConfig
 from tasks import format_prompt
-from tokenizer import from_dict as tokenizer_from_dict
+from tokenizer_hf import from_dict as tokenizer_from_dict
 
 
 def die(msg):

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import GPT, ModelConfig
-from tokenizer import from_pretrained as tokenizer_from_pretrained
+from tokenizer_hf import from_pretrained as tokenizer_from_pretrained
 
 
 def load_pretrained(cls, path, **overrides):
@@ -380,7 +380,7 @@ def check_hf_config(path, given):
 
 def load_hf(path):
     """(model, tokenizer, checkpoint-like dict) from a Hugging Face folder: GPT.from_pretrained (strict) and
-    tokenizer.from_pretrained. The dict has what load_policy's callers read from a checkpoint of ours, with the
+    tokenizer_hf.from_pretrained. The dict has what load_policy's callers read from a checkpoint of ours, with the
     run's configs when the folder came from save_hf."""
     try:
         model = load_pretrained(GPT, path)

@@ -1,6 +1,8 @@
 """
 The rollouts GRPO trains on, from the draw of prompts to this rank's micro-batches.
 
+- `PromptSampler`: which train problems an iteration draws, Kimi k1.5's sampling strategies (sec 2.3.4):
+  uniform, curriculum, prioritized.
 - Groups (DeepSeekMath sec 4.1): G samples per prompt from sample.group_rollouts, rows ordered group by group.
 - `PartialRollouts`: Kimi k1.5's partial rollouts (sec 2.6.2): a token budget per iteration, unfinished
   trajectories carried over in a bounded buffer, segments of earlier policies kept out of the loss, and its
@@ -12,6 +14,7 @@ The rollouts GRPO trains on, from the draw of prompts to this rank's micro-batch
   plan in which every rank runs the same number of forward/backward passes.
 """
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,83 @@ import torch.nn.functional as F
 
 from rewards import is_repeating
 from sample import Generation, generate, group_rollouts, row_seed, sequences_for_training
+
+
+# -----------------------------------------------------------------------------
+# which prompts (Kimi k1.5 sec 2.3.4)
+
+SAMPLINGS = ('uniform', 'curriculum', 'prioritized')
+
+
+class PromptSampler:
+    """
+    Draws the train problems of each RL iteration (Kimi k1.5 sec 2.3.4). Problems are named by their index in
+    the pool; `draw(n, step)` returns n indices, `update(ids, accuracies)` feeds back each group's accuracy.
+    - uniform: n distinct problems, `random.Random(seed).sample(range(N), n)`: R1-Zero's plain draw, and the
+      same draws grpo_stage made before this class existed.
+    - curriculum: easy to hard by the difficulty label `solve_rate` (the share of valid move sequences that
+      hit the target; higher = easier). The pool is sorted easiest first and n distinct problems are drawn
+      uniformly from its first w: w is `start_frac` of the pool at step 0 and grows linearly to the whole pool
+      at `frac` of the run's `total_steps`. Kimi only says "from easy to hard"; the linear window is ours.
+    - prioritized: problem i is drawn with probability proportional to max(1 - s_i, floor), s_i its running
+      success rate (Kimi: "proportional to 1 - s_i"). s_i is the accuracy of its first group, then an EMA with
+      weight `ema` on each new group (the policy moves, so old groups should fade); an unseen problem counts
+      as s = prior. The floor (ours) keeps solved problems drawable: they can be forgotten. Draws are with
+      replacement, so the probabilities are exactly the normalised weights (a problem drawn twice is two
+      groups of the batch).
+    All state (the rng, the success rates) is in `state_dict`: a resumed run draws what the uninterrupted one
+    would.
+    """
+
+    def __init__(self, pool, mode='uniform', seed=0, total_steps=1, frac=0.5, start_frac=0.1, prior=0.5,
+                 floor=0.05, ema=0.5):
+        if mode not in SAMPLINGS:
+            raise ValueError(f"unknown prompt sampling {mode!r}; choose from {SAMPLINGS}")
+        if not (0 <= frac <= 1 and 0 < start_frac <= 1 and 0 <= prior <= 1 and 0 < floor <= 1 and 0 < ema <= 1):
+            raise ValueError("need 0 <= curriculum_frac <= 1, 0 < curriculum_start <= 1, 0 <= prio_prior <= 1, "
+                             f"0 < prio_floor <= 1, got {frac}, {start_frac}, {prior}, {floor}")
+        self.mode, self.N, self.total_steps = mode, len(pool), total_steps
+        self.frac, self.start_frac, self.prior, self.floor, self.ema = frac, start_frac, prior, floor, ema
+        self.rng = random.Random(seed)
+        self.solve_rate = [getattr(p, 'solve_rate', 0.0) for p in pool]
+        if mode == 'curriculum' and any(math.isnan(r) for r in self.solve_rate):
+            raise ValueError("curriculum sampling needs difficulty labels, and these problems have none "
+                             "(task tinyzero); use uniform or prioritized")
+        # easiest first; ties keep pool order, so the order is a pure function of the pool
+        self.order = sorted(range(self.N), key=lambda i: -self.solve_rate[i])
+        self.success = [None] * self.N   # s_i, None until the problem's first group is scored
+
+    def window(self, step):
+        """How many of the easiest problems the curriculum draws from at `step`."""
+        ramp = self.frac * self.total_steps
+        t = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+        return min(self.N, math.ceil(self.N * (self.start_frac + (1 - self.start_frac) * t)))
+
+    def weights(self):
+        return [max(1.0 - (self.prior if s is None else s), self.floor) for s in self.success]
+
+    def draw(self, n, step=0):
+        if n > self.N and self.mode != 'prioritized':   # prioritized draws with replacement
+            raise ValueError(f"cannot draw {n} distinct prompts from a pool of {self.N}")
+        if self.mode == 'uniform':
+            return self.rng.sample(range(self.N), n)
+        if self.mode == 'curriculum':
+            return self.rng.sample(self.order[:max(n, self.window(step))], n)
+        return self.rng.choices(range(self.N), weights=self.weights(), k=n)
+
+    def update(self, ids, accuracies):
+        """Fold each scored group's accuracy (share of its G samples that were right) into s_i."""
+        for i, a in zip(ids, accuracies):
+            s = self.success[i]
+            self.success[i] = float(a) if s is None else (1 - self.ema) * s + self.ema * float(a)
+
+    def state_dict(self):
+        st = self.rng.getstate()
+        return {'rng': list(st[1]), 'rng_gauss': st[2], 'success': list(self.success)}
+
+    def load_state_dict(self, d):
+        self.rng.setstate((3, tuple(d['rng']), d['rng_gauss']))
+        self.success = list(d['success'])
 
 
 # -----------------------------------------------------------------------------

@@ -32,8 +32,8 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
 - A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
   attempt is written in number words ("six minus one is five vs four no."); answers stay in digits. And the
   readable long CoTs of R1's cold start (cold_start_trace): digits only, stopping at the first verified hit.
-- PromptSampler: which train problems an RL iteration draws, uniform or Kimi k1.5's curriculum and prioritized
-  sampling (sec 2.3.4), by the difficulty label `solve_rate` and the running success rate of each problem.
+- Each countdown problem carries a difficulty label, `solve_rate`, that rollouts.PromptSampler's curriculum
+  (Kimi k1.5 sec 2.3.4) sorts by.
 """
 import hashlib
 import itertools
@@ -503,77 +503,3 @@ def corpus_tokens(seed, cfg, tok, cd_train, ar_train, n_tokens, arith_frac, chec
         buf.extend([tok.bos] + tok.encode(corpus_document(rng, cfg, cd_train, ar_train, arith_frac, check_frac))
                    + [tok.eos])
     return buf[:n_tokens]
-
-
-SAMPLINGS = ('uniform', 'curriculum', 'prioritized')
-
-
-class PromptSampler:
-    """
-    Draws the train problems of each RL iteration (Kimi k1.5 sec 2.3.4). Problems are named by their index in
-    the pool; `draw(n, step)` returns n indices, `update(ids, accuracies)` feeds back each group's accuracy.
-    - uniform: n distinct problems, `random.Random(seed).sample(range(N), n)`: R1-Zero's plain draw, and the
-      same draws grpo_stage made before this class existed.
-    - curriculum: easy to hard by the difficulty label `solve_rate` (the share of valid move sequences that
-      hit the target; higher = easier). The pool is sorted easiest first and n distinct problems are drawn
-      uniformly from its first w: w is `start_frac` of the pool at step 0 and grows linearly to the whole pool
-      at `frac` of the run's `total_steps`. Kimi only says "from easy to hard"; the linear window is ours.
-    - prioritized: problem i is drawn with probability proportional to max(1 - s_i, floor), s_i its running
-      success rate (Kimi: "proportional to 1 - s_i"). s_i is the accuracy of its first group, then an EMA with
-      weight `ema` on each new group (the policy moves, so old groups should fade); an unseen problem counts
-      as s = prior. The floor (ours) keeps solved problems drawable: they can be forgotten. Draws are with
-      replacement, so the probabilities are exactly the normalised weights (a problem drawn twice is two
-      groups of the batch).
-    All state (the rng, the success rates) is in `state_dict`: a resumed run draws what the uninterrupted one
-    would.
-    """
-
-    def __init__(self, pool, mode='uniform', seed=0, total_steps=1, frac=0.5, start_frac=0.1, prior=0.5,
-                 floor=0.05, ema=0.5):
-        if mode not in SAMPLINGS:
-            raise ValueError(f"unknown prompt sampling {mode!r}; choose from {SAMPLINGS}")
-        if not (0 <= frac <= 1 and 0 < start_frac <= 1 and 0 <= prior <= 1 and 0 < floor <= 1 and 0 < ema <= 1):
-            raise ValueError("need 0 <= curriculum_frac <= 1, 0 < curriculum_start <= 1, 0 <= prio_prior <= 1, "
-                             f"0 < prio_floor <= 1, got {frac}, {start_frac}, {prior}, {floor}")
-        self.mode, self.N, self.total_steps = mode, len(pool), total_steps
-        self.frac, self.start_frac, self.prior, self.floor, self.ema = frac, start_frac, prior, floor, ema
-        self.rng = random.Random(seed)
-        self.solve_rate = [getattr(p, 'solve_rate', 0.0) for p in pool]
-        if mode == 'curriculum' and any(math.isnan(r) for r in self.solve_rate):
-            raise ValueError("curriculum sampling needs difficulty labels, and these problems have none "
-                             "(task tinyzero); use uniform or prioritized")
-        # easiest first; ties keep pool order, so the order is a pure function of the pool
-        self.order = sorted(range(self.N), key=lambda i: -self.solve_rate[i])
-        self.success = [None] * self.N   # s_i, None until the problem's first group is scored
-
-    def window(self, step):
-        """How many of the easiest problems the curriculum draws from at `step`."""
-        ramp = self.frac * self.total_steps
-        t = 1.0 if ramp <= 0 else min(1.0, step / ramp)
-        return min(self.N, math.ceil(self.N * (self.start_frac + (1 - self.start_frac) * t)))
-
-    def weights(self):
-        return [max(1.0 - (self.prior if s is None else s), self.floor) for s in self.success]
-
-    def draw(self, n, step=0):
-        if n > self.N and self.mode != 'prioritized':   # prioritized draws with replacement
-            raise ValueError(f"cannot draw {n} distinct prompts from a pool of {self.N}")
-        if self.mode == 'uniform':
-            return self.rng.sample(range(self.N), n)
-        if self.mode == 'curriculum':
-            return self.rng.sample(self.order[:max(n, self.window(step))], n)
-        return self.rng.choices(range(self.N), weights=self.weights(), k=n)
-
-    def update(self, ids, accuracies):
-        """Fold each scored group's accuracy (share of its G samples that were right) into s_i."""
-        for i, a in zip(ids, accuracies):
-            s = self.success[i]
-            self.success[i] = float(a) if s is None else (1 - self.ema) * s + self.ema * float(a)
-
-    def state_dict(self):
-        st = self.rng.getstate()
-        return {'rng': list(st[1]), 'rng_gauss': st[2], 'success': list(self.success)}
-
-    def load_state_dict(self, d):
-        self.rng.setstate((3, tuple(d['rng']), d['rng_gauss']))
-        self.success = list(d['success'])

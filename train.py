@@ -51,10 +51,10 @@ from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
 from model import ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
-from rollouts import PartialRollouts, cat_batches, dynamic_batch, training_shard
+from rollouts import PartialRollouts, PromptSampler, cat_batches, dynamic_batch, training_shard
 from sample import row_seed
 from shard import build_model, check_fits, dry_run
-from tasks import PromptSampler, TaskConfig, build_world, corpus_tokens, prefills_think, problems
+from tasks import TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
 
 @dataclass
@@ -118,7 +118,7 @@ class TrainConfig:
     rl_grad_clip: float = 1.0         # grad-norm clip
     rl_eval_interval: int = 25        # iterations between held-out greedy evaluations
     pass_k: int = 8                   # k of the final sampled pass@k
-    # Kimi k1.5 sampling strategies (sec 2.3.4), partial rollouts (2.6.2): tasks.PromptSampler, rollouts.PartialRollouts
+    # Kimi k1.5 sampling strategies (sec 2.3.4), partial rollouts (2.6.2): rollouts.PromptSampler, PartialRollouts
     prompt_sampling: str = 'uniform'  # uniform | curriculum (easy to hard by solve_rate) | prioritized (~ 1 - success)
     curriculum_frac: float = 0.5      # curriculum: share of rl_steps over which the draw window grows to the whole pool
     curriculum_start: float = 0.1     # curriculum: share of the pool (the easiest) drawn from at step 0

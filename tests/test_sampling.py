@@ -1,5 +1,5 @@
 """
-Kimi k1.5's sampling strategies (tasks.PromptSampler) and partial rollouts with repeat detection
+Kimi k1.5's sampling strategies (rollouts.PromptSampler) and partial rollouts with repeat detection
 (rollouts.PartialRollouts), alone and inside the grpo stage on the 'test' preset.
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_sampling.py -q
 """
@@ -17,9 +17,9 @@ import rollouts
 import train
 from model import GPT, ModelConfig
 from rewards import is_repeating
-from rollouts import PartialRollouts
+from rollouts import PartialRollouts, PromptSampler
 from sample import generate, sequences_for_training
-from tasks import PromptSampler, TaskConfig, problems
+from tasks import TaskConfig, problems
 
 V, PAD, EOS = 50, 0, 1
 

@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import pytest
 
+import rollouts
 import tasks
 from tasks import (TaskConfig, problems, make_countdown, all_attempts, countdown_trace, corpus_document,
                    format_prompt, in_test_split, arithmetic_response, R1_ZERO_TEMPLATE)
@@ -253,5 +254,5 @@ def test_curriculum_needs_difficulty_labels():
     ps = problems('countdown', 'train', 20, 0, TZ)
     assert all(p.solve_rate != p.solve_rate for p in ps)                  # nan: no label
     with pytest.raises(ValueError, match='difficulty labels'):
-        tasks.PromptSampler(ps, 'curriculum')
-    assert len(tasks.PromptSampler(ps, 'prioritized').draw(4)) == 4
+        rollouts.PromptSampler(ps, 'curriculum')
+    assert len(rollouts.PromptSampler(ps, 'prioritized').draw(4)) == 4

@@ -1,5 +1,5 @@
 """
-tokenizer.from_pretrained against the Hugging Face `tokenizers` library as the reference implementation.
+tokenizer_hf.from_pretrained against the Hugging Face `tokenizers` library as the reference implementation.
 
 We train small byte-level BPEs (vocab 800) with `tokenizers` itself, in the shapes of released tokenizers:
 a cl100k/Llama-3 Split regex, Qwen2's regex with its NFC normalizer, DeepSeek-V3's three Splits, GPT-2's
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 tokenizers = pytest.importorskip('tokenizers')
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
-from tokenizer import from_pretrained  # noqa: E402
+from tokenizer_hf import from_pretrained  # noqa: E402
 
 SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<think>', '</think>']
 CL100K = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -222,7 +222,7 @@ def test_to_dict_round_trip(folders, name):
     """A checkpoint carries the tokenizer whole: from_dict(to_dict()) encodes and stops as the folder's does, with
     no folder, through torch.save(weights_only) as a checkpoint stores it; save_pretrained writes the files back."""
     import torch
-    from tokenizer import from_dict
+    from tokenizer_hf import from_dict
     tok = from_pretrained(folders[name])
     buf = io.BytesIO()
     torch.save({'tokenizer': tok.to_dict()}, buf)
@@ -363,8 +363,8 @@ def test_deepseek_v3_literal_newlines(folders, tmp_path):
 def test_rust_panic_becomes_value_error(folders, monkeypatch):
     """The last line of defence: a pattern that matches "" (let through here on purpose) panics tiktoken's BPE;
     the PanicException, a BaseException that `except Exception` misses, comes out as a ValueError."""
-    import tokenizer
-    monkeypatch.setitem(tokenizer._KNOWN_SPLIT_NAMES, r'\s*|\p{L}+', 'empty_match')
+    import tokenizer_hf
+    monkeypatch.setitem(tokenizer_hf._KNOWN_SPLIT_NAMES, r'\s*|\p{L}+', 'empty_match')
     with open(os.path.join(folders['cl100k'], 'tokenizer.json'), encoding='utf-8') as f:
         tj = json.load(f)
     tj['pre_tokenizer']['pretokenizers'][0].update(split(r'\s*|\p{L}+'))
@@ -372,5 +372,5 @@ def test_rust_panic_becomes_value_error(folders, monkeypatch):
     with pytest.raises(ValueError, match='encode: tiktoken panicked'):
         tok.encode('hello world')
     with pytest.raises(KeyboardInterrupt):  # only PanicException is converted
-        with tokenizer._no_panic('x'):
+        with tokenizer_hf._no_panic('x'):
             raise KeyboardInterrupt
