@@ -19,7 +19,7 @@ tokens at temperature 0.7, no early stop), one line per preset: the figures behi
 Against the peers, each in one run with ours, timed in interleaved rounds (medians) so a shared machine's load
 falls on both, each skipped when the peer is not installed:
 rollout: sample.group_rollouts vs transformers' generate on the same weights (a dense model through
-GPT.save_pretrained and AutoModelForCausalLM), 16 prompts x G = 8, tokens/s, the ratio, and for greedy the share
+hf.save_pretrained and AutoModelForCausalLM), 16 prompts x G = 8, tokens/s, the ratio, and for greedy the share
 of rows equal to transformers' tokens.
 grpo_step: one GRPO step as train.py takes it (rollouts, rewards, the loss from the hidden states, AdamW) vs TRL's
 GRPOTrainer on the same weights, tokenizer (one word per id), prompts, reward and settings (mu = 1, beta = 0,
@@ -37,6 +37,7 @@ import torch
 from bench_kernels import device_of, grpo_loss, loss_hidden, mla_decode, time_interleaved, time_ms
 from fused_loss import loss_from_hidden
 from grpo import group_advantages
+from hf import save_pretrained
 from model import GPT, ModelConfig
 from sample import generate, group_rollouts, sequences_for_training
 from train import PRESETS, resolve
@@ -87,7 +88,7 @@ def model(argv):
 
 # -----------------------------------------------------------------------------
 # against the peers: transformers' generate and TRL's GRPOTrainer, on the same weights (a dense model, exported
-# with GPT.save_pretrained and loaded by AutoModelForCausalLM)
+# with hf.save_pretrained and loaded by AutoModelForCausalLM)
 
 DIMS = {'tiny-dense': dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128),
         'small': dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=384)}
@@ -101,7 +102,7 @@ def _dense_pair(dims, vocab, block_size, device, tmp):
         from transformers import AutoModelForCausalLM
     except ImportError:
         return m.eval(), None
-    m.save_pretrained(tmp)
+    save_pretrained(m, tmp)
     hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device)
     with torch.no_grad():   # the same weights: the same logits
         x = torch.randint(0, vocab, (2, 16), device=device)

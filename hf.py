@@ -31,12 +31,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mla import rope_deinterleave
 from model import GPT, ModelConfig
 from tokenizer_hf import from_pretrained as tokenizer_from_pretrained
 
 
-def load_pretrained(cls, path, **overrides):
-    """GPT.from_pretrained: a single model.safetensors or shards listed in model.safetensors.index.json.
+def load_pretrained(path, **overrides):
+    """A local HF folder (config.json + safetensors) of LlamaForCausalLM, Qwen2ForCausalLM, DeepseekV3ForCausalLM
+    or DeepseekV2ForCausalLM as a GPT; `overrides` replace ModelConfig fields (e.g. block_size=4096,
+    mla_impl='absorb'); weights are fp32. A single model.safetensors or shards listed in model.safetensors.index.json.
     The RoPE table covers block_size tokens, max_position_embeddings unless overridden. Strict: every tensor
     the model needs must be stored with exactly its shape, and every stored tensor is loaded or is one of the
     known, deliberately skipped kinds (_skipped); anything else is a ValueError naming the tensor and file."""
@@ -61,7 +64,7 @@ def load_pretrained(cls, path, **overrides):
     d['mtp_depth'] = sum(f"model.layers.{d['n_layer'] + k}.eh_proj.weight" in names for k in range(n_mtp))
     d.update(overrides)
     config = ModelConfig(**d)
-    model = cls(config)
+    model = GPT(config)
     # DeepSeek checkpoints store rope rows interleaved (V2 always; V3 unless rope_interleave is false)
     interleaved = config.attn == 'mla' and (hf['architectures'][0] == 'DeepseekV2ForCausalLM'
                                              or hf.get('rope_interleave', True))
@@ -143,7 +146,7 @@ def _some(keys, n=8):
 
 
 def save_pretrained(model, path, dtype=None):
-    """GPT.save_pretrained: config.json + one model.safetensors that transformers and we load back:
+    """config.json + one model.safetensors that transformers and we load back:
     gqa + dense -> LlamaForCausalLM (Qwen2ForCausalLM when attn_bias), mla/moe -> DeepseekV3ForCausalLM
     (DeepseekV2ForCausalLM under softmax routing). MLA rope rows are written in DeepSeek's interleaved
     layout; MTP modules as layers n_layer.. in DeepSeek-V3's layout."""
@@ -153,7 +156,7 @@ def save_pretrained(model, path, dtype=None):
         biased = any(b.any() for n, b in model.named_buffers() if n.endswith('e_score_correction_bias'))
         if c.norm_topk_prob or biased:
             warnings.warn("transformers' DeepseekV2 router ignores norm_topk_prob and has no correction bias: "
-                          "it will not reproduce this model's routing (GPT.from_pretrained will)")
+                          "it will not reproduce this model's routing (hf.load_pretrained will)")
     dtype = dtype or model.lm_head.weight.dtype
     hf['torch_dtype'] = str(dtype).replace('torch.', '')
     tensors = {}
@@ -202,7 +205,6 @@ def _hf_name(name, config):
 def _rope_rows(config, name):
     """Row permutation that takes an MLA weight from DeepSeek's interleaved rope layout to ours (mla.py), or
     None for weights without rope rows; its argsort goes back."""
-    from mla import rope_deinterleave
     dn, dr, dc, H = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank, config.n_head
     if name.endswith(('attn.wq.weight', 'attn.wq_b.weight')):
         rows = torch.arange(H * (dn + dr)).view(H, dn + dr)                    # (H, dn+dr)
@@ -222,7 +224,7 @@ def config_from_hf(hf):
     """config.json (transformers 4.x or 5.x spelling) -> ModelConfig kwargs; refuses what we cannot run."""
     arch = (hf.get('architectures') or ['?'])[0]
     if arch not in _ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; GPT.from_pretrained reads {', '.join(_ARCHS)}")
+        raise ValueError(f"unknown architecture {arch!r}; load_pretrained reads {', '.join(_ARCHS)}")
     quant = hf.get('quantization_config')
     if quant:  # e.g. DeepSeek-V3's fp8 blocks: a plain copy would ignore their weight_scale_inv
         method = quant.get('quant_method', '?') if isinstance(quant, dict) else '?'
@@ -383,7 +385,7 @@ def load_hf(path):
     tokenizer_hf.from_pretrained. The dict has what load_policy's callers read from a checkpoint of ours, with the
     run's configs when the folder came from save_hf."""
     try:
-        model = load_pretrained(GPT, path)
+        model = load_pretrained(path)
         tok = tokenizer_from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
         raise ValueError(f"{path}: cannot load it as a Hugging Face model ({type(e).__name__}: "
@@ -404,10 +406,10 @@ def load_hf(path):
 
 
 def save_hf(model, tok, path, ck=None):
-    """A folder transformers loads with the same logits: config.json + model.safetensors (GPT.save_pretrained, in
+    """A folder transformers loads with the same logits: config.json + model.safetensors (save_pretrained, in
     the model's own dtype), the tokenizer files, bos/eos ids in config.json, and RUN_FILE with the configs of
     the checkpoint `ck` it came from."""
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     tok.save_pretrained(path)
     cfg_path = os.path.join(path, 'config.json')
     with open(cfg_path) as f:

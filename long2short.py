@@ -47,7 +47,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+import distill
 import grpo
 import harness
 import report
@@ -239,7 +241,6 @@ def run_merge(cfg, src, out):
 # 2. shortest rejection sampling + SFT
 
 def run_shortest(cfg, src, out):
-    import distill
     t0 = time.time()
     model, tok, _ = harness.load_policy(cfg.source, cfg.device)
     examples = distill.rejection_sample(model, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
@@ -306,7 +307,6 @@ def response_logprobs(model, prompts, responses, pad_id):
 
 
 def run_dpo(cfg, src, out):
-    from tqdm import tqdm
     t0 = time.time()
     model, tok, _ = harness.load_policy(cfg.source, cfg.device)
     ref, _, _ = harness.load_policy(cfg.source, cfg.device)

@@ -22,7 +22,7 @@ One module, two paths (config.mla_impl), equal up to float rounding (tests/test_
 
 Conventions and deviations
 - RoPE layout. DeepSeek checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; layers.apply_rope rotates
-  halves (x_i, x_{i + D/2}). Instead of a second RoPE code path, GPT.from_pretrained permutes the rope rows of
+  halves (x_i, x_{i + D/2}). Instead of a second RoPE code path, hf.load_pretrained permutes the rope rows of
   wq/wq_b and wkv_a once (even dims first, then odd: `rope_deinterleave`), which makes the rotate-half rotation
   compute exactly what the interleaved one does; save_pretrained permutes them back. Dot products, hence logits,
   are unchanged by a permutation applied to both q_R and k_R.

@@ -441,19 +441,3 @@ class GPT(nn.Module):
         no_decay = [p for n, p in params.items() if p.dim() < 2]
         return [{'params': decay, 'weight_decay': weight_decay},
                 {'params': no_decay, 'weight_decay': 0.0}]
-
-    # -------------------------------------------------------------------------
-    # Hugging Face checkpoints (hf.py holds the name and config mapping)
-
-    @classmethod
-    def from_pretrained(cls, path, **overrides):
-        """Load a local HF folder (config.json + safetensors) of LlamaForCausalLM, Qwen2ForCausalLM,
-        DeepseekV3ForCausalLM or DeepseekV2ForCausalLM; `overrides` replace ModelConfig fields
-        (e.g. block_size=4096, mla_impl='absorb'). Weights are fp32; cast the model afterwards."""
-        from hf import load_pretrained
-        return load_pretrained(cls, path, **overrides)
-
-    def save_pretrained(self, path, dtype=None):
-        """Write config.json + model.safetensors that transformers loads back (see hf.save_pretrained)."""
-        from hf import save_pretrained
-        save_pretrained(self, path, dtype)

@@ -1,5 +1,5 @@
 """
-GPT.from_pretrained / save_pretrained against Hugging Face transformers as the reference implementation.
+hf.load_pretrained / save_pretrained against Hugging Face transformers as the reference implementation.
 
 Tiny random Llama, Qwen2, DeepseekV3 and DeepseekV2 models are built offline from transformers' config classes,
 saved with their own save_pretrained, loaded with ours: logits must agree within 1e-4 (fp32), 32 greedy tokens
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 transformers = pytest.importorskip('transformers')
+from hf import load_pretrained, save_pretrained  # noqa: E402
 from model import GPT  # noqa: E402
 
 torch.set_num_threads(1)  # tiny shapes: extra threads only spin on a shared 2-core box
@@ -103,7 +104,7 @@ def test_load_matches_reference(name, tmp_path):
     impls = ['naive', 'absorb'] if name.startswith('ds') else [None]
     for impl in impls:
         kw = {'mla_impl': impl} if impl else {}
-        ours = GPT.from_pretrained(str(tmp_path / 'ref'), **kw).eval()
+        ours = load_pretrained(str(tmp_path / 'ref'), **kw).eval()
         assert ours.config.tie_embeddings == ref.config.tie_word_embeddings
         got, _ = ours(x)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
@@ -118,8 +119,8 @@ def test_load_matches_reference(name, tmp_path):
 def test_save_loads_into_reference(name, tmp_path):
     ref = build_reference(name)
     ref.save_pretrained(tmp_path / 'ref')
-    ours = GPT.from_pretrained(str(tmp_path / 'ref')).eval()
-    ours.save_pretrained(str(tmp_path / 'ours'))
+    ours = load_pretrained(str(tmp_path / 'ref')).eval()
+    save_pretrained(ours, str(tmp_path / 'ours'))
     back, info = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path / 'ours'), attn_implementation='eager', output_loading_info=True)
     assert type(back).__name__ == type(ref).__name__
@@ -127,7 +128,7 @@ def test_save_loads_into_reference(name, tmp_path):
     x = ids(seed=1)
     torch.testing.assert_close(back.eval()(x).logits, ours(x)[0], atol=1e-4, rtol=0)
     # and our own loader reads our own folder back bit for bit
-    again = GPT.from_pretrained(str(tmp_path / 'ours')).eval()
+    again = load_pretrained(str(tmp_path / 'ours')).eval()
     assert torch.equal(again(x)[0], ours(x)[0])
 
 
@@ -149,7 +150,7 @@ def test_native_model_exports(kw, tmp_path):
     for n, b in ours.named_buffers():
         if n.endswith('e_score_correction_bias'):
             b.normal_(0.0, 0.05)
-    ours.save_pretrained(str(tmp_path))
+    save_pretrained(ours, str(tmp_path))
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation='eager').eval()
     x = ids(seed=2)
     torch.testing.assert_close(ref(x).logits, ours(x)[0], atol=1e-4, rtol=0)
@@ -163,9 +164,9 @@ def test_mtp_roundtrip(tmp_path):
                     first_k_dense_replace=0, mtp_depth=1, tie_embeddings=False)
     torch.manual_seed(0)
     ours = GPT(c)
-    ours.save_pretrained(str(tmp_path))
+    save_pretrained(ours, str(tmp_path))
     assert json.load(open(tmp_path / 'config.json'))['num_nextn_predict_layers'] == 1
-    again = GPT.from_pretrained(str(tmp_path))
+    again = load_pretrained(str(tmp_path))
     assert again.config.mtp_depth == 1
     for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
@@ -180,16 +181,16 @@ def test_sharded_checkpoint(tmp_path):
     ref.save_pretrained(tmp_path, max_shard_size='40KB')
     assert (tmp_path / 'model.safetensors.index.json').exists() and len(list(tmp_path.glob('*.safetensors'))) > 1
     x = ids()
-    torch.testing.assert_close(GPT.from_pretrained(str(tmp_path)).eval()(x)[0], ref(x).logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(load_pretrained(str(tmp_path)).eval()(x)[0], ref(x).logits, atol=1e-4, rtol=0)
 
 
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='no such checkpoint folder'):
-        GPT.from_pretrained(str(tmp_path / 'nope'))
+        load_pretrained(str(tmp_path / 'nope'))
     (tmp_path / 'config.json').write_text(json.dumps({'architectures': ['GPTNeoXForCausalLM']}))
     (tmp_path / 'model.safetensors').write_bytes(b'')
     with pytest.raises(ValueError, match='unknown architecture'):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
     ref = build_reference('llama_tied')
     ref.save_pretrained(tmp_path / 'ref')
     from safetensors.torch import load_file, save_file
@@ -197,11 +198,11 @@ def test_clear_errors(tmp_path):
     del sd['model.layers.1.mlp.down_proj.weight']
     save_file(sd, tmp_path / 'ref' / 'model.safetensors')
     with pytest.raises(ValueError, match=r'1 tensors the config needs are missing: model\.layers\.1\.mlp\.down_proj'):
-        GPT.from_pretrained(str(tmp_path / 'ref'))
+        load_pretrained(str(tmp_path / 'ref'))
     # DeepSeek-V3's released fp8 weights: copying them without their weight_scale_inv would be silent garbage
     edit_config(tmp_path / 'ref', lambda hf: hf.update(quantization_config={'quant_method': 'fp8'}))
     with pytest.raises(ValueError, match=r'quantized checkpoint \(fp8\) unsupported'):
-        GPT.from_pretrained(str(tmp_path / 'ref'))
+        load_pretrained(str(tmp_path / 'ref'))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def test_wrong_shape_is_refused(tmp_path):
                  lambda sd: sd.update({'model.layers.0.input_layernorm.weight': torch.ones(1)}))
     with pytest.raises(ValueError, match=r'model\.safetensors: tensor model\.layers\.0\.input_layernorm\.weight '
                                          r'has shape \[1\], the config expects \[32\]'):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
 
 
 def test_unexpected_tensor_is_refused(tmp_path):
@@ -240,7 +241,7 @@ def test_unexpected_tensor_is_refused(tmp_path):
         'model.layers.0.self_attn.q_norm.weight': torch.ones(8), 'model.layers.2.mlp.up_proj.weight': torch.ones(1)}))
     with pytest.raises(ValueError, match=r'2 stored tensors fit no weight of this Qwen2ForCausalLM config: '
                                          r'model\.layers\.0\.self_attn\.q_norm\.weight, model\.layers\.2\.mlp'):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
 
 
 @torch.no_grad()
@@ -251,7 +252,7 @@ def test_known_extra_tensors_are_skipped(tmp_path):
     edit_tensors(tmp_path, 'model.safetensors', lambda sd: sd.update({
         'model.layers.0.self_attn.rotary_emb.inv_freq': torch.ones(4), 'lm_head.weight': torch.zeros(VOCAB, 32)}))
     x = ids()
-    torch.testing.assert_close(GPT.from_pretrained(str(tmp_path)).eval()(x)[0], ref(x).logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(load_pretrained(str(tmp_path)).eval()(x)[0], ref(x).logits, atol=1e-4, rtol=0)
 
 
 def test_mtp_layers_skipped_only_when_declared(tmp_path):
@@ -261,12 +262,12 @@ def test_mtp_layers_skipped_only_when_declared(tmp_path):
                     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
                     mtp_depth=1, tie_embeddings=False)
     torch.manual_seed(0)
-    GPT(c).save_pretrained(str(tmp_path))
-    assert GPT.from_pretrained(str(tmp_path), mtp_depth=0).config.mtp_depth == 0
+    save_pretrained(GPT(c), str(tmp_path))
+    assert load_pretrained(str(tmp_path), mtp_depth=0).config.mtp_depth == 0
     edit_tensors(tmp_path, 'model.safetensors',
                  lambda sd: sd.update({'model.layers.3.eh_proj.weight': sd['model.layers.2.eh_proj.weight'].clone()}))
     with pytest.raises(ValueError, match=r'1 stored tensors fit no weight.*model\.layers\.3\.eh_proj\.weight'):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
 
 
 def sharded(tmp_path):
@@ -295,7 +296,7 @@ def test_shard_outside_folder_is_refused(tmp_path, where):
     index['weight_map'] = {k: (entry if v == fn else v) for k, v in index['weight_map'].items()}
     write_index(folder, index)
     with pytest.raises(ValueError, match=f"weight_map entry {key}: '{entry}' is not a file inside"):
-        GPT.from_pretrained(str(folder))
+        load_pretrained(str(folder))
 
 
 def test_shard_problems(tmp_path):
@@ -304,11 +305,11 @@ def test_shard_problems(tmp_path):
     # a tensor stored in two shards: which copy won depended on file order
     edit_tensors(folder, files[1], lambda sd: sd.update({'model.norm.weight': torch.zeros(32)}))
     with pytest.raises(ValueError, match=r'tensor model\.norm\.weight is stored twice'):
-        GPT.from_pretrained(str(folder))
+        load_pretrained(str(folder))
     # a shard the index names but the folder lacks
     os.remove(folder / files[1])
     with pytest.raises(FileNotFoundError, match=files[1]):
-        GPT.from_pretrained(str(folder))
+        load_pretrained(str(folder))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ def test_rope_spellings_match_transformers(tmp_path, spelling):
     x = ids()
     want = ref(x).logits
     torch.testing.assert_close(theirs(x).logits, want, atol=1e-5, rtol=0)  # transformers reads it as saved
-    torch.testing.assert_close(GPT.from_pretrained(str(tmp_path)).eval()(x)[0], want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(load_pretrained(str(tmp_path)).eval()(x)[0], want, atol=1e-4, rtol=0)
 
 
 ROPE_CONFLICTS = {  # name: (config.json keys, words the error must contain)
@@ -366,4 +367,4 @@ def test_rope_conflicts_are_refused(tmp_path, case):
         hf.update(keys)
     edit_config(tmp_path, respell)
     with pytest.raises(ValueError, match=words.replace('(', r'\(').replace(')', r'\)')):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
