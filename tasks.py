@@ -484,7 +484,7 @@ def corpus_document(rng, cfg, cd_train, ar_train, arith_frac=0.4, check_frac=0.1
 
 
 # -----------------------------------------------------------------------------
-# which problems an RL iteration trains on (Kimi k1.5 sec 2.3.4, "sampling strategies")
+# the world (problems, tokenizer) and the packed pretraining corpus
 
 def build_world(seed, n_train_problems, cfg, bpe_merges, arith_frac, check_frac):
     """(countdown train problems, arithmetic train problems, the tokenizer whose BPE merges are learned on 1000
