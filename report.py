@@ -171,6 +171,9 @@ def rl_metrics(seen, terms, batch, mask, G, pool):
            'trained_tokens': mask.sum(), 'prompt_solve_rate': sum(drawn) / len(drawn) if drawn else None,
            'buffer_groups': batch.buffered, 'repeat_stops': batch.repeat_stops,
            'continued_token_frac': trained[batch.continued].sum() / trained.sum().clamp(min=1)}
+    if torch.cuda.is_initialized():   # this step's peak (rollouts, logprobs, loss), what --dry-run plans; then reset
+        row['cuda_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
     return {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
 
 
