@@ -255,12 +255,20 @@ def grpo_step(argv):
 BF16_PEAK = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
 
 
-def train_flops_per_token(config, n_params):
-    """Training FLOPs per token: 6 per parameter in a matmul (forward 2, backward 4; the embedding lookup is not a
-    matmul unless the head shares it) plus attention's scores and weighted sums, 12 * n_layer * n_embd * T
-    (Chowdhery et al. 2022, PaLM, appendix B: the MFU convention)."""
-    emb = 0 if config.tie_embeddings else config.vocab_size * config.n_embd
-    return 6 * (n_params - emb) + 12 * config.n_layer * config.n_embd * config.block_size
+def train_flops_per_token(model):
+    """Training FLOPs per token of `model` at its block_size (the MFU numerator; Chowdhery et al. 2022, PaLM,
+    appendix B): 6 per weight of a matmul the token passes through (forward 2, backward 4), so a routed expert's
+    weights count top_k / n_routed_experts times and the embedding gather not at all unless it is the tied head,
+    plus attention's scores and weighted sums, 6 * T * n_head * (qk head dim + v head dim) per layer."""
+    c = model.config
+    n = 0.0
+    for name, p in model.named_parameters():   # a tied weight appears once, under its first name
+        if p.dim() < 2 or (name == 'embed_tokens.weight' and not c.tie_embeddings):
+            continue
+        n += p.numel() * (c.num_experts_per_tok / c.n_routed_experts if '.experts.' in name else 1)
+    dqk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == 'mla'
+               else (c.head_dim, c.head_dim))
+    return 6 * n + 6 * c.n_layer * c.block_size * c.n_head * (dqk + dv)
 
 
 def _run(cmd, log):
@@ -302,7 +310,7 @@ def gpu(argv):
         rows = [r for r in _metrics(os.path.join(d, 'pretrain', 'metrics.jsonl')) if r['step'] >= args.pt_steps // 4]
         tps = statistics.median(r['tok_per_s'] for r in rows)
         model_, _, _ = load_policy(os.path.join(d, 'pretrain', 'ckpt.pt'), 'cpu')
-        fpt = train_flops_per_token(model_.config, model_.num_params())
+        fpt = train_flops_per_token(model_)
         out[f'pretrain_{mode}'] = {'tok_per_s': round(tps), 'flops_per_token': fpt,
                                    'mfu': round(tps * fpt / peak, 4) if peak else None}
         print(f"pretrain {mode:5s}: {tps:,.0f} tok/s, {fpt / 1e6:.1f} MFLOP/token, MFU "
