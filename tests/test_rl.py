@@ -4,8 +4,11 @@ The GRPO stage: dynamic sampling's refill (rollouts.dynamic_batch) against scrip
 the full-logits reference, and the stage end to end on the 'test' preset (outputs, report, resume, errors).
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rl.py -q
 """
+import contextlib
+import io
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ import grpo
 from model import GPT, ModelConfig
 from rollouts import RolloutBatch, dynamic_batch
 from sample import Generation, sequences_for_training
-from test_train import run
+from test_train import dies, main, run
 
 G, PAD = 4, 0
 
@@ -135,10 +138,20 @@ def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
 # -----------------------------------------------------------------------------
 # the stage end to end
 
-def test_stage_all_writes_summary_report_and_plots(tmp_path):
-    out = str(tmp_path / 'run')
-    p = run(['--preset', 'test', '--stage', 'all', '--out-dir', out])
-    assert 'loss near 0 is expected' in p.stdout        # the mu=1 explanation is in the log
+@pytest.fixture(scope='module')
+def stage_all(tmp_path_factory):
+    """One `--stage all` run in this process, shared (tests copy what they would write to): its directory and
+    what it printed."""
+    out = str(tmp_path_factory.mktemp('all') / 'run')
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        main(['--preset', 'test', '--stage', 'all', '--out-dir', out])
+    return out, log.getvalue()
+
+
+def test_stage_all_writes_summary_report_and_plots(stage_all):
+    out, stdout = stage_all
+    assert 'loss near 0 is expected' in stdout          # the mu=1 explanation is in the log
     s = json.load(open(os.path.join(out, 'summary.json')))
     for k in ('base_countdown_pass@1', 'rl_countdown_pass@1', 'rl_countdown_pass@1_sampled', 'rl_countdown_pass@2',
               'wall_seconds', 'base_arith_acc', 'n_eval'):
@@ -152,16 +165,16 @@ def test_stage_all_writes_summary_report_and_plots(tmp_path):
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
 
-def test_grpo_resume_matches_uninterrupted(tmp_path):
+def test_grpo_resume_matches_uninterrupted(stage_all, tmp_path, capsys):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    run(['--preset', 'test', '--stage', 'pretrain', '--out-dir', a])
-    init = os.path.join(a, 'pretrain', 'ckpt.pt')
+    init = os.path.join(a, 'pretrain', 'ckpt.pt')   # the test preset's pretrain, as `--stage pretrain` writes it
+    shutil.copytree(os.path.join(stage_all[0], 'pretrain'), os.path.join(a, 'pretrain'))
     common = ['--preset', 'test', '--stage', 'grpo', '--init-from', init, '--ckpt-interval', '2', '--loss-type', 'dapo',
               '--dynamic-sampling', '--rl-mu', '2']
-    run(common + ['--out-dir', a])
-    p = run(common + ['--out-dir', b, '--exit-after', '3'], check=False)
-    assert p.returncode == 3
-    run(common + ['--out-dir', b, '--resume'])
+    main(common + ['--out-dir', a])
+    p = run(common + ['--out-dir', b, '--exit-after', '3'], check=False)   # a hard exit: a process of its own
+    assert p.returncode == 3, p.stderr[-3000:]
+    main(common + ['--out-dir', b, '--resume'])
     ra = [json.loads(line) for line in open(os.path.join(a, 'grpo', 'metrics.jsonl'))]
     rb = [json.loads(line) for line in open(os.path.join(b, 'grpo', 'metrics.jsonl'))]
     assert [r['step'] for r in rb] == [r['step'] for r in ra] == [0, 1, 2, 3, 4]   # each step once
@@ -169,8 +182,9 @@ def test_grpo_resume_matches_uninterrupted(tmp_path):
         for k in ('reward', 'response_len', 'eval_pass@1', 'loss'):
             if k in x:
                 assert abs(x[k] - y[k]) < 1e-6, (k, x, y)
-    p = run(common + ['--out-dir', b, '--resume'])                                  # finished: reported, not re-run
-    assert 'finished already' in p.stdout
+    capsys.readouterr()
+    main(common + ['--out-dir', b, '--resume'])                                     # finished: reported, not re-run
+    assert 'finished already' in capsys.readouterr().out
     assert [json.loads(line)['step'] for line in open(os.path.join(b, 'grpo', 'metrics.jsonl'))] == [0, 1, 2, 3, 4]
 
 
@@ -178,16 +192,15 @@ def test_grpo_resume_matches_uninterrupted(tmp_path):
     (['--loss-type', 'kimi', '--adv-scale', 'group'], '--adv-scale none'),
     (['--loss-type', 'dr_grpo', '--adv-scale', 'batch'], '--adv-scale none'),
 ])
-def test_loss_type_and_advantage_scale_that_disagree_are_refused(args, needle):
-    p = run(['--preset', 'test', '--stage', 'grpo'] + args, check=False)
-    assert p.returncode != 0 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+def test_loss_type_and_advantage_scale_that_disagree_are_refused(args, needle, capsys):
+    dies(capsys, ['--preset', 'test', '--stage', 'grpo'] + args, needle)
 
 
 def test_mla_moe_model_runs_the_pipeline(tmp_path):
     """The DeepSeek-V3 architecture (MLA with the absorbed cache in rollouts, DeepSeekMoE with the aux-loss-free
     bias updated after each step, MTP) through pretrain and grpo, with DAPO's overlong shaping and filtering."""
     out = str(tmp_path / 'moe')
-    run(['--preset', 'test', '--stage', 'all', '--out-dir', out, '--attn', 'mla', '--mla-impl', 'absorb',
+    main(['--preset', 'test', '--stage', 'all', '--out-dir', out, '--attn', 'mla', '--mla-impl', 'absorb',
          '--kv-lora-rank', '16', '--qk-nope-head-dim', '8', '--qk-rope-head-dim', '8', '--v-head-dim', '8',
          '--ffn', 'moe', '--n-routed-experts', '4', '--num-experts-per-tok', '2', '--moe-intermediate-size', '16',
          '--mtp-depth', '1', '--log-interval', '1', '--overlong-buffer', '8', '--mask-truncated'])
