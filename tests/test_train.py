@@ -1,8 +1,9 @@
 """
-End-to-end tests of train.py on the 'test' preset (seconds each): resume after a kill, DDP equivalence, clear
-errors. Starting python and importing torch costs seconds a process on CPU, so most runs call train.main in this
-process; a subprocess remains where the process itself is under test: the kill (--exit-after hard-exits), torchrun,
-the command line's one-line error on stderr, a diverging run's last line on stderr.
+End-to-end tests of train.py on the 'test' preset (seconds each): resume after a kill, clear errors (DDP
+equivalence: test_dist.py). Starting python and importing torch costs seconds a process on CPU, so most runs call
+train.main in this process; a subprocess remains where the process itself is under test: the kill (--exit-after
+hard-exits), the command line's one-line error on stderr, a diverging run's last line on stderr. (run() also starts
+torchrun, for test_realckpt.py.)
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_train.py -q
 """
 import json
@@ -98,17 +99,6 @@ def test_killed_run_resumes_to_the_same_loss(pretrained, killed, tmp_path):
     sb = json.load(open(os.path.join(b, 'pretrain', 'summary.json')))
     assert abs(sa['final_train_loss'] - sb['final_train_loss']) < 1e-4
     assert abs(sa['final_val_loss'] - sb['final_val_loss']) < 1e-4
-
-
-def test_torchrun_two_ranks_match_one_process(tmp_path):
-    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-    # same global batch: 1 process x 2 micro-batches of 2 == 2 ranks x 1 micro-batch of 2
-    main(BASE + ['--out-dir', one, '--pt-batch-size', '2', '--pt-grad-accum', '2', '--pt-steps', '4'])
-    run(BASE + ['--out-dir', two, '--pt-batch-size', '2', '--pt-grad-accum', '1', '--pt-steps', '4'], torchrun=True)
-    l1, l2 = losses(one), losses(two)
-    assert len(l1) == len(l2) == 4
-    for r1, r2 in zip(l1, l2):
-        assert abs(r1['loss'] - r2['loss']) < 1e-4, (r1, r2)
 
 
 BAD_INPUT = [
