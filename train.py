@@ -353,7 +353,7 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             if mc.ffn == 'moe':
                 row['moe_max_over_mean'] = moe_load_stats(raw)['moe/max_over_mean']
             if mc.mtp_depth > 0 and raw.mtp_loss is not None:
-                row['mtp_loss'] = float(raw.mtp_loss)
+                row['mtp_loss'] = raw.mtp_loss.item()
             if step % tc.pt_eval_interval == 0 or step == tc.pt_steps - 1:
                 row['val_loss'] = val_loss(raw, val, device, tok.bos)
             if log:
