@@ -9,16 +9,19 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import fused_loss
 import grpo
+import train
 from model import GPT, ModelConfig
 from rollouts import RolloutBatch, dynamic_batch
 from sample import Generation, sequences_for_training
-from test_train import dies, main, run
+from test_train import ENV, ROOT, dies, main
 
 G, PAD = 4, 0
 
@@ -165,14 +168,31 @@ def test_stage_all_writes_summary_report_and_plots(stage_all):
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
 
-def test_grpo_resume_matches_uninterrupted(stage_all, tmp_path, capsys):
+def text_reward(texts, *args, **kwargs):
+    """A reward that varies inside groups: the test preset's base never answers right, and with every reward 0
+    no advantage moves the weights, so a resume that lost its optimizer state would still match."""
+    acc = torch.tensor([float(sum(map(ord, t)) % 3 == 0) for t in texts])
+    return acc, {'accuracy': acc, 'format': torch.zeros_like(acc)}
+
+
+def varied_main(args):
+    """train.main with text_reward; what the killed run's own process runs (python -c, below)."""
+    train.rl_rewards = text_reward
+    return train.main(args + ['--threads', '1'])
+
+
+def test_grpo_resume_matches_uninterrupted(stage_all, tmp_path, capsys, monkeypatch):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     init = os.path.join(a, 'pretrain', 'ckpt.pt')   # the test preset's pretrain, as `--stage pretrain` writes it
     shutil.copytree(os.path.join(stage_all[0], 'pretrain'), os.path.join(a, 'pretrain'))
     common = ['--preset', 'test', '--stage', 'grpo', '--init-from', init, '--ckpt-interval', '2', '--loss-type', 'dapo',
               '--dynamic-sampling', '--rl-mu', '2']
+    monkeypatch.setattr(train, 'rl_rewards', text_reward)
     main(common + ['--out-dir', a])
-    p = run(common + ['--out-dir', b, '--exit-after', '3'], check=False)   # a hard exit: a process of its own
+    killed = common + ['--out-dir', b, '--exit-after', '3']   # a hard exit (os._exit): a process of its own
+    p = subprocess.run([sys.executable, '-c', f"import test_rl; test_rl.varied_main({killed!r})"], cwd=ROOT,
+                       env={**ENV, 'PYTHONPATH': os.pathsep.join([ROOT, os.path.dirname(__file__)])},
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 3, p.stderr[-3000:]
     main(common + ['--out-dir', b, '--resume'])
     ra = [json.loads(line) for line in open(os.path.join(a, 'grpo', 'metrics.jsonl'))]
@@ -182,6 +202,13 @@ def test_grpo_resume_matches_uninterrupted(stage_all, tmp_path, capsys):
         for k in ('reward', 'response_len', 'eval_pass@1', 'loss'):
             if k in x:
                 assert abs(x[k] - y[k]) < 1e-6, (k, x, y)
+    # the weights: trained away from the base (so the comparison can fail), equal after the resume (optimizer
+    # moments, RNG, sampler state all restored)
+    base, wa, wb = [torch.load(f, weights_only=True)['model'] for f in
+                    (init, os.path.join(a, 'grpo', 'ckpt.pt'), os.path.join(b, 'grpo', 'ckpt.pt'))]
+    assert max((wa[k] - base[k]).abs().max().item() for k in wa) > 1e-4
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
     capsys.readouterr()
     main(common + ['--out-dir', b, '--resume'])                                     # finished: reported, not re-run
     assert 'finished already' in capsys.readouterr().out
