@@ -16,6 +16,7 @@ from harness import autocast, encode_prompt, gather_list, print0, rank_world, sh
 from model import document_mask
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate, row_seed
+from shard import gathered
 from tasks import problems
 
 
@@ -116,16 +117,17 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     mine = shard(len(probs))
     rows = [(i, j) for i in range(len(probs))[mine] for j in range(k)]
     correct, lengths = [], []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        with autocast(next(model.parameters()).device):
-            gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
-                           tok.stop_ids, tok.pad, temperature=temperature,
-                           seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
-        for r, (i, _) in enumerate(chunk):
-            n = int(gen.lengths[r])
-            correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
-            lengths.append(n)
+    with gathered(model):   # --fsdp: the ranks' shards differ in batches and decode steps (shard.gathered)
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            with autocast(next(model.parameters()).device):
+                gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
+                               tok.stop_ids, tok.pad, temperature=temperature,
+                               seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
+            for r, (i, _) in enumerate(chunk):
+                n = int(gen.lengths[r])
+                correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
+                lengths.append(n)
     model.train(was_training)
     correct, lengths = gather_list(correct), gather_list(lengths)   # in problem order: ranks hold contiguous shards
     c = np.array(correct).reshape(len(probs), k)
