@@ -109,9 +109,10 @@ def shard_model(model, mesh, mp=None, activation_checkpointing=False):
     is called as before. Its parameters are DTensors holding this rank's shard: build the optimizer after this
     call (AdamW over model.parameters() then keeps sharded moments). Call it on a model built on the meta device,
     then materialize + init_sharded / load_sharded; on a real model it shards what is there. Every unit, the root
-    too, reshards after its forward: between calls a rank holds only its shards (FSDP2's default keeps the root
-    gathered from forward to backward; a no-grad forward, an evaluation, then leaves it gathered until a backward
-    frees it, and the next forward after opt.step() would run on the root's weights from before the step).
+    too, reshards after its forward, so between calls a rank holds only its shards. (Keeping the weights gathered
+    from forward to backward saves an all-gather per unit, but a no-grad forward then leaves them gathered until
+    a backward frees them, and a forward after opt.step() ran on the weights from before the step: seen on 2 CPU
+    ranks. `gathered` keeps them gathered on purpose, around generation only.)
     """
     if activation_checkpointing:
         checkpoint_blocks(model)
@@ -135,7 +136,7 @@ def sum_reduce(model):
     share of the global batch's loss (harness.sum_gradients), so the global gradient is the plain sum; FSDP's
     default mean would divide it by the world size. (Pretraining keeps the mean: its loss is a per-rank mean.)
     A divide factor of 1 with sum-only collectives is a plain SUM reduce-scatter (and all-reduce across HSDP
-    replicas), on gloo as on NCCL.
+    replicas): no PREMUL_SUM, which gloo lacks.
     """
     for m in model.modules():
         if isinstance(m, FSDPModule):
