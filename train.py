@@ -560,9 +560,10 @@ def main(argv=None):
     if world > 1 and (tc.rollout_budget or tc.repeat_stop) and any(s == 'grpo' for s, _ in pipeline):
         die("--rollout-budget and --repeat-stop (partial rollouts) run in one process: their buffer of unfinished "
             "groups is not split across ranks; drop them under torchrun")
-    if tc.fsdp and (not dist.is_initialized() or tc.loss_impl == 'chunked'):
-        die("--fsdp shards under torchrun (torchrun --nproc_per_node=N train.py --fsdp ...), with the loss from the "
-            "logits: drop --loss-impl chunked (it reads the output head outside the forward, where it is sharded)")
+    if tc.fsdp and not dist.is_initialized():
+        die("--fsdp shards over the ranks of torchrun: torchrun --nproc_per_node=N train.py --fsdp ...")
+    if tc.fsdp and tc.loss_impl == 'chunked':
+        die("--loss-impl chunked reads the output head outside the forward, where --fsdp holds 1/N of it: drop one")
     check_fits(tc, task_cfg, mc)   # before any weight is read: a run too big for the machine stops here
     for s, d in pipeline:   # before any work: no stage may silently replace a checkpoint
         if not tc.resume and not tc.overwrite and os.path.isfile(os.path.join(tc.out_dir, d, 'ckpt.pt')):
