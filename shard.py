@@ -50,7 +50,7 @@ from hf import is_hf_folder
 from mla import kv_cache_bytes_per_token
 from model import GPT, Block, ModelConfig
 from tasks import Countdown, format_prompt
-from tokenizer import from_dict as tokenizer_from_dict
+from tokenizer_hf import from_dict as tokenizer_from_dict
 
 
 def fsdp_mesh(device_type, hsdp=0):
