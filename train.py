@@ -114,7 +114,7 @@ class TrainConfig:
     lang_weight: float = 0.0          # R1's language consistency reward weight (sec 2.3.2): share of the CoT in digits
     overlong_buffer: int = 0          # DAPO soft overlong punishment over the last N tokens of the budget (0: off)
     mask_truncated: bool = False      # DAPO overlong filtering: truncated responses get no loss
-    dynamic_sampling: bool = True     # DAPO: drop groups whose rewards are all equal and draw more prompts
+    dynamic_sampling: bool = False    # DAPO: drop groups whose rewards are all equal, refill (tiny: ~2.3x rollouts)
     dynamic_rounds: int = 3           # dynamic sampling: most rollout rounds per iteration (DAPO's generation cap)
     rl_grad_clip: float = 1.0         # grad-norm clip
     rl_eval_interval: int = 25        # iterations between held-out greedy evaluations
@@ -186,7 +186,7 @@ PRESETS = {
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(**DENSE, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bpe_merges=20, pt_steps=6, pt_batch_size=4,
                  pt_eval_interval=3, ckpt_interval=3, n_eval=8, n_train_problems=200, rl_steps=4, rl_prompts=2,
-                 rl_group=4, rl_eval_interval=2, max_new_tokens=24, pass_k=2, temperature=1.0, dynamic_sampling=False),
+                 rl_group=4, rl_eval_interval=2, max_new_tokens=24, pass_k=2, temperature=1.0),
     # one GPU: a wider, deeper model, same world
     'small': dict(**DENSE, n_layer=8, n_head=8, n_kv_head=4, n_embd=384, pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
     # the R1 pipeline on tiny-dense's model: a base whose CoTs mix digits and number words, cold-start SFT, RL with
@@ -214,7 +214,7 @@ QWEN25 = dict(attn='gqa', ffn='dense', attn_bias=True, tie_embeddings=True, voca
 TINYZERO_COUNTDOWN = dict(stage='grpo', task='tinyzero', template='tinyzero', n_numbers=4, min_numbers=3, lo=1,
                           hi=100, max_target=100, n_train_problems=20000, n_eval=500, rl_steps=1000, rl_lr=1e-6,
                           rl_warmup=0, beta=0.001, temperature=1.0, max_new_tokens=1024, loss_type='dapo',
-                          eps_low=0.2, eps_high=0.2, dynamic_sampling=False, rl_eval_interval=50, ckpt_interval=50)
+                          eps_low=0.2, eps_high=0.2, rl_eval_interval=50, ckpt_interval=50)
 PRESETS.update({
     # one GPU: nano-aha-moment's batch (16 prompts x 4) and reward
     'qwen2.5-0.5b-countdown': dict(**QWEN25, **TINYZERO_COUNTDOWN, n_layer=24, n_embd=896, n_head=14, n_kv_head=2,
