@@ -70,6 +70,9 @@ TINYZERO_QUESTION = (
     "(+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. And return the "
     "final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
 TASKS = ('tiny', 'tinyzero')
+# the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
+# know when to stop; RL shortens its CoT), kept for tiny-r1 and the tests of that walk
+WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)
 
 
 def prefills_think(template):
@@ -191,10 +194,10 @@ class TaskConfig:
     test_frac: float = 0.25     # share of the problem space held out
     max_attempts: int = 10      # most attempts a corpus trace writes
     search: str = 'enumerate'   # how corpus traces pick attempts: enumerate | random | sorted (EXPERIMENTS.md)
-    stop_at_yes: float = 0.3    # chance that a corpus writer stops at an attempt whose check said yes
-    give_up: float = 0.0        # enumerate: chance that a writer answers after a check said no (0: a random count)
-    slip: float = 0.0           # enumerate: chance that a missing attempt's last step is written as the target (a slip)
-    recheck: float = 0.0        # enumerate: chance that a writer redoes the last step of an attempt that said yes
+    stop_at_yes: float = 0.9    # chance that a corpus writer stops at an attempt whose check said yes
+    give_up: float = 0.6        # enumerate: chance that a writer answers after a check said no (0: a random count)
+    slip: float = 0.15          # enumerate: chance that a missing attempt's last step is written as the target (a slip)
+    recheck: float = 0.15       # enumerate: chance that a writer redoes the last step of an attempt that said yes
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # prompt: short | r1zero (DeepSeek-R1) | tinyzero (TinyZero's base) | chat (Qwen chat)
 

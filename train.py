@@ -54,7 +54,7 @@ from rewards import rl_rewards
 from rollouts import PartialRollouts, PromptSampler, cat_batches, dynamic_batch, training_shard
 from sample import row_seed
 from shard import build_model, check_fits, dry_run
-from tasks import TaskConfig, build_world, corpus_tokens, prefills_think, problems
+from tasks import WALK_PAST_HITS, TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
 
 @dataclass
@@ -190,9 +190,10 @@ PRESETS = {
     # one GPU: a wider, deeper model, same world
     'small': dict(**DENSE, n_layer=8, n_head=8, n_kv_head=4, n_embd=384, pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
     # the R1 pipeline on tiny-dense's model: a base whose CoTs mix digits and number words, cold-start SFT, RL with
-    # the language consistency reward, rejection sampling + SFT of the base, RL again
-    'tiny-r1': dict(**DENSE, stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2, sft_steps=120, rl_steps=40,
-                    rl_eval_interval=20, lang_weight=0.2, rs_problems=400, rs_temperature=0.7),
+    # the language consistency reward, rejection sampling + SFT of the base, RL again (in the world it was measured
+    # in: the writer who walks past hits)
+    'tiny-r1': dict(**DENSE, **WALK_PAST_HITS, stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2, sft_steps=120,
+                    rl_steps=40, rl_eval_interval=20, lang_weight=0.2, rs_problems=400, rs_temperature=0.7),
     # R1 sec 2.4: a smaller dense student (2 layers, d=96), pretrained with tiny's corpus settings (so the same
     # tokenizer), trained on the correct samples of the tiny (MLA + MoE) grpo model
     'tiny-distill': dict(**DENSE, stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt', n_layer=2,

@@ -84,7 +84,7 @@ def test_corpus_never_holds_held_out_problems():
 
 @pytest.mark.parametrize('search', ['enumerate', 'random', 'sorted'])
 def test_trace_computes_correctly_and_answers_with_last_attempt(search):
-    cfg = TaskConfig(search=search)
+    cfg = TaskConfig(search=search, **tasks.WALK_PAST_HITS)   # the honest walk: no slips, no re-checks
     rng = random.Random(3)
     for p in problems('countdown', 'train', 40, 0, cfg):
         trace = countdown_trace(rng, p, cfg)
@@ -105,7 +105,7 @@ def test_trace_computes_correctly_and_answers_with_last_attempt(search):
 
 def test_enumerated_trace_is_a_contiguous_run_of_a_brute_force_walk():
     # independent twin of the canonical order: a plain triple loop over positions and operators
-    cfg = TaskConfig(search='enumerate')
+    cfg = TaskConfig(search='enumerate', **tasks.WALK_PAST_HITS)
     rng = random.Random(5)
     starts = set()
     for p in problems('countdown', 'train', 30, 0, cfg):
@@ -142,7 +142,8 @@ def test_stop_at_yes_is_the_chance_of_stopping_at_a_hit():
     def verdicts(q):
         rng, out = random.Random(9), []
         for p in ps:
-            think = countdown_trace(rng, p, TaskConfig(stop_at_yes=q)).split('<think>')[1].split('</think>')[0]
+            cfg = TaskConfig(**{**tasks.WALK_PAST_HITS, 'stop_at_yes': q})
+            think = countdown_trace(rng, p, cfg).split('<think>')[1].split('</think>')[0]
             out.append([a.endswith('yes') for a in think.split('.') if a])
         return out
     always = verdicts(1.0)
@@ -279,20 +280,20 @@ def test_slips_rechecks_and_giving_up_by_hand():
     # make 24 from 3 2 4 with + and *: the walk (worked out by hand) is (3+2)+4=9, (3+2)*4=20, (3*2)+4=10,
     # (3*2)*4=24, (4+2)+3, ...
     p = tasks.Countdown([3, 2, 4], 24, '(3*2)*4', 0.0)
-    cfg = dict(ops='+*', stop_at_yes=1.0)
+    cfg = dict(ops='+*', stop_at_yes=1.0, give_up=0.0, slip=0.0, recheck=0.0)
     # every miss slips and its redo catches it; the first real hit is redone too, confirmed, and ends the walk
-    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, slip=1.0, recheck=1.0))
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0}))
     assert t == ('<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.3+2=5 5*4=24 vs 24 yes.wait 5*4=20 vs 24 no.'
                  '3*2=6 6+4=24 vs 24 yes.wait 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.'
                  '</think><answer>(3*2)*4</answer>')
     # an under-thinking writer answers after its first caught slip, with that (wrong) attempt
-    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, slip=1.0, recheck=1.0, give_up=0.5))
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0, 'give_up': 0.5}))
     assert t == '<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
     # a slip nobody re-checks is believed: the writer stops there and answers wrong
-    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, slip=1.0))
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0}))
     assert t == '<think>3+2=5 5+4=24 vs 24 yes.</think><answer>(3+2)+4</answer>'
     # no chance fires (u=0.99): an honest walk to the first hit, stopping there (stop_at_yes=1)
-    t = countdown_trace(FixedRng(0.99), p, TaskConfig(**cfg, slip=0.5, recheck=0.5, give_up=0.5))
+    t = countdown_trace(FixedRng(0.99), p, TaskConfig(**{**cfg, 'slip': 0.5, 'recheck': 0.5, 'give_up': 0.5}))
     assert t == ('<think>3+2=5 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 no.3*2=6 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.'
                  '</think><answer>(3*2)*4</answer>')
     assert tasks.self_checks(t) == (0, 0, 0)
