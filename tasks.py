@@ -357,8 +357,8 @@ SEARCHES = ('enumerate', 'random', 'sorted')
 
 def countdown_trace(rng, p, cfg):
     """
-    A mixed-quality response: checked attempts, stopping after a random count (1..max_attempts) whatever the
-    checks said, answering with the last attempt. How the attempts are picked (cfg.search):
+    A mixed-quality response: checked attempts, answering with the last one (stopping after a random count,
+    1..max_attempts, whatever the checks said, unless give_up is on). How the attempts are picked (cfg.search):
     - 'enumerate' (default): a contiguous run of the canonical enumeration `all_attempts` (a depth-first walk:
       first move, then every second move, then the next first move) from a random start. The next attempt is a
       function of the last one, so greedy decoding walks the search space without repeating itself, while the
