@@ -8,6 +8,7 @@ Benchmarks, one function per name, each with its own flags:
     python bench.py loss_hidden [--n-tokens 2048] [--vocab 32768] [--hidden 512] [--dtype fp32] ...
     python bench.py rollout [--dims tiny-dense,small] [--temps 0.7,0] [--threads 1] ...
     python bench.py grpo_step [--dims tiny-dense] [--threads 1] ...
+    python bench.py gpu [--preset small] [--pt-steps 200]     # the one-GPU suite: everything below that needs a GPU
 
 The kernels' benchmarks (grpo_loss, loss_hidden, mla_decode) and the measuring tools are in bench_kernels.py;
 here, what a training run costs end to end.
@@ -24,10 +25,17 @@ of rows equal to transformers' tokens.
 grpo_step: one GRPO step as train.py takes it (rollouts, rewards, the loss from the hidden states, AdamW) vs TRL's
 GRPOTrainer on the same weights, tokenizer (one word per id), prompts, reward and settings (mu = 1, beta = 0,
 loss 'grpo', temperature 0.7, 160 new tokens), s/step; our step runs between TRL's steps.
+
+gpu: what only a GPU shows, in one command (a few minutes on one H100/H200): pretraining tokens/s and MFU of
+--preset small in one process and under FSDP2 (torchrun, one rank), a few GRPO steps' time and CUDA peak memory
+next to the --dry-run plan of the same settings, the presets' rollout tokens/s (`model`) and the kernels'
+tables; the figures in <out>/gpu.json. `--device cpu` makes it a smoke run of the same code.
 """
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,9 +45,11 @@ import torch
 from bench_kernels import device_of, grpo_loss, loss_hidden, mla_decode, time_interleaved, time_ms
 from fused_loss import loss_from_hidden
 from grpo import group_advantages
+from harness import load_policy
 from hf import save_pretrained
 from model import GPT, ModelConfig
 from sample import generate, group_rollouts, sequences_for_training
+from shard import memory_plan, prompt_bound
 from train import PRESETS, resolve
 
 
@@ -238,8 +248,100 @@ def grpo_step(argv):
           (f"; TRL / ours = {med['trl'] / med['ours']:.2f}" if 'trl' in med else ''))
 
 
+# -----------------------------------------------------------------------------
+# the one-GPU suite: what only a GPU can show, in one command that runs in a few minutes
+
+# dense bf16 tensor-core peak FLOP/s from the vendor sheets, matched against torch.cuda.get_device_name() in order
+BF16_PEAK = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
+
+
+def train_flops_per_token(model):
+    """Training FLOPs per token of `model` at its block_size (the MFU numerator; Chowdhery et al. 2022, PaLM,
+    appendix B): 6 per weight of a matmul the token passes through (forward 2, backward 4), so a routed expert's
+    weights count top_k / n_routed_experts times and the embedding gather not at all unless it is the tied head,
+    plus attention's scores and weighted sums, 6 * T * n_head * (qk head dim + v head dim) per layer."""
+    c = model.config
+    n = 0.0
+    for name, p in model.named_parameters():   # a tied weight appears once, under its first name
+        if p.dim() < 2 or (name == 'embed_tokens.weight' and not c.tie_embeddings):
+            continue
+        n += p.numel() * (c.num_experts_per_tok / c.n_routed_experts if '.experts.' in name else 1)
+    dqk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == 'mla'
+               else (c.head_dim, c.head_dim))
+    return 6 * n + 6 * c.n_layer * c.block_size * c.n_head * (dqk + dv)
+
+
+def _run(cmd, log):
+    """Run a command, its output into `log`; a failure is one line naming the log, not a traceback here."""
+    with open(log, 'w') as f:
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode:
+        sys.exit(f"error: {' '.join(cmd)} failed ({p.returncode}); see {log}")
+
+
+def _metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def gpu(argv):
+    """the one-GPU suite: MFU (plain and FSDP2), a GRPO step's time and peak memory vs --dry-run, rollout tok/s, kernels"""
+    p = argparse.ArgumentParser(prog='bench.py gpu', description=gpu.__doc__)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda (cpu: a smoke run)")
+    p.add_argument('--preset', default='small', help="train.py preset to pretrain and run GRPO with")
+    p.add_argument('--pt-steps', type=int, default=200, help="pretraining steps per run (MFU: the median after 1/4)")
+    p.add_argument('--rl-steps', type=int, default=3, help="GRPO steps (time and peak memory)")
+    p.add_argument('--n-eval', type=int, default=64, help="held-out problems the GRPO run evaluates")
+    p.add_argument('--out', default='out/bench-gpu', help="where the runs write; the figures go to <out>/gpu.json")
+    p.add_argument('--kernels', default='grpo_loss,mla_decode,loss_hidden', help="kernel benchmarks to run after")
+    args = p.parse_args(argv)
+    device, is_gpu = device_of(args.device)
+    name = torch.cuda.get_device_name(device) if is_gpu else 'cpu'
+    peak = next((f for key, f in BF16_PEAK if key in name), None)
+    print(json.dumps(dict(vars(args), device_name=name, bf16_peak_flops=peak)))
+    os.makedirs(args.out, exist_ok=True)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1']
+    common = ['train.py', '--preset', args.preset, '--device', device.type, '--overwrite']
+    out = {'device': name, 'torch': torch.__version__, 'preset': args.preset}
+    # 1. pretraining throughput in one process and under FSDP2 (fully_shard over 1 rank: its overhead alone)
+    for mode, extra in (('plain', []), ('fsdp', ['--fsdp'])):
+        d = os.path.join(args.out, mode)
+        _run(torchrun + common + ['--stage', 'pretrain', '--pt-steps', str(args.pt_steps), '--log-interval', '10',
+                                  '--pt-eval-interval', str(10 ** 6), '--out-dir', d] + extra, d + '.log')
+        rows = [r for r in _metrics(os.path.join(d, 'pretrain', 'metrics.jsonl')) if r['step'] >= args.pt_steps // 4]
+        tps = statistics.median(r['tok_per_s'] for r in rows)
+        model_, _, _ = load_policy(os.path.join(d, 'pretrain', 'ckpt.pt'), 'cpu')
+        fpt = train_flops_per_token(model_)
+        out[f'pretrain_{mode}'] = {'tok_per_s': round(tps), 'flops_per_token': fpt,
+                                   'mfu': round(tps * fpt / peak, 4) if peak else None}
+        print(f"pretrain {mode:5s}: {tps:,.0f} tok/s, {fpt / 1e6:.1f} MFLOP/token, MFU "
+              f"{out[f'pretrain_{mode}']['mfu']}")
+    # 2. GRPO steps from that base: step time and CUDA peak memory, against the --dry-run plan of the same settings
+    d = os.path.join(args.out, 'grpo')
+    _run([sys.executable] + common + ['--stage', 'grpo', '--init-from', os.path.join(args.out, 'plain', 'pretrain',
+         'ckpt.pt'), '--rl-steps', str(args.rl_steps), '--n-eval', str(args.n_eval), '--pass-k', '2',
+         '--out-dir', d], d + '.log')
+    rows = [r for r in _metrics(os.path.join(d, 'grpo', 'metrics.jsonl')) if 'step_seconds' in r]
+    tc, task_cfg, mc = resolve({**PRESETS[args.preset], 'preset': args.preset, 'device': device.type,
+                                'vocab_size': model_.config.vocab_size})
+    with torch.device('meta'):
+        planned = sum(b for b, _ in memory_plan(GPT(mc), tc, 1, device.type, prompt_bound(task_cfg)).values())
+    measured = max((r.get('cuda_peak_gib') or 0) for r in rows)
+    out['grpo'] = {'step_seconds': [r['step_seconds'] for r in rows], 'rollout_rows': tc.rl_prompts * tc.rl_group,
+                   'cuda_peak_gib': measured or None, 'dry_run_plan_gib': round(planned / 2 ** 30, 3)}
+    print(f"grpo: s/step {out['grpo']['step_seconds']}, CUDA peak {measured:.3f} GiB, --dry-run plan "
+          f"{planned / 2 ** 30:.3f} GiB")
+    with open(os.path.join(args.out, 'gpu.json'), 'w') as f:
+        json.dump(out, f, indent=2)
+    # 3. rollout tokens/s of the presets' models, then the kernels (each prints its own table)
+    dev = ['--device', device.type]
+    model(dev + ['--presets', f'tiny,tiny-dense,{args.preset}'] + ([] if is_gpu else ['--rows', '4', '--iters', '1']))
+    for k in filter(None, args.kernels.split(',')):
+        BENCHMARKS[k](dev + ([] if is_gpu else ['--iters', '1']))
+    print(f"wrote {os.path.join(args.out, 'gpu.json')}")
+
+
 BENCHMARKS = {'grpo_loss': grpo_loss, 'loss_hidden': loss_hidden, 'mla_decode': mla_decode, 'model': model,
-              'rollout': rollout, 'grpo_step': grpo_step}
+              'rollout': rollout, 'grpo_step': grpo_step, 'gpu': gpu}
 
 
 def main():

@@ -32,16 +32,18 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import sample
-from harness import checkpoint, die, encode_prompt, load_policy, print0, save_checkpoint
+from harness import (all_reduce_sum, autocast, checkpoint, die, encode_prompt, gather_list, print0, rank_world,
+                     save_stage, shard, sum_gradients)
 from report import MetricsLog, evaluate, plot_curves, write_json, write_report
-from harness import all_reduce_sum, autocast, gather_list, rank_world, shard, sum_gradients
 from hf import is_hf_folder
 from model import lr_at
 from moe import update_moe_biases
 from rewards import countdown_reward
+from shard import gathered, load_model
 from tasks import arithmetic_response, cold_start_trace, has_number_words, problems
 
 
@@ -96,21 +98,23 @@ def sample_scored(model, tok, probs, n, temperature, max_new_tokens, template='s
     model.eval()
     mine = range(len(probs))[shard(len(probs))]
     groups = []
-    for s in tqdm(mine[::batch_prompts], desc=f'sampling x{n}', mininterval=2, disable=rank_world()[0] != 0):
-        chunk = probs[s:min(s + batch_prompts, mine.stop)]
-        prompts = [encode_prompt(tok, p, template) for p in chunk]
-        with autocast(next(model.parameters()).device):
-            gen = sample.group_rollouts(model, prompts, n, max_new_tokens, tok.stop_ids, tok.pad, temperature=temperature,
-                                        seeds=[sample.row_seed(seed, s + i, j) for i in range(len(chunk))
-                                               for j in range(n)])
-        for i, p in enumerate(chunk):
-            group = []
-            for r in range(i * n, (i + 1) * n):   # group_rollouts: rows [i*n, (i+1)*n) answer prompt i
-                ids = gen.tokens[r, :int(gen.lengths[r])].tolist()
-                text = tok.decode(ids)
-                group.append({'problem': p, 'prompt_ids': prompts[i], 'response_ids': ids, 'text': text,
-                              'n_tokens': len(ids), 'correct': is_correct(text, p)})
-            groups.append(group)
+    with gathered(model):   # --fsdp: the ranks' shards differ in batches and decode steps (shard.gathered)
+        for s in tqdm(mine[::batch_prompts], desc=f'sampling x{n}', mininterval=2, disable=rank_world()[0] != 0):
+            chunk = probs[s:min(s + batch_prompts, mine.stop)]
+            prompts = [encode_prompt(tok, p, template) for p in chunk]
+            with autocast(next(model.parameters()).device):
+                gen = sample.group_rollouts(model, prompts, n, max_new_tokens, tok.stop_ids, tok.pad,
+                                            temperature=temperature, seeds=[sample.row_seed(seed, s + i, j)
+                                                                            for i in range(len(chunk))
+                                                                            for j in range(n)])
+            for i, p in enumerate(chunk):
+                group = []
+                for r in range(i * n, (i + 1) * n):   # group_rollouts: rows [i*n, (i+1)*n) answer prompt i
+                    ids = gen.tokens[r, :int(gen.lengths[r])].tolist()
+                    text = tok.decode(ids)
+                    group.append({'problem': p, 'prompt_ids': prompts[i], 'response_ids': ids, 'text': text,
+                                  'n_tokens': len(ids), 'correct': is_correct(text, p)})
+                groups.append(group)
     model.train(was_training)
     return gather_list(groups)   # in problem order: the ranks' shards are contiguous
 
@@ -221,7 +225,8 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
         stats['loss'] = loss
         # the ranks' shares summed, in one collective (and one device sync for the step's metrics)
         stats = dict(zip(stats, all_reduce_sum(torch.stack([v.detach().float() for v in stats.values()]))))
-        stats['grad_norm'] = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        stats['grad_norm'] = gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm   # --fsdp: a DTensor
         opt.step()
         opt.zero_grad(set_to_none=True)
         if model.config.ffn == 'moe':
@@ -243,7 +248,7 @@ def sft(model, examples, steps, batch_size, lr, device, desc='sft', teacher=None
 def sft_stage(tc, task_cfg, device, name='sft', init=''):
     """R1 sec 2.3.1: SFT the base on a few readable long CoTs that stop at their first verified hit."""
     t0 = time.time()
-    model, tok, _ = load_policy(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device)
+    model, tok, _ = load_model(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device, tc)
     cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
     rng = random.Random(tc.seed + 31)
     picks = rng.sample(cd_train, min(tc.sft_examples, len(cd_train)))
@@ -277,10 +282,10 @@ def correct_samples(tc, task_cfg, model, tok, seed):
 def rs_stage(tc, task_cfg, device, name='rs', init=''):
     """R1 sec 2.3.3: the RL model's correct samples + general samples; SFT of the base on them."""
     t0 = time.time()
-    policy, ptok, _ = load_policy(init or os.path.join(tc.out_dir, 'grpo', 'ckpt.pt'), device)
+    policy, ptok, _ = load_model(init or os.path.join(tc.out_dir, 'grpo', 'ckpt.pt'), device, tc, frozen=True)
     pool, samples, n_correct = correct_samples(tc, task_cfg, policy, ptok, tc.seed + 41)
     base = tc.rs_base or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')
-    model, tok, _ = load_policy(base, device)
+    model, tok, _ = load_model(base, device, tc)
     if tok.to_dict() != ptok.to_dict():
         die(f"rs: {base} and the sampled model use different tokenizers")
     general = [{'prompt_ids': encode_prompt(tok, p, task_cfg.template),
@@ -305,8 +310,8 @@ def distill_stage(tc, task_cfg, device, name='distill', init=''):
     if not (os.path.isfile(tc.teacher_from) or is_hf_folder(tc.teacher_from)):
         die(f"no teacher checkpoint at {tc.teacher_from!r}: train one first (python train.py --preset tiny) or "
             "pass --teacher-from")
-    teacher, ttok, _ = load_policy(tc.teacher_from, device)
-    model, tok, _ = load_policy(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device)
+    teacher, ttok, _ = load_model(tc.teacher_from, device, tc, frozen=True)
+    model, tok, _ = load_model(init or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt'), device, tc)
     kd = tc.distill_mode == 'logits'
     if kd and ttok.to_dict() != tok.to_dict():
         die("distill_mode logits needs the teacher's vocabulary: pretrain the student with the teacher's seed, "
@@ -351,11 +356,12 @@ def sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0, notes, 
     else:
         print0(f"{name}: no examples, nothing to train on; the checkpoint is the initial model")
     acc, n_tok = evaluate(model, tok, cd_test, 'countdown', task_cfg.template, tc.max_new_tokens)
+    # rank 0's file, or under --fsdp every rank's shards; weights only (an SFT stage does not resume: it runs again)
+    save_stage(os.path.join(stage_dir, 'ckpt.pt'), model, None, checkpoint(model, tok, tc, task_cfg, len(rows)))
     if rank != 0:   # one writer
         return
     if rows:
         plot_curves(os.path.join(stage_dir, 'loss.png'), rows, ['loss', 'sft_loss', 'kd_loss'], name)
-    save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), checkpoint(model, tok, tc, task_cfg, len(rows)))
     summary = {'countdown_pass@1': acc, 'mean_response_tokens': n_tok, 'init_countdown_pass@1': acc0,
                'init_mean_response_tokens': len0, 'n_examples': len(examples),
                'example_mean_response_tokens': sum(len(e['response_ids']) for e in examples) / max(1, len(examples)),

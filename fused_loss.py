@@ -350,11 +350,13 @@ def loss_from_logits(logits, tokens, old_logp, ref_logp, advantages, mask, loss_
 # -----------------------------------------------------------------------------
 # the trainer's entry: one name for both paths
 
-def trainer_impl(loss_impl, device):
+def trainer_impl(loss_impl, device, sharded=False):
     """--loss-impl -> 'chunked' (from the hidden states) or an impl of the logits path. 'auto': the kernel over the
-    response logits on CUDA, chunked elsewhere (no (N, V) logits, and no Triton interpreter on a CPU)."""
+    response logits on CUDA, chunked elsewhere (no (N, V) logits, and no Triton interpreter on a CPU). A sharded
+    (FSDP) model takes the logits path: the chunked loss reads the head's weight outside the model's forward,
+    where FSDP holds only this rank's rows of it (train.py refuses --loss-impl chunked with --fsdp)."""
     if loss_impl == 'chunked' or (loss_impl == 'auto' and not str(device).startswith('cuda')):
-        return 'chunked'
+        return 'torch' if sharded else 'chunked'
     return loss_impl
 
 

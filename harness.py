@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from hf import is_hf_folder, load_hf
@@ -282,6 +283,30 @@ def set_rng_state(s):
 # -----------------------------------------------------------------------------
 # sharded checkpoints (--fsdp): torch.distributed.checkpoint beside the one-file manifest
 
+def is_sharded(model):
+    """Whether FSDP shards the model (fully_shard made it an FSDPModule): its checkpoints are then save_sharded's."""
+    return isinstance(model, FSDPModule)
+
+
+def save_stage(path, model, opt, manifest):
+    """A stage's checkpoint, every rank calling: a sharded model's shards by every rank (save_sharded), else rank
+    0's one file with `opt`'s state (None: weights only). manifest: checkpoint(...)'s dict."""
+    if is_sharded(model):
+        save_sharded(path, model, opt, manifest)
+    elif rank_world()[0] == 0:
+        save_checkpoint(path, {**manifest, **({} if opt is None else {'optimizer': opt.state_dict()})})
+
+
+def load_stage(path, ck, model, opt):
+    """Resume `model` and `opt` from the checkpoint `ck` read from `path`: DCP reshards a sharded checkpoint from
+    any world size onto this one, sharded or not; a one-file checkpoint loads into a model that is not sharded."""
+    if is_sharded(model) or ck.get('sharded'):
+        load_sharded(path, model, opt)
+    else:
+        model.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+
+
 def _state(model, opt=None):
     """{'model': ..., 'optimizer': ...} keyed by parameter names (DTensor shards under FSDP): a layout DCP can
     reshard onto any world size, and load into a model that is not sharded at all."""
@@ -352,7 +377,8 @@ def load_sharded(path, model, opt=None):
     if not os.path.isfile(os.path.join(where, '.metadata')):
         die(f"{path} names the sharded checkpoint {where}, which is missing or incomplete")
     state = _state(model, opt)
-    dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
+    # a model that is not sharded reads every tensor itself, with no collective: rank 0 alone may load one
+    dcp.load(state, checkpoint_id=where, no_dist=not (dist.is_initialized() and is_sharded(model)))
     if opt is None:
         set_model_state_dict(model, state['model'])
     else:
@@ -407,10 +433,11 @@ def sum_gradients(model):
     Sum every gradient over ranks, as one flat all-reduce. Every loss here returns its micro-batch's exact share of
     the global batch loss (normalised by global counts: rows, tokens, pairs), so the global batch's gradient is
     the plain sum of the ranks' gradients and the step equals one process's on the same global batch. (DDP and
-    FSDP average instead; with them one multiplies the loss by world size.) A parameter that got no gradient on
-    this rank (an expert no token chose) adds zeros, so every rank sends the same layout.
+    FSDP average instead; with them one multiplies the loss by world size, or, as shard.sum_reduce does, makes
+    FSDP's reduce-scatter a sum: a sharded model's gradients are left as they are here.) A parameter that got no
+    gradient on this rank (an expert no token chose) adds zeros, so every rank sends the same layout.
     """
-    if not dist.is_initialized():
+    if not dist.is_initialized() or is_sharded(model):   # FSDP has reduce-scattered them (shard.sum_reduce: a sum)
         return
     params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])

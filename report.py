@@ -16,6 +16,7 @@ from harness import autocast, encode_prompt, gather_list, print0, rank_world, sh
 from model import document_mask
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate, row_seed
+from shard import gathered
 from tasks import problems, self_checks
 
 
@@ -117,17 +118,18 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     mine = shard(len(probs))
     rows = [(i, j) for i in range(len(probs))[mine] for j in range(k)]
     correct, lengths, texts = [], [], []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        with autocast(next(model.parameters()).device):
-            gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
-                           tok.stop_ids, tok.pad, temperature=temperature,
-                           seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
-        for r, (i, _) in enumerate(chunk):
-            n = int(gen.lengths[r])
-            texts.append(tok.decode(gen.tokens[r, :n].tolist()))
-            correct.append(score(kind, texts[-1], probs[i]))
-            lengths.append(n)
+    with gathered(model):   # --fsdp: the ranks' shards differ in batches and decode steps (shard.gathered)
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            with autocast(next(model.parameters()).device):
+                gen = generate(model, [encode_prompt(tok, probs[i], template) for i, _ in chunk], max_new_tokens,
+                               tok.stop_ids, tok.pad, temperature=temperature,
+                               seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
+            for r, (i, _) in enumerate(chunk):
+                n = int(gen.lengths[r])
+                texts.append(tok.decode(gen.tokens[r, :n].tolist()))
+                correct.append(score(kind, texts[-1], probs[i]))
+                lengths.append(n)
     model.train(was_training)
     correct, lengths = gather_list(correct), gather_list(lengths)   # in problem order: ranks hold contiguous shards
     texts = gather_list(texts) if detail else texts
@@ -191,6 +193,9 @@ def rl_metrics(seen, terms, batch, mask, G, pool):
            'buffer_groups': batch.buffered, 'repeat_stops': batch.repeat_stops,
            'continued_token_frac': trained[batch.continued].sum() / trained.sum().clamp(min=1),
            **self_check_metrics([x for _, _, ts in seen for x in ts], gen_t['accuracy'] > 0)}
+    if torch.cuda.is_initialized():   # this step's peak (rollouts, logprobs, loss), what --dry-run plans; then reset
+        row['cuda_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
     return {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 
 @dataclass
@@ -135,8 +136,10 @@ COMPACT_SHARE = {'eager': 0.25, 'static': 0.5}
 
 def use_static(model, device):
     """static=None's choice: the static-shape step with CUDA graphs on CUDA, for models a graph can hold. MoE
-    routing reads its expert counts on the host (moe.py's sorted dispatch), which a graph cannot capture."""
-    return device.type == 'cuda' and model.config.ffn != 'moe'
+    routing reads its expert counts on the host (moe.py's sorted dispatch), which a graph cannot capture; an FSDP
+    model's forward hooks (their stream waits) run even when its weights are gathered (shard.gathered), and are
+    kept out of a capture too."""
+    return device.type == 'cuda' and model.config.ffn != 'moe' and not isinstance(model, FSDPModule)
 
 
 class StaticDecode:

@@ -5,8 +5,8 @@ builds filled shard by shard, activation checkpointing, and the per-rank memory 
 Under --fsdp each rank keeps 1/S of every weight, gradient and AdamW moment (S = the shard group: all ranks,
 or one node's under HSDP) and all-gathers a block's weights just before the block runs (ZeRO-3, Rajbhandari
 et al. 2020, as torch's FSDP2 `fully_shard` over DTensors). A model it shards is built on the meta device,
-sharded, then filled shard by shard (init_sharded or harness.load_sharded): no rank holds the whole model. How a
-stage uses it (pretrain does; the GRPO loop and the SFT stages call the same lines):
+sharded, then filled shard by shard (init_sharded or harness.load_sharded): no rank holds the whole model.
+Pretraining builds its model with build_model; the GRPO loop and the SFT stages load theirs with load_model:
 
     mesh = fsdp_mesh(device_type, tc.hsdp)
     with torch.device('meta'):
@@ -16,12 +16,21 @@ stage uses it (pretrain does; the GRPO loop and the SFT stages call the same lin
     init_sharded(model, seed)     # a fresh init, equal to GPT(config) after torch.manual_seed(seed)
     ck = load_sharded(path, model, opt)   # or: resume (after building the optimizer on the sharded model)
     ... forward / backward / clip_grad_norm_ / opt.step() on every rank, as without sharding ...
+    with gathered(model):         # rollouts and evaluation: every rank, whatever number of forwards each runs
+        generate(model, ...)
     save_sharded(path, model, opt, checkpoint(model, tok, tc, task_cfg, step, rng=...))   # every rank
 
 and a frozen reference model: meta, shard_frozen(ref, mesh, mp), materialize, load_sharded(path, ref).
 Checkpoints (harness.save_sharded / load_sharded) are torch.distributed.checkpoint directories that reshard
 onto any world size.
+
+Where the RL stages deviate from pretraining's use: their losses are each rank's share of the global batch's
+loss, so the ranks' gradients are summed, not averaged (sum_reduce); generation runs on the whole gathered model
+(gathered), since under FSDP every forward is a collective and ranks stop decoding at different steps; and the
+loss reads the logits of the model's forward, never the output head's weight outside it (which is sharded
+there: fused_loss.trainer_impl).
 """
+import contextlib
 import copy
 import dataclasses
 import math
@@ -31,14 +40,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from harness import die, print0
+from harness import die, load_checkpoint, load_policy, load_sharded, print0
+from hf import is_hf_folder
 from mla import kv_cache_bytes_per_token
-from model import GPT, Block
+from model import GPT, Block, ModelConfig
 from tasks import Countdown, format_prompt
+from tokenizer_hf import from_dict as tokenizer_from_dict
 
 
 def fsdp_mesh(device_type, hsdp=0):
@@ -91,23 +103,23 @@ def checkpoint_blocks(model):
     return model
 
 
-def shard_model(model, mesh, mp=None, reshard=True, activation_checkpointing=False):
+def shard_model(model, mesh, mp=None, activation_checkpointing=False):
     """
     fully_shard each block and MTP module, then the root, in place; returns the model, now an FSDPModule that
     is called as before. Its parameters are DTensors holding this rank's shard: build the optimizer after this
     call (AdamW over model.parameters() then keeps sharded moments). Call it on a model built on the meta device,
-    then materialize + init_sharded / load_sharded; on a real model it shards what is there.
-    reshard=False keeps every unit's gathered weights from forward to backward (one all-gather fewer per unit,
-    more memory), but only a backward frees them: a no-grad forward between backward and opt.step() leaves them
-    in place, and the next forward then runs on the weights from before the step (seen on 2 CPU ranks). With
-    reshard=False, evaluate and roll out only after opt.step().
+    then materialize + init_sharded / load_sharded; on a real model it shards what is there. Every unit, the root
+    too, reshards after its forward, so between calls a rank holds only its shards. (Keeping the weights gathered
+    from forward to backward saves an all-gather per unit, but a no-grad forward then leaves them gathered until
+    a backward frees them, and a forward after opt.step() ran on the weights from before the step: seen on 2 CPU
+    ranks. `gathered` keeps them gathered on purpose, around generation only.)
     """
     if activation_checkpointing:
         checkpoint_blocks(model)
     mp = mp or MixedPrecisionPolicy()
     for unit in fsdp_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     return model
 
 
@@ -115,7 +127,46 @@ def shard_frozen(ref, mesh, mp=None):
     """The frozen reference model of the KL term, sharded like the policy: no gradients, no optimizer state, and
     every unit (the root too) resharded after each forward, so it holds only its shards between calls."""
     ref.requires_grad_(False).eval()
-    return shard_model(ref, mesh, mp, reshard=True)
+    return shard_model(ref, mesh, mp)
+
+
+def sum_reduce(model):
+    """
+    Make FSDP sum the ranks' gradients instead of averaging them. The RL and SFT losses return each rank's exact
+    share of the global batch's loss (harness.sum_gradients), so the global gradient is the plain sum; FSDP's
+    default mean would divide it by the world size. (Pretraining keeps the mean: its loss is a per-rank mean.)
+    A divide factor of 1 with sum-only collectives is a plain SUM reduce-scatter (and all-reduce across HSDP
+    replicas): no PREMUL_SUM, which gloo lacks.
+    """
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """
+    Every weight of a sharded model all-gathered for the length of the block (a plain model: nothing happens).
+    For rollouts and evaluation: under FSDP each unit's forward all-gathers its weights, a collective, so every
+    rank would have to run the same number of forwards, while generate stops when its own rows stop (or never
+    starts on a rank with no rows). Gathered, a forward runs no collective and each rank decodes as far as it
+    needs. Every rank must enter (the gather itself is a collective) and no backward may run inside.
+    Cost: each rank holds the whole model in the compute dtype (2P bytes in bf16 on CUDA) for the duration,
+    instead of the root and two blocks; in exchange the weights cross the network once per generation, not once
+    per decode step (the alternative of equal decode steps on every rank all-gathers the whole model per token).
+    """
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)   # else each forward's end would free what we gathered
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)   # shard_model's setting
 
 
 @torch.no_grad()
@@ -198,11 +249,25 @@ def init_sharded(model, seed):
     return model
 
 
+def sharded_empty(config, device, hsdp=0, activation_checkpointing=False, frozen=False):
+    """GPT(config) built on the meta device, sharded (shard_model, or shard_frozen for a frozen model) over
+    fsdp_mesh with the device's mixed precision, then given storage on `device`: its weights still to be filled."""
+    with torch.device('meta'):
+        model = GPT(config)
+    kind = device.split(':')[0]
+    mesh, mp = fsdp_mesh(kind, hsdp), mixed_precision(kind)
+    if frozen:
+        shard_frozen(model, mesh, mp)
+    else:
+        shard_model(model, mesh, mp, activation_checkpointing=activation_checkpointing)
+    return materialize(model, device)
+
+
 def build_model(mc, device, seed, fsdp=False, hsdp=0, activation_checkpointing=False, fresh=True, embed_init=None):
     """
     GPT(mc) initialised after torch.manual_seed(seed), then embed_init(model.embed_tokens) if given, on `device`;
-    with fsdp the same model sharded (built on the meta device, shard_model, materialize, and when `fresh` the
-    one-process init replayed shard by shard; a resumed run loads its shards instead).
+    with fsdp the same model sharded (sharded_empty, and when `fresh` the one-process init replayed shard by
+    shard; a resumed run loads its shards instead).
     """
     torch.manual_seed(seed)
     if not fsdp:
@@ -212,16 +277,41 @@ def build_model(mc, device, seed, fsdp=False, hsdp=0, activation_checkpointing=F
         if activation_checkpointing:
             checkpoint_blocks(model)
         return model.to(device)
-    with torch.device('meta'):
-        model = GPT(mc)
-    kind = device.split(':')[0]
-    shard_model(model, fsdp_mesh(kind, hsdp), mixed_precision(kind), activation_checkpointing=activation_checkpointing)
-    materialize(model, device)
+    model = sharded_empty(mc, device, hsdp, activation_checkpointing)
     if fresh:
         init_sharded(model, seed)   # equal to GPT(mc) after the seed, as in one process
         if embed_init is not None:
             edit_full(model.embed_tokens.weight, lambda w: embed_init(nn.Embedding.from_pretrained(w)))
     return model
+
+
+def load_model(path, device, tc=None, frozen=False):
+    """
+    (model, tokenizer, checkpoint dict) of harness.load_policy, for the stages after pretraining: the policy to
+    train, or with frozen=True a model that only samples or scores (reference, teacher). With tc.fsdp the model is
+    sharded_empty (tc.hsdp, tc.activation_checkpointing), then filled: from a sharded checkpoint through DCP, each
+    rank reading only its shards; from a one-file checkpoint or a Hugging Face folder by loading it whole on the
+    CPU (not the GPU) and keeping each rank's shards of it (set_model_state_dict with full_state_dict). A
+    trainable sharded model sums its gradients over ranks (sum_reduce).
+    """
+    checkpointing = tc is not None and tc.activation_checkpointing and not frozen
+    if tc is None or not tc.fsdp:
+        model, tok, ck = load_policy(path, device)
+        if frozen:
+            model.requires_grad_(False).eval()
+        return (checkpoint_blocks(model) if checkpointing else model), tok, ck
+    ck = None if is_hf_folder(path) else load_checkpoint(path)
+    if ck is not None and ck.get('sharded'):
+        full, config, tok = None, ModelConfig.from_dict(ck['model_config']), tokenizer_from_dict(ck['tokenizer'])
+    else:
+        full, tok, ck = load_policy(path, 'cpu')
+        config = full.config
+    model = sharded_empty(config, device, tc.hsdp, checkpointing, frozen)
+    if full is None:
+        load_sharded(path, model)
+    else:
+        set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+    return (model if frozen else sum_reduce(model)), tok, ck
 
 
 # the memory plan (--dry-run): what each rank holds during a GRPO step, counted from the model's shapes
@@ -271,10 +361,8 @@ def memory_plan(model, tc, world, device_type, prompt_len):
     per = f", 1/{S} per rank" if S > 1 else ''
     rows = {'weights': (held, f"{n:,} fp32 parameters{per}")}
     if tc.fsdp:
-        units = [sum(p.numel() for p in u.parameters()) for u in fsdp_units(model)]
-        root = n - sum(units)
-        rows['gathered weights'] = ((root + 2 * max(units, default=0)) * act,
-                                    "all-gathered for compute: the root (embedding, head, norm) and two blocks")
+        # training gathers the root (embedding, head, norm) and two blocks at a time; rollouts the whole model
+        rows['gathered weights'] = (n * act, "the whole model, all-gathered for rollouts and evaluation (gathered)")
     elif device_type == 'cuda':
         rows['bf16 weight copies'] = (n * act, "autocast's casts, kept from forward to backward")
     rows['gradients'] = (held, 'fp32, like the weights')

@@ -4,6 +4,7 @@ nanoR1's one entry point: flags and presets, the stage pipeline, pretraining, an
     python train.py --preset tiny                      # the whole tiny pipeline: pretrain -> grpo -> eval
     python train.py --preset tiny --stage pretrain     # one stage
     torchrun --nproc_per_node=2 train.py --preset tiny   # every stage: one process's weights on the same global batch
+    torchrun --nproc_per_node=8 train.py --preset small --fsdp   # the same, weights, grads, AdamW sharded (FSDP2)
     python train.py --preset qwen2.5-0.5b-countdown --init-from /path/to/Qwen2.5-0.5B --save-hf out/q05/hf
 
 Stages
@@ -42,9 +43,9 @@ import distill
 import fused_loss
 import grpo
 from harness import (add_flags, all_reduce_sum, autocast, barrier, check_fields, check_finite, checkpoint, die,
-                     encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_sharded, meta_model,
-                     open_stage, Parser, pick_device, print0, rank_world, rng_state, save_checkpoint, save_sharded,
-                     set_rng_state, setup_distributed, shard, sum_gradients)
+                     encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_stage, meta_model,
+                     open_stage, Parser, pick_device, print0, rank_world, rng_state, save_stage, set_rng_state,
+                     setup_distributed, shard, sum_gradients)
 from report import (MetricsLog, finish_grpo, finish_pretrain, rl_eval, rl_metrics, run_summary, stage_summary,
                     val_loss)
 from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
@@ -53,7 +54,7 @@ from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
 from rollouts import PartialRollouts, PromptSampler, cat_batches, dynamic_batch, training_shard
 from sample import row_seed
-from shard import build_model, check_fits, dry_run
+from shard import build_model, check_fits, dry_run, gathered, load_model
 from tasks import WALK_PAST_HITS, TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
 
@@ -113,7 +114,7 @@ class TrainConfig:
     lang_weight: float = 0.0          # R1's language consistency reward weight (sec 2.3.2): share of the CoT in digits
     overlong_buffer: int = 0          # DAPO soft overlong punishment over the last N tokens of the budget (0: off)
     mask_truncated: bool = False      # DAPO overlong filtering: truncated responses get no loss
-    dynamic_sampling: bool = True     # DAPO: drop groups whose rewards are all equal and draw more prompts
+    dynamic_sampling: bool = False    # DAPO: drop groups whose rewards are all equal, refill (tiny: ~2.3x rollouts)
     dynamic_rounds: int = 3           # dynamic sampling: most rollout rounds per iteration (DAPO's generation cap)
     rl_grad_clip: float = 1.0         # grad-norm clip
     rl_eval_interval: int = 5         # iterations between held-out greedy evaluations of the subset (report.rl_eval)
@@ -144,7 +145,7 @@ class TrainConfig:
     kd_weight: float = 1.0            # distill logits: weight of the KL term
     kd_temperature: float = 1.0       # distill logits: softmax temperature of both models (the KL is scaled by its square)
     # sharding under torchrun (shard.py: FSDP2, the memory plan; harness.py: distributed checkpoints)
-    fsdp: bool = False                # shard weights, grads, AdamW state over ranks (FSDP2 per block); pretrain for now
+    fsdp: bool = False                # shard weights, grads, AdamW, frozen reference over ranks (FSDP2 per block), any stage
     hsdp: int = 0                     # --fsdp on a 2-D mesh: this many replicas (nodes), each sharding over world/hsdp
     activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
     dry_run: bool = False             # print the per-rank memory plan of these settings and exit; allocates nothing
@@ -186,7 +187,7 @@ PRESETS = {
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(**DENSE, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bpe_merges=20, pt_steps=6, pt_batch_size=4,
                  pt_eval_interval=3, ckpt_interval=3, n_eval=8, n_train_problems=200, rl_steps=4, rl_prompts=2,
-                 rl_group=4, rl_eval_interval=2, max_new_tokens=24, pass_k=2, temperature=1.0, dynamic_sampling=False),
+                 rl_group=4, rl_eval_interval=2, max_new_tokens=24, pass_k=2, temperature=1.0),
     # one GPU: a wider, deeper model, same world
     'small': dict(**DENSE, n_layer=8, n_head=8, n_kv_head=4, n_embd=384, pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
     # the R1 pipeline on tiny-dense's model: a base whose CoTs mix digits and number words, cold-start SFT, RL with
@@ -215,7 +216,7 @@ QWEN25 = dict(attn='gqa', ffn='dense', attn_bias=True, tie_embeddings=True, voca
 TINYZERO_COUNTDOWN = dict(stage='grpo', task='tinyzero', template='tinyzero', n_numbers=4, min_numbers=3, lo=1,
                           hi=100, max_target=100, n_train_problems=20000, n_eval=500, rl_steps=1000, rl_lr=1e-6,
                           rl_warmup=0, beta=0.001, temperature=1.0, max_new_tokens=1024, loss_type='dapo',
-                          eps_low=0.2, eps_high=0.2, dynamic_sampling=False, rl_eval_interval=50, ckpt_interval=50)
+                          eps_low=0.2, eps_high=0.2, rl_eval_interval=50, ckpt_interval=50)
 PRESETS.update({
     # one GPU: nano-aha-moment's batch (16 prompts x 4) and reward
     'qwen2.5-0.5b-countdown': dict(**QWEN25, **TINYZERO_COUNTDOWN, n_layer=24, n_embd=896, n_head=14, n_kv_head=2,
@@ -294,11 +295,7 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
     if ck is not None:
         if ck['tokenizer'] != tok.to_dict():
             die(f"--resume {stage_dir}/ckpt.pt: its tokenizer differs from the one these settings build")
-        if tc.fsdp or ck.get('sharded'):   # DCP reshards a sharded checkpoint from any world size onto this one
-            load_sharded(os.path.join(stage_dir, 'ckpt.pt'), model, opt)
-        else:
-            model.load_state_dict(ck['model'])
-            opt.load_state_dict(ck['optimizer'])
+        load_stage(os.path.join(stage_dir, 'ckpt.pt'), ck, model, opt)   # DCP reshards from any world size
         start = ck['step']
         set_rng_state(ck['rng'])
         print0(f"resumed from {stage_dir}/ckpt.pt at step {start}")
@@ -355,18 +352,15 @@ def pretrain(tc, task_cfg, mc, rank, world, device):
             if mc.ffn == 'moe':
                 row['moe_max_over_mean'] = moe_load_stats(raw)['moe/max_over_mean']
             if mc.mtp_depth > 0 and raw.mtp_loss is not None:
-                row['mtp_loss'] = float(raw.mtp_loss)
+                row['mtp_loss'] = raw.mtp_loss.item()
             if step % tc.pt_eval_interval == 0 or step == tc.pt_steps - 1:
                 row['val_loss'] = val_loss(raw, val, device, tok.bos)
             if log:
                 log.log(**row)
             bar.set_postfix(loss=f"{loss_f:.3f}")
-        if (step + 1) % tc.ckpt_interval == 0 or step == tc.pt_steps - 1:
-            path, state = os.path.join(stage_dir, 'ckpt.pt'), dict(rng=rng_state(), global_batch=per_step)
-            if tc.fsdp:   # every rank writes its shards
-                save_sharded(path, raw, opt, checkpoint(raw, tok, tc, task_cfg, step + 1, **state))
-            elif rank == 0:
-                save_checkpoint(path, checkpoint(raw, tok, tc, task_cfg, step + 1, optimizer=opt.state_dict(), **state))
+        if (step + 1) % tc.ckpt_interval == 0 or step == tc.pt_steps - 1:   # rank 0's file, or every rank's shards
+            save_stage(os.path.join(stage_dir, 'ckpt.pt'), raw, opt, checkpoint(raw, tok, tc, task_cfg, step + 1,
+                                                                                rng=rng_state(), global_batch=per_step))
         if tc.exit_after and step + 1 == tc.exit_after:
             barrier()   # rank 0's checkpoint is on disk before any rank dies
             os._exit(3)
@@ -388,8 +382,8 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     if ck == 'done':
         return print0(f"{name}: finished already ({stage_dir}/summary.json)")
     init = init or tc.init_from or os.path.join(tc.out_dir, 'pretrain', 'ckpt.pt')
-    model, tok, _ = load_policy(init, device)
-    ref = load_policy(init, device)[0].requires_grad_(False).eval() if tc.beta > 0 else None
+    model, tok, _ = load_model(init, device, tc)   # --fsdp: sharded, as is the frozen reference
+    ref = load_model(init, device, tc, frozen=True)[0] if tc.beta > 0 else None
     cd_train = problems('countdown', 'train', tc.n_train_problems, tc.seed, task_cfg)
     cd_test = problems('countdown', 'test', tc.n_eval, tc.seed, task_cfg)
     opt = torch.optim.AdamW(model.optim_groups(0.0), lr=tc.rl_lr, betas=(0.9, 0.99), fused=device.startswith('cuda'))
@@ -403,8 +397,7 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     start, rows = 0, []
     if ck is not None:
         load_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), model.config)
-        model.load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer'])
+        load_stage(os.path.join(stage_dir, 'ckpt.pt'), ck, model, opt)
         start, rows = ck['step'], ck['rows']
         set_rng_state(ck['rng'])
         sampler.load_state_dict(ck['sampler'])
@@ -435,8 +428,8 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         #    draws the same prompts, generates its share of the groups (a seed per row) and all-gathers them
         rounds = itertools.count()
 
-        def roll(n):
-            with autocast(device):
+        def roll(n):   # gathered: under --fsdp every rank may decode a different number of tokens
+            with autocast(device), gathered(model):
                 b = rollouts.step(model, lambda k: sampler.draw(k, step), encode, tok.stop_ids, tok.pad,
                                   temperature=tc.temperature, seed=row_seed(tc.seed + 7, step, next(rounds)),
                                   version=step, n_groups=n, part=shard(n))
@@ -468,7 +461,7 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         # rank's own batch (TRL's), so its sum over ranks takes 1/world: the mean of the ranks' means
         norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N,
                     batch_tokens=tb.mask.sum().clamp(min=1) * world, global_tokens=n_tok, max_len=tc.max_new_tokens)
-        impl = fused_loss.trainer_impl(tc.loss_impl, device)   # 'chunked' off CUDA: the logits never exist
+        impl = fused_loss.trainer_impl(tc.loss_impl, device, tc.fsdp)   # 'chunked' off CUDA: no logits exist
 
         def response_out(m, sl):   # at the rollout temperature (the policy that sampled): the final hidden states
             with autocast(device):  # (b, L, C) for the chunked loss, else the response positions' logits (b, L, V)
@@ -511,16 +504,16 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         rows.append(row)
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", len=f"{row['response_len']:.0f}",
                         eval=row.get('eval_sub_pass@1', ''))
-        if rank == 0:   # one writer: the metrics line, a few raw rollouts, the checkpoint
+        if rank == 0:   # one writer: the metrics line, a few raw rollouts
             log.log(**row)
             if step % 10 == 0:   # what the numbers above actually look like
                 for r in range(0, len(texts), max(1, len(texts) // 4)):
                     samples.log(step=step + 1, prompt=tok.decode(batch.contexts[r]), reward=float(reward[r]),
                                 response=texts[r])
-            if (step + 1) % tc.ckpt_interval == 0 or step + 1 == tc.rl_steps:
-                save_checkpoint(os.path.join(stage_dir, 'ckpt.pt'), checkpoint(
-                    model, tok, tc, task_cfg, step + 1, optimizer=opt.state_dict(), rng=rng_state(), rows=rows,
-                    sampler=sampler.state_dict(), rollouts=rollouts.state_dict()))
+        if (step + 1) % tc.ckpt_interval == 0 or step + 1 == tc.rl_steps:   # rank 0's file, or every rank's shards
+            save_stage(os.path.join(stage_dir, 'ckpt.pt'), model, opt, checkpoint(
+                model, tok, tc, task_cfg, step + 1, rng=rng_state(), rows=rows, sampler=sampler.state_dict(),
+                rollouts=rollouts.state_dict()))
         if tc.exit_after and step + 1 == tc.exit_after:
             barrier()   # rank 0's checkpoint is on disk before any rank dies
             os._exit(3)
@@ -566,8 +559,10 @@ def main(argv=None):
     if world > 1 and (tc.rollout_budget or tc.repeat_stop) and any(s == 'grpo' for s, _ in pipeline):
         die("--rollout-budget and --repeat-stop (partial rollouts) run in one process: their buffer of unfinished "
             "groups is not split across ranks; drop them under torchrun")
-    if tc.fsdp and (not dist.is_initialized() or [s for s, _ in pipeline] != ['pretrain']):
-        die("--fsdp shards --stage pretrain under torchrun for now: torchrun --nproc_per_node=N train.py --fsdp ...")
+    if tc.fsdp and not dist.is_initialized():
+        die("--fsdp shards over the ranks of torchrun: torchrun --nproc_per_node=N train.py --fsdp ...")
+    if tc.fsdp and tc.loss_impl == 'chunked':
+        die("--loss-impl chunked reads the output head outside the forward, where --fsdp holds 1/N of it: drop one")
     check_fits(tc, task_cfg, mc)   # before any weight is read: a run too big for the machine stops here
     for s, d in pipeline:   # before any work: no stage may silently replace a checkpoint
         if not tc.resume and not tc.overwrite and os.path.isfile(os.path.join(tc.out_dir, d, 'ckpt.pt')):

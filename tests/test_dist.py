@@ -1,9 +1,10 @@
 """
 Every stage under torchrun: 2 gloo ranks on CPU end with the weights of one process on the same global batch.
-grpo for every loss type, with and without DAPO's dynamic sampling; sharded evaluation; sft, rs, distill
-(logits) and long2short dpo; a killed 2-rank grpo run resumed. The reference is one process running the same
-`worker` here, in this process; the 2 ranks run it as one torchrun launch of this file (starting python and
-torch is most of a run's cost on CPU), then a second launch resumes the run the first one killed.
+pretrain (DDP: one process's micro-batches split over the ranks); grpo for every loss type, with and without DAPO's
+dynamic sampling; sharded evaluation; sft, rs, distill (logits) and long2short dpo; a killed 2-rank grpo run
+resumed. The reference is one process running the same `worker` here, in this process; the 2 ranks run it as one
+torchrun launch of this file (starting python and torch is most of a run's cost on CPU), then a second launch
+resumes the run the first one killed.
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_dist.py -q
 """
 import contextlib
@@ -47,6 +48,9 @@ STAGES = {   # name: flags (the base is the init, the rs policy and base, and th
     'rs': ['--stage', 'rs', '--rs-problems', '7', '--rs-samples', '2', '--rs-general', '4'],
     'distill': ['--stage', 'distill', '--distill-mode', 'logits', '--rs-problems', '7', '--rs-samples', '2'],
 }
+# pretrain's global batch of 4: one process x 2 micro-batches of 2 == 2 ranks x 1 micro-batch of 2
+PRETRAIN = ['--preset', 'test', '--stage', 'pretrain', '--log-interval', '1', '--pt-steps', '4', '--pt-batch-size', '2',
+            '--threads', '1']
 EARLY = set(range(40, 2048, 16))
 STOPS = {'extra': EARLY}   # what generate stops at besides eos; None: nothing
 
@@ -78,8 +82,10 @@ def varied(base):
 
 
 def worker(out, base, kill=False, resume=False):
-    """What both sides run: the grpo runs, an evaluation, the SFT stages, dpo; under torchrun last a grpo run
-    killed after its step-2 checkpoint (kill), or, in the second launch, that run resumed (resume)."""
+    """What both sides run: pretrain, the grpo runs, an evaluation, the SFT stages, dpo; under torchrun last a grpo
+    run killed after its step-2 checkpoint (kill), or, in the second launch, that run resumed (resume)."""
+    if not resume:
+        train.main(PRETRAIN + ['--pt-grad-accum', str(2 // harness.rank_world()[1]), '--out-dir', f'{out}/pretrain'])
     with varied(base):
         killed = GRPO + RUNS['grpo'] + ['--init-from', base, '--out-dir', f'{out}/killed', '--ckpt-interval', '2']
         if resume:
@@ -162,6 +168,13 @@ def same_weights(a, b, atol=1e-5):
 
 def metrics(path):
     return [json.loads(line) for line in open(path)]
+
+
+def test_pretrain_two_ranks_match_one_process(one, two):
+    l1, l2 = (metrics(f'{d}/pretrain/pretrain/metrics.jsonl') for d in (one, two))
+    assert len(l1) == len(l2) == 4
+    for r1, r2 in zip(l1, l2):
+        assert abs(r1['loss'] - r2['loss']) < 1e-4, (r1, r2)
 
 
 @pytest.mark.parametrize('name', list(RUNS))

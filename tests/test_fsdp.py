@@ -1,6 +1,6 @@
 """
 --fsdp (FSDP2, shard.py), distributed checkpoints (harness.py) and the memory plan (shard.py), on the CPU with gloo.
-Run: python -m pytest tests/test_fsdp.py -q   (about 2 minutes; this file is also the script torchrun launches
+Run: python -m pytest tests/test_fsdp.py -q   (about 80 s on 2 quiet cores, more when shared; this file is also the script torchrun launches
 for the 2-rank checks: python -m torch.distributed.run --nproc_per_node=2 tests/test_fsdp.py OUT.json)
 
 - a sharded fresh init (meta device, fully_shard, to_empty, init_sharded) is GPT(config) after the same seed in one
@@ -9,10 +9,14 @@ for the 2-rank checks: python -m torch.distributed.run --nproc_per_node=2 tests/
 - a sharded checkpoint loads onto another mesh (and into a frozen, sharded reference) unchanged
 - train.py --fsdp at 2 ranks, killed after step 3, resumes in one process to the losses and weights of the
   uninterrupted 2-rank run
+- grpo --fsdp at 2 ranks (policy and reference sharded, from a sharded pretrain checkpoint; rollouts whose
+  lengths and batch sizes differ between ranks; resumed from its sharded checkpoint after step 2) ends with the
+  weights and metrics of one process on the same global batch, and of DDP; so does distill (logits) --fsdp
 - the plan's weight, gradient, AdamW, KV-cache and logits bytes equal those of real tensors (one process, and
   rank 0 of 2 under FSDP); Qwen2.5-3B's shape has its published 3,085,938,688 parameters, and its plan prints
   under a 2 GiB address-space cap (the model is only built on the meta device)
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +30,11 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from harness import load_policy, load_sharded, save_sharded
+import distill  # noqa: E402
+import report  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from harness import load_policy, load_sharded, save_sharded  # noqa: E402
 from shard import (fsdp_mesh, init_sharded, materialize, memory_plan, prompt_bound, shard_frozen,  # noqa: E402
                    shard_model)
 from model import GPT, ModelConfig  # noqa: E402
@@ -143,16 +151,70 @@ def worker(out):
     with torch.no_grad():
         res['ref_logits'] = float((ref(x)[0] - ddp.module(x)[0]).abs().max())
     res['ref_trainable'] = sum(p.requires_grad for p in ref.parameters())
+    train_runs(os.path.dirname(out))
     if rank == 0:
         json.dump(res, open(out, 'w'))
     dist.destroy_process_group()
+
+
+# grpo: 3 steps of dapo with dynamic sampling and mu = 2; 3 prompts split 1 / 2 over the ranks
+GRPO = ['--preset', 'test', '--stage', 'grpo', '--rl-steps', '3', '--rl-prompts', '3', '--rl-micro', '4',
+        '--n-eval', '5', '--rl-eval-interval', '3', '--threads', '1', '--loss-type', 'dapo', '--dynamic-sampling',
+        '--rl-mu', '2', '--rl-lr', '1e-3', '--rl-warmup', '1']   # weights that move by ~1e-3, not 1e-5
+
+
+# distillation (R1 sec 2.4) with the KL to the teacher: a frozen sharded teacher that samples, SFT of the student
+DISTILL = ['--preset', 'test', '--stage', 'distill', '--distill-mode', 'logits', '--rs-problems', '7',
+           '--rs-samples', '2', '--sft-steps', '3', '--sft-batch-size', '5', '--n-eval', '4', '--threads', '1']
+
+
+@contextlib.contextmanager
+def varied():
+    """As tests/test_dist.py's: one token in 16 also stops a rollout (each rank decodes its own number of steps)
+    and a text's reward is its characters mod 3 (groups with and without variance; distillation keeps such
+    samples as correct); plots skipped."""
+    saved = sample.generate, report.generate, train.rl_rewards, report.plot_curves, distill.is_correct
+
+    def generate(model, prompts, max_new_tokens, stop_ids, *args, **kw):
+        return saved[0](model, prompts, max_new_tokens, set(stop_ids) | set(range(40, 2048, 16)), *args, **kw)
+
+    def rl_rewards(texts, *args, **kwargs):
+        acc = torch.tensor([float(sum(map(ord, t)) % 3 == 0) for t in texts])
+        return acc, {'accuracy': acc, 'format': torch.zeros_like(acc)}
+    sample.generate = report.generate = generate
+    train.rl_rewards, report.plot_curves = rl_rewards, lambda *a, **kw: None
+    distill.is_correct = lambda text, p: sum(map(ord, text)) % 3 == 0
+    try:
+        yield
+    finally:
+        sample.generate, report.generate, train.rl_rewards, report.plot_curves, distill.is_correct = saved
+
+
+# pretraining under --fsdp: 2 ranks x 1 micro-batch of 2 (a global batch of 4), a checkpoint at step 3 and 6
+PRETRAIN = ['--preset', 'test', '--stage', 'pretrain', '--log-interval', '1', '--pt-steps', '6', '--ckpt-interval',
+            '3', '--pt-batch-size', '2']
+
+
+def train_runs(d):
+    """The 2-rank train.py runs, in this launch (a launch costs seconds): pretraining under --fsdp (whole/:
+    test_fsdp_checkpoint_resumes_at_another_world_size, and the grpo runs' base, a sharded checkpoint); grpo
+    under --fsdp for 2 steps, then resumed for the third; grpo under DDP (test_grpo_fsdp_matches_...); distill
+    under --fsdp (test_distill_fsdp_matches_one_process)."""
+    train.main(PRETRAIN + ['--out-dir', f'{d}/whole', '--fsdp'])
+    with varied():
+        grpo = GRPO + ['--init-from', f'{d}/whole/pretrain/ckpt.pt']
+        train.main(grpo + ['--out-dir', f'{d}/fsdp', '--fsdp', '--rl-steps', '2'])
+        train.main(grpo + ['--out-dir', f'{d}/fsdp', '--fsdp', '--resume'])
+        train.main(grpo + ['--out-dir', f'{d}/ddp', '--loss-impl', 'torch'])
+        base = f'{d}/whole/pretrain/ckpt.pt'
+        train.main(DISTILL + ['--init-from', base, '--teacher-from', base, '--out-dir', f'{d}/distill', '--fsdp'])
 
 
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('fsdp') / 'res.json')
     torchrun([os.path.abspath(__file__), out])
-    return json.load(open(out))
+    return {**json.load(open(out)), 'dir': os.path.dirname(out)}
 
 
 def test_sharded_init_is_one_process_init(ranks):
@@ -194,12 +256,10 @@ def losses(out):
     return [json.loads(line)['loss'] for line in open(os.path.join(out, 'pretrain', 'metrics.jsonl'))]
 
 
-def test_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
+def test_fsdp_checkpoint_resumes_at_another_world_size(ranks, tmp_path):
     """2 ranks x 1 micro-batch of 2 and 1 process x 2 micro-batches of 2 are the same global batch of 4."""
-    base = [os.path.join(ROOT, 'train.py'), '--preset', 'test', '--stage', 'pretrain', '--log-interval', '1',
-            '--pt-steps', '6', '--ckpt-interval', '3', '--pt-batch-size', '2']
-    whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
-    torchrun(base + ['--out-dir', whole, '--fsdp'])
+    base = [os.path.join(ROOT, 'train.py')] + PRETRAIN
+    whole, cut = os.path.join(ranks['dir'], 'whole'), str(tmp_path / 'cut')   # whole: run in the ranks' launch
     p = torchrun(base + ['--out-dir', cut, '--fsdp', '--exit-after', '3'], check=False)
     shards = os.listdir(os.path.join(cut, 'pretrain', 'ckpt.pt.dcp'))
     assert p.returncode != 0 and len(shards) == 1 and shards[0].startswith('step3-')
@@ -219,6 +279,52 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
     assert ck_a['sharded'] and not ck_b.get('sharded') and ck_a['step'] == ck_b['step'] == 6
     assert max_diff(a, b) < 1e-5
     assert not os.path.exists(os.path.join(cut, 'pretrain', 'ckpt.pt.dcp'))   # its shards went with the manifest
+
+
+def test_grpo_fsdp_matches_one_process_and_ddp(ranks):
+    """2 ranks under --fsdp (policy and reference sharded, from a sharded checkpoint; 3 prompts split 1 / 2, and
+    rollouts that stop at different steps: each rank runs its own number of forwards in generation) and under
+    DDP end with one process's weights on the same global batch; the --fsdp run stopped after step 2 and was
+    resumed from its sharded checkpoint for step 3."""
+    d = ranks['dir']
+    base = f'{d}/whole/pretrain/ckpt.pt'
+    with varied():   # one process on the same global batch, with the loss from the logits as --fsdp's (the
+        # chunked loss of the default here agrees with it to ~3e-6 after these 3 steps)
+        train.main(GRPO + ['--init-from', base, '--out-dir', f'{d}/one', '--loss-impl', 'torch'])
+    one, _, ck = load_policy(f'{d}/one/grpo/ckpt.pt', 'cpu')
+    assert not ck.get('sharded') and ck['step'] == 3
+    for run in ('fsdp', 'ddp'):
+        m, _, ck = load_policy(f'{d}/{run}/grpo/ckpt.pt', 'cpu')   # a sharded checkpoint's shards, gathered
+        assert ck['step'] == 3 and bool(ck.get('sharded')) == (run == 'fsdp'), run
+        assert max_diff(m, one) < 1e-5, run
+        rows, ref = metrics(f'{d}/{run}/grpo'), metrics(f'{d}/one/grpo')
+        assert [r['step'] for r in rows] == [r['step'] for r in ref] == [0, 1, 2, 3], run
+        for x, y in zip(rows, ref):   # the same rollouts, kept groups, losses, evaluations
+            assert run == 'fsdp' or x.keys() == y.keys()   # the --fsdp run also evaluated at step 2, its end then
+            for k in (set(x) & set(y)) - {'step_seconds'}:
+                assert x[k] == (None if y[k] is None else pytest.approx(y[k], rel=1e-4, abs=1e-6)), (run, k, x, y)
+    assert max(r.get('rollout_rounds', 1) for r in metrics(f'{d}/one/grpo')) > 1   # dynamic sampling refilled
+    assert not torch.equal(one.lm_head.weight, load_policy(base, 'cpu')[0].lm_head.weight)   # it did train
+
+
+def test_distill_fsdp_matches_one_process(ranks):
+    """The student and the frozen teacher sharded, the teacher sampling its shard of the problems, 3 SFT + KD
+    steps: one process's weights, data and evaluations."""
+    d = ranks['dir']
+    base = f'{d}/whole/pretrain/ckpt.pt'
+    with varied():
+        train.main(DISTILL + ['--init-from', base, '--teacher-from', base, '--out-dir', f'{d}/distill1'])
+    (a, _, ck), (b, _, _) = (load_policy(f'{d}/{run}/distill/ckpt.pt', 'cpu') for run in ('distill', 'distill1'))
+    assert ck.get('sharded') and max_diff(a, b) < 1e-5
+    sa, sb = (json.load(open(f'{d}/{run}/distill/summary.json')) for run in ('distill', 'distill1'))
+    assert sa['n_examples'] > 0
+    for k in ('n_examples', 'n_correct_samples', 'countdown_pass@1', 'mean_response_tokens', 'final_sft_loss',
+              'teacher_countdown_pass@1', 'init_countdown_pass@1'):
+        assert sa[k] == pytest.approx(sb[k], rel=1e-5), k
+
+
+def metrics(stage_dir):
+    return [json.loads(line) for line in open(os.path.join(stage_dir, 'metrics.jsonl'))]
 
 
 @pytest.mark.parametrize('name', list(CONFIGS))

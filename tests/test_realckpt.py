@@ -13,7 +13,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest tests/test_realckpt.py -q      (skips it
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -24,10 +23,11 @@ transformers = pytest.importorskip('transformers')
 tokenizers = pytest.importorskip('tokenizers')
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
+import long2short  # noqa: E402
 import train  # noqa: E402
-from harness import load_policy
+from harness import load_policy  # noqa: E402
 from tasks import TaskConfig, format_prompt, problems  # noqa: E402
-from test_train import ENV, ROOT, one_line_error, run  # noqa: E402
+from test_train import dies, main, run  # noqa: E402
 
 torch.set_num_threads(1)
 QWEN2 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -80,10 +80,10 @@ def test_grpo_from_a_qwen_folder_resumes_and_exports(qwen_folder, tmp_path):
     a, b, hf = str(tmp_path / 'a'), str(tmp_path / 'b'), str(tmp_path / 'hf')
     common = ['--preset', 'test', '--stage', 'grpo', '--init-from', qwen_folder, '--ckpt-interval', '2',
               '--rl-steps', '3'] + TZ
-    run(common + ['--out-dir', a])
-    p = run(common + ['--out-dir', b, '--exit-after', '2'], check=False)
-    assert p.returncode == 3
-    run(common + ['--out-dir', b, '--resume', '--save-hf', hf])
+    main(common + ['--out-dir', a])
+    p = run(common + ['--out-dir', b, '--exit-after', '2'], check=False)   # a hard exit: a process of its own
+    assert p.returncode == 3, p.stderr[-3000:]
+    main(common + ['--out-dir', b, '--resume', '--save-hf', hf])
     ra, rb = metrics(a), metrics(b)
     assert [r['step'] for r in ra] == [r['step'] for r in rb] == [0, 1, 2, 3]
     for x, y in zip(ra, rb):
@@ -119,21 +119,19 @@ def test_grpo_from_a_qwen_folder_resumes_and_exports(qwen_folder, tmp_path):
     torch.testing.assert_close(again(x)[0], model(x)[0], atol=0, rtol=0)
 
     # the exported folder is a teacher for distill and a source for long2short
-    run(['--preset', 'test', '--stage', 'distill', '--teacher-from', hf, '--init-from', qwen_folder, '--out-dir',
+    main(['--preset', 'test', '--stage', 'distill', '--teacher-from', hf, '--init-from', qwen_folder, '--out-dir',
          str(tmp_path / 'd'), '--rs-problems', '4', '--rs-samples', '2', '--sft-steps', '2'] + TZ)
     assert os.path.isfile(tmp_path / 'd' / 'distill' / 'ckpt.pt')
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'long2short.py'), 'merge', '--from', hf, '--out-dir',
-                        str(tmp_path / 'l2s')], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    long2short.main(['merge', '--from', hf, '--out-dir', str(tmp_path / 'l2s')])
     s = json.load(open(tmp_path / 'l2s' / 'merge' / 'summary.json'))
     assert s['method'] == 'merge' and s['n_eval'] == 8                   # the export's run: test preset's n_eval
 
 
-def test_tiny_world_model_exports_too(tmp_path):
+def test_tiny_world_model_exports_too(tmp_path, capsys):
     """--save-hf after any stage, here the tiny world's pretrain: our tiktoken tokenizer becomes a tokenizer.json
     and the dense test model a LlamaForCausalLM; transformers gives our logits and our ids."""
     out, hf = str(tmp_path / 'run'), str(tmp_path / 'hf')
-    run(['--preset', 'test', '--stage', 'pretrain', '--pt-steps', '2', '--out-dir', out, '--save-hf', hf])
+    main(['--preset', 'test', '--stage', 'pretrain', '--pt-steps', '2', '--out-dir', out, '--save-hf', hf])
     model, tok, _ = load_policy(os.path.join(out, 'pretrain', 'ckpt.pt'), 'cpu')
     p = problems('countdown', 'test', 1, 1337, TaskConfig())[0]
     text = format_prompt(p, 'short') + '<think>8+7=15 vs 280 no.</think><answer>(8*7)*5</answer><|eos|>'
@@ -144,9 +142,8 @@ def test_tiny_world_model_exports_too(tmp_path):
     x = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x)[0], theirs(x).logits, atol=1e-5, rtol=0)
-    p = run(['--preset', 'test', '--stage', 'pretrain', '--pt-steps', '2', '--out-dir', out, '--resume',
-             '--save-hf', hf], check=False)
-    one_line_error(p, f"--save-hf {hf} already holds a model")
+    dies(capsys, ['--preset', 'test', '--stage', 'pretrain', '--pt-steps', '2', '--out-dir', out, '--resume',
+                  '--save-hf', hf], f"--save-hf {hf} already holds a model")
 
 
 def test_grpo_from_a_qwen_folder_two_ranks_match_one(qwen_folder, tmp_path):
@@ -155,7 +152,7 @@ def test_grpo_from_a_qwen_folder_two_ranks_match_one(qwen_folder, tmp_path):
     # torchrun's own parser reads '--lo' as an abbreviation of its --log-dir: TZ without it (lo=1 is the default)
     tz = [a for i, a in enumerate(TZ) if a != '--lo' and (i == 0 or TZ[i - 1] != '--lo')]
     common = ['--preset', 'test', '--stage', 'grpo', '--init-from', qwen_folder, '--rl-steps', '2'] + tz
-    run(common + ['--out-dir', one])
+    main(common + ['--out-dir', one])
     run(common + ['--out-dir', two], torchrun=True)
     a, b = metrics(one), metrics(two)
     assert [r['step'] for r in a] == [r['step'] for r in b] == [0, 1, 2]
@@ -167,16 +164,15 @@ def test_grpo_from_a_qwen_folder_two_ranks_match_one(qwen_folder, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
 
 
-def test_not_a_model_gives_one_line(qwen_folder, tmp_path):
+def test_not_a_model_gives_one_line(qwen_folder, tmp_path, capsys):
     g = ['--preset', 'test', '--stage', 'grpo', '--out-dir', str(tmp_path / 'g')] + TZ
     st = os.path.join(qwen_folder, 'model.safetensors')
-    one_line_error(run(g + ['--init-from', st], check=False), st, 'not a nanoR1 checkpoint: pass the folder')
-    one_line_error(run(g + ['--init-from', str(tmp_path)], check=False), 'is a folder', 'needs config.json')
+    dies(capsys, g + ['--init-from', st], st, 'not a nanoR1 checkpoint: pass the folder')
+    dies(capsys, g + ['--init-from', str(tmp_path)], 'is a folder', 'needs config.json')
     # the flags describe another model than the folder holds: refused before any weight is read
-    one_line_error(run(g + ['--init-from', qwen_folder, '--n-layer', '3'], check=False),
-                   "holds another model", "'n_layer': (3, 2)")
-    one_line_error(run(['--preset', 'qwen2.5-0.5b-countdown', '--init-from', qwen_folder, '--dry-run'], check=False),
-                   "holds another model", "'n_embd': (896, 32)")
+    dies(capsys, g + ['--init-from', qwen_folder, '--n-layer', '3'], "holds another model", "'n_layer': (3, 2)")
+    dies(capsys, ['--preset', 'qwen2.5-0.5b-countdown', '--init-from', qwen_folder, '--dry-run'],
+         "holds another model", "'n_embd': (896, 32)")
 
 
 # the released models' sizes (Hugging Face model cards: Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-3B)
@@ -200,9 +196,9 @@ def test_qwen_presets_dry_run_without_weights(preset, capsys):
         assert sum(p.numel() for p in transformers.Qwen2ForCausalLM(hf).parameters()) == REAL[preset]
 
 
-def test_a_preset_too_big_for_the_machine_stops_before_loading(tmp_path):
+def test_a_preset_too_big_for_the_machine_stops_before_loading(tmp_path, capsys):
     """Without --dry-run, the 3B preset on this machine stops with one line from the memory plan before it reads a
     weight or builds a model (its fp32 weights alone, 11.5 GiB, are what the plan counts, never allocated)."""
-    p = run(['--preset', 'qwen2.5-3b-countdown', '--out-dir', str(tmp_path / 'q3')], check=False)
-    one_line_error(p, 'GiB per rank, more than', '--dry-run prints the plan')
+    dies(capsys, ['--preset', 'qwen2.5-3b-countdown', '--out-dir', str(tmp_path / 'q3')], 'GiB per rank, more than',
+         '--dry-run prints the plan')
     assert not os.path.exists(tmp_path / 'q3')

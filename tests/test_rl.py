@@ -4,8 +4,13 @@ The GRPO stage: dynamic sampling's refill (rollouts.dynamic_batch) against scrip
 the full-logits reference, and the stage end to end on the 'test' preset (outputs, report, resume, errors).
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rl.py -q
 """
+import contextlib
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -14,10 +19,11 @@ import torch
 import fused_loss
 import grpo
 import report
+import train
 from model import GPT, ModelConfig
 from rollouts import RolloutBatch, dynamic_batch
 from sample import Generation, sequences_for_training
-from test_train import run
+from test_train import ENV, ROOT, dies, main
 
 G, PAD = 4, 0
 
@@ -137,10 +143,20 @@ def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
 # -----------------------------------------------------------------------------
 # the stage end to end
 
-def test_stage_all_writes_summary_report_and_plots(tmp_path):
-    out = str(tmp_path / 'run')
-    p = run(['--preset', 'test', '--stage', 'all', '--out-dir', out])
-    assert 'loss near 0 is expected' in p.stdout        # the mu=1 explanation is in the log
+@pytest.fixture(scope='module')
+def stage_all(tmp_path_factory):
+    """One `--stage all` run in this process, shared (tests copy what they would write to): its directory and
+    what it printed."""
+    out = str(tmp_path_factory.mktemp('all') / 'run')
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        main(['--preset', 'test', '--stage', 'all', '--out-dir', out])
+    return out, log.getvalue()
+
+
+def test_stage_all_writes_summary_report_and_plots(stage_all):
+    out, stdout = stage_all
+    assert 'loss near 0 is expected' in stdout          # the mu=1 explanation is in the log
     s = json.load(open(os.path.join(out, 'summary.json')))
     for k in ('base_countdown_pass@1', 'rl_countdown_pass@1', 'rl_countdown_pass@1_sampled', 'rl_countdown_pass@2',
               'wall_seconds', 'base_arith_acc', 'n_eval'):
@@ -160,16 +176,33 @@ def test_stage_all_writes_summary_report_and_plots(tmp_path):
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
 
-def test_grpo_resume_matches_uninterrupted(tmp_path):
+def text_reward(texts, *args, **kwargs):
+    """A reward that varies inside groups: the test preset's base never answers right, and with every reward 0
+    no advantage moves the weights, so a resume that lost its optimizer state would still match."""
+    acc = torch.tensor([float(sum(map(ord, t)) % 3 == 0) for t in texts])
+    return acc, {'accuracy': acc, 'format': torch.zeros_like(acc)}
+
+
+def varied_main(args):
+    """train.main with text_reward; what the killed run's own process runs (python -c, below)."""
+    train.rl_rewards = text_reward
+    return train.main(args + ['--threads', '1'])
+
+
+def test_grpo_resume_matches_uninterrupted(stage_all, tmp_path, capsys, monkeypatch):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    run(['--preset', 'test', '--stage', 'pretrain', '--out-dir', a])
-    init = os.path.join(a, 'pretrain', 'ckpt.pt')
+    init = os.path.join(a, 'pretrain', 'ckpt.pt')   # the test preset's pretrain, as `--stage pretrain` writes it
+    shutil.copytree(os.path.join(stage_all[0], 'pretrain'), os.path.join(a, 'pretrain'))
     common = ['--preset', 'test', '--stage', 'grpo', '--init-from', init, '--ckpt-interval', '2', '--loss-type', 'dapo',
               '--dynamic-sampling', '--rl-mu', '2']
-    run(common + ['--out-dir', a])
-    p = run(common + ['--out-dir', b, '--exit-after', '3'], check=False)
-    assert p.returncode == 3
-    run(common + ['--out-dir', b, '--resume'])
+    monkeypatch.setattr(train, 'rl_rewards', text_reward)
+    main(common + ['--out-dir', a])
+    killed = common + ['--out-dir', b, '--exit-after', '3']   # a hard exit (os._exit): a process of its own
+    p = subprocess.run([sys.executable, '-c', f"import test_rl; test_rl.varied_main({killed!r})"], cwd=ROOT,
+                       env={**ENV, 'PYTHONPATH': os.pathsep.join([ROOT, os.path.dirname(__file__)])},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 3, p.stderr[-3000:]
+    main(common + ['--out-dir', b, '--resume'])
     ra = [json.loads(line) for line in open(os.path.join(a, 'grpo', 'metrics.jsonl'))]
     rb = [json.loads(line) for line in open(os.path.join(b, 'grpo', 'metrics.jsonl'))]
     assert [r['step'] for r in rb] == [r['step'] for r in ra] == [0, 1, 2, 3, 4]   # each step once
@@ -177,8 +210,16 @@ def test_grpo_resume_matches_uninterrupted(tmp_path):
         for k in ('reward', 'response_len', 'eval_pass@1', 'loss'):
             if k in x:
                 assert abs(x[k] - y[k]) < 1e-6, (k, x, y)
-    p = run(common + ['--out-dir', b, '--resume'])                                  # finished: reported, not re-run
-    assert 'finished already' in p.stdout
+    # the weights: trained away from the base (so the comparison can fail), equal after the resume (optimizer
+    # moments, RNG, sampler state all restored)
+    base, wa, wb = [torch.load(f, weights_only=True)['model'] for f in
+                    (init, os.path.join(a, 'grpo', 'ckpt.pt'), os.path.join(b, 'grpo', 'ckpt.pt'))]
+    assert max((wa[k] - base[k]).abs().max().item() for k in wa) > 1e-4
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+    capsys.readouterr()
+    main(common + ['--out-dir', b, '--resume'])                                     # finished: reported, not re-run
+    assert 'finished already' in capsys.readouterr().out
     assert [json.loads(line)['step'] for line in open(os.path.join(b, 'grpo', 'metrics.jsonl'))] == [0, 1, 2, 3, 4]
 
 
@@ -186,16 +227,15 @@ def test_grpo_resume_matches_uninterrupted(tmp_path):
     (['--loss-type', 'kimi', '--adv-scale', 'group'], '--adv-scale none'),
     (['--loss-type', 'dr_grpo', '--adv-scale', 'batch'], '--adv-scale none'),
 ])
-def test_loss_type_and_advantage_scale_that_disagree_are_refused(args, needle):
-    p = run(['--preset', 'test', '--stage', 'grpo'] + args, check=False)
-    assert p.returncode != 0 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+def test_loss_type_and_advantage_scale_that_disagree_are_refused(args, needle, capsys):
+    dies(capsys, ['--preset', 'test', '--stage', 'grpo'] + args, needle)
 
 
 def test_mla_moe_model_runs_the_pipeline(tmp_path):
     """The DeepSeek-V3 architecture (MLA with the absorbed cache in rollouts, DeepSeekMoE with the aux-loss-free
     bias updated after each step, MTP) through pretrain and grpo, with DAPO's overlong shaping and filtering."""
     out = str(tmp_path / 'moe')
-    run(['--preset', 'test', '--stage', 'all', '--out-dir', out, '--attn', 'mla', '--mla-impl', 'absorb',
+    main(['--preset', 'test', '--stage', 'all', '--out-dir', out, '--attn', 'mla', '--mla-impl', 'absorb',
          '--kv-lora-rank', '16', '--qk-nope-head-dim', '8', '--qk-rope-head-dim', '8', '--v-head-dim', '8',
          '--ffn', 'moe', '--n-routed-experts', '4', '--num-experts-per-tok', '2', '--moe-intermediate-size', '16',
          '--mtp-depth', '1', '--log-interval', '1', '--overlong-buffer', '8', '--mask-truncated'])
