@@ -266,7 +266,9 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     best = max(sub, key=lambda r: r['eval_sub_pass@1']) if sub else {}
     base_cd, base_len = rows[0]['eval_pass@1'], rows[0]['eval_mean_tokens']
     s = {'base_countdown_pass@1': base_cd, 'rl_countdown_pass@1': rl_cd,
-         'rl_countdown_pass@1_sampled': d['pass@1'], f'rl_countdown_pass@{tc.pass_k}': d['pass@k'],
+         'rl_countdown_pass@1_sampled': d['pass@1'],
+         # with --pass-k 1 the sampled pass@k is the sampled pass@1: its key must not overwrite the greedy figure
+         **({f'rl_countdown_pass@{tc.pass_k}': d['pass@k']} if tc.pass_k > 1 else {}),
          'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': base_len,
          'pass@1_ratio': rl_cd / base_cd if base_cd else None, 'length_ratio': rl_len / base_len if base_len else None,
          # the curve on the fixed subset: its best point and the final one (the issue's "no more than 3 points
