@@ -17,7 +17,7 @@ from model import document_mask
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate, row_seed
 from shard import gathered
-from tasks import problems
+from tasks import problems, self_checks
 
 
 class MetricsLog:
@@ -108,7 +108,8 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     """
     Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean response
     length in tokens. With n = k samples the unbiased pass@k estimator of Chen et al. 2021 is "any correct".
-    detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy).
+    detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy), each
+    problem's score ('scores': the best of its k), every response and its length ('texts', 'lengths', problem-major).
     Under torchrun each rank answers its shard of the problems and the scores are all-gathered: sample j of
     problem i draws from its own seed (seed, i, j), so N ranks score exactly what one process scores.
     """
@@ -116,7 +117,7 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     model.eval()
     mine = shard(len(probs))
     rows = [(i, j) for i in range(len(probs))[mine] for j in range(k)]
-    correct, lengths = [], []
+    correct, lengths, texts = [], [], []
     with gathered(model):   # --fsdp: the ranks' shards differ in batches and decode steps (shard.gathered)
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
@@ -126,13 +127,16 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
                                seeds=[row_seed(seed, i, j) for i, j in chunk] if temperature > 0 else None)
             for r, (i, _) in enumerate(chunk):
                 n = int(gen.lengths[r])
-                correct.append(score(kind, tok.decode(gen.tokens[r, :n].tolist()), probs[i]))
+                texts.append(tok.decode(gen.tokens[r, :n].tolist()))
+                correct.append(score(kind, texts[-1], probs[i]))
                 lengths.append(n)
     model.train(was_training)
     correct, lengths = gather_list(correct), gather_list(lengths)   # in problem order: ranks hold contiguous shards
+    texts = gather_list(texts) if detail else texts
     c = np.array(correct).reshape(len(probs), k)
     out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
-           'mean_tokens': float(np.mean(lengths)) if lengths else math.nan}
+           'mean_tokens': float(np.mean(lengths)) if lengths else math.nan, 'scores': c.max(1).tolist(),
+           'lengths': lengths, 'texts': texts}
     return out if detail else (out['pass@k'], out['mean_tokens'])
 
 
@@ -157,10 +161,25 @@ def val_loss(model, val, device, bos):
 
 
 
+def self_check_metrics(texts, correct):
+    """
+    R1-Zero's "aha moment" (DeepSeek-R1 sec 2.2.4: the model re-evaluates a step and corrects it), measured in
+    the tiny world's words (tasks.self_checks): the share of responses with a re-check (`wait 5*4=20 vs 24 no.`),
+    the share whose re-check said no (a slip caught), how often those end correct (the rescue rate: None when
+    none was caught), and the share with a wrong step. texts and correct (bools) align.
+    """
+    checks = torch.tensor([self_checks(t) for t in texts]).view(-1, 3)          # (N, 3) re-checks, said no, wrong
+    correct = torch.as_tensor(correct, dtype=torch.bool)
+    caught = checks[:, 1] > 0
+    return {'recheck_frac': float((checks[:, 0] > 0).float().mean()), 'caught_frac': float(caught.float().mean()),
+            'caught_acc': float(correct[caught].float().mean()) if caught.any() else None,
+            'slip_frac': float((checks[:, 2] > 0).float().mean())}
+
+
 def rl_metrics(seen, terms, batch, mask, G, pool):
-    """One step's rollout metrics as floats: `seen` holds every dynamic-sampling round's (rewards, terms)."""
-    gen_r = torch.cat([r for r, _ in seen]).view(-1, G)                                   # (groups, G)
-    gen_t = {k: torch.cat([t[k] for _, t in seen]) for k in seen[0][1]}
+    """One step's rollout metrics as floats: `seen` holds every dynamic-sampling round's (rewards, terms, texts)."""
+    gen_r = torch.cat([r for r, _, _ in seen]).view(-1, G)                                # (groups, G)
+    gen_t = {k: torch.cat([t[k] for _, t, _ in seen]) for k in seen[0][1]}
     lens, right = batch.lengths.float(), terms['accuracy'] > 0
     drawn = [pool[i].solve_rate for i in batch.drawn]   # the difficulty label of the new prompts
     trained = batch.gen.mask.sum(1)                     # (N,) tokens each row trains
@@ -172,11 +191,32 @@ def rl_metrics(seen, terms, batch, mask, G, pool):
            'rollout_rounds': len(seen), 'truncated_frac': (~batch.gen.finished).float().mean(),
            'trained_tokens': mask.sum(), 'prompt_solve_rate': sum(drawn) / len(drawn) if drawn else None,
            'buffer_groups': batch.buffered, 'repeat_stops': batch.repeat_stops,
-           'continued_token_frac': trained[batch.continued].sum() / trained.sum().clamp(min=1)}
+           'continued_token_frac': trained[batch.continued].sum() / trained.sum().clamp(min=1),
+           **self_check_metrics([x for _, _, ts in seen for x in ts], gen_t['accuracy'] > 0)}
     if torch.cuda.is_initialized():   # this step's peak (rollouts, logprobs, loss), what --dry-run plans; then reset
         row['cuda_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
         torch.cuda.reset_peak_memory_stats()
     return {k: float(v) if torch.is_tensor(v) else v for k, v in row.items()}
+
+
+def rl_eval(model, tok, cd_test, tc, template, step):
+    """
+    The GRPO loop's held-out greedy evaluation at `step`: every rl_eval_interval steps on the split's first
+    n_eval_subset problems (a fixed subset: a curve cheap enough to draw every few steps), at step 0 and at the
+    last step on the whole split (the base and final figures; their first n_eval_subset give the subset's point).
+    Returns {} between evaluations, else 'eval_sub_pass@1', 'eval_sub_mean_tokens', the greedy responses'
+    'eval_recheck_frac', and with the whole split 'eval_pass@1' and 'eval_mean_tokens'.
+    """
+    n = min(tc.n_eval_subset or len(cd_test), len(cd_test))
+    full = step in (0, tc.rl_steps) or n == len(cd_test)
+    if step not in (0, tc.rl_steps) and step % tc.rl_eval_interval:
+        return {}
+    d = evaluate(model, tok, cd_test if full else cd_test[:n], 'countdown', template, tc.max_new_tokens, detail=True)
+    row = {'eval_sub_pass@1': float(np.mean(d['scores'][:n])), 'eval_sub_mean_tokens': float(np.mean(d['lengths'][:n])),
+           'eval_recheck_frac': self_check_metrics(d['texts'], [s > 0 for s in d['scores']])['recheck_frac']}
+    if full:
+        row.update({'eval_pass@1': d['pass@1'], 'eval_mean_tokens': d['mean_tokens']})
+    return row
 
 
 def finish_pretrain(tc, task_cfg, model, tok, val, device, final_loss, stage_dir, t0):
@@ -194,8 +234,23 @@ def finish_pretrain(tc, task_cfg, model, tok, val, device, final_loss, stage_dir
     print0(json.dumps(summary, indent=2))
 
 
+def _mean(rows, key):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def self_correction_examples(texts, probs, k, n=3):
+    """Up to n responses whose re-check said no and that still ended correct: what the aha looks like here."""
+    out = []
+    for i, t in enumerate(texts):
+        p = probs[i // k]
+        if self_checks(t)[1] and countdown_reward(t, p.numbers, p.target) > 0 and len(out) < n:
+            out += [f"- `{p.prompt()}`: `{t.replace('<|eos|>', '')}`"]
+    return out or ['- (none among these samples)']
+
+
 def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
-    """Final evaluation, summary.json, plots and report.md."""
+    """Final evaluation, summary.json, plots and report.md: accuracy, length and self-correction, base vs RL."""
     tmpl, last = task_cfg.template, rows[-1]
     if last.get('step') == tc.rl_steps and 'eval_pass@1' in last:   # the loop just evaluated the final model
         rl_cd, rl_len = last['eval_pass@1'], last['eval_mean_tokens']
@@ -206,28 +261,53 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
                  detail=True)
     if rank_world()[0] != 0:   # one writer
         return
-    s = {'base_countdown_pass@1': rows[0]['eval_pass@1'], 'rl_countdown_pass@1': rl_cd,
-         'rl_countdown_pass@1_sampled': d['pass@1'], f'rl_countdown_pass@{tc.pass_k}': d['pass@k'],
-         'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': rows[0]['eval_mean_tokens'],
+    steps = [r for r in rows if 'accuracy' in r]
+    sub = [r for r in rows if 'eval_sub_pass@1' in r]
+    best = max(sub, key=lambda r: r['eval_sub_pass@1']) if sub else {}
+    base_cd, base_len = rows[0]['eval_pass@1'], rows[0]['eval_mean_tokens']
+    s = {'base_countdown_pass@1': base_cd, 'rl_countdown_pass@1': rl_cd,
+         'rl_countdown_pass@1_sampled': d['pass@1'],
+         # with --pass-k 1 the sampled pass@k is the sampled pass@1: its key must not overwrite the greedy figure
+         **({f'rl_countdown_pass@{tc.pass_k}': d['pass@k']} if tc.pass_k > 1 else {}),
+         'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': base_len,
+         'pass@1_ratio': rl_cd / base_cd if base_cd else None, 'length_ratio': rl_len / base_len if base_len else None,
+         # the curve on the fixed subset: its best point and the final one (the issue's "no more than 3 points
+         # below its best at the end")
+         'sub_n': min(tc.n_eval_subset, len(cd_test)), 'sub_best_pass@1': best.get('eval_sub_pass@1'),
+         'sub_best_step': best.get('step'), 'sub_final_pass@1': sub[-1]['eval_sub_pass@1'] if sub else None,
+         # self-correction (R1 sec 2.2.4): rollouts at the training temperature, mean of the first and last 5 steps
+         **{f'{w}_{k}': _mean(part, k) for w, part in (('base', steps[:5]), ('rl', steps[-5:]))
+            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'slip_frac')},
+         'base_greedy_recheck_frac': rows[0].get('eval_recheck_frac'),
+         'rl_greedy_recheck_frac': last.get('eval_recheck_frac'),
+         'rl_sampled_recheck_frac': self_check_metrics(d['texts'], [False] * len(d['texts']))['recheck_frac'],
          'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
     pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
     if os.path.isfile(pre):
         s['base_arith_acc'] = json.load(open(pre)).get('base_arith_acc')
     write_json(os.path.join(stage_dir, 'summary.json'), s)
-    plots = {'reward': ['reward', 'accuracy', 'eval_pass@1'],
-             'length': ['response_len', 'response_len_correct', 'response_len_wrong'],
+    plots = {'reward': ['reward', 'accuracy', 'eval_sub_pass@1', 'eval_pass@1'],
+             'length': ['response_len', 'response_len_correct', 'response_len_wrong', 'eval_sub_mean_tokens'],
+             'selfcheck': ['recheck_frac', 'caught_frac', 'caught_acc', 'slip_frac', 'eval_recheck_frac'],
              'stability': ['kl', 'entropy', 'clip_frac_low', 'clip_frac_high', 'grad_norm']}
     for plot, keys in plots.items():
         plot_curves(os.path.join(stage_dir, f'{plot}.png'), rows, keys, f'grpo: {plot}')
-    first = next((r for r in rows if 'accuracy' in r), {})
+    first, f3 = steps[0] if steps else {}, lambda v: 'n/a' if v is None else f'{v:.3f}'
     write_report(os.path.join(stage_dir, 'report.md'), 'nanoR1 grpo report', [
         f"preset `{tc.preset}`, {model.num_params():,} parameters, {tc.rl_steps} RL steps, loss `{tc.loss_type}`",
         '', '## Before / after (held-out, greedy)', '', '| metric | base | after RL |', '|---|---|---|',
-        f"| countdown pass@1 | {s['base_countdown_pass@1']:.3f} | {rl_cd:.3f} |",
-        f"| mean response tokens | {s['base_mean_response_tokens']:.1f} | {rl_len:.1f} |",
+        f"| countdown pass@1 | {base_cd:.3f} | {rl_cd:.3f} |",
+        f"| mean response tokens | {base_len:.1f} | {rl_len:.1f} |",
         f"| train accuracy (first / last step) | {first.get('accuracy', math.nan):.3f} | "
-        f"{last.get('accuracy', math.nan):.3f} |", '',
-        f"sampled pass@1 {d['pass@1']:.3f}, pass@{tc.pass_k} {d['pass@k']:.3f}", '', '## Plots', '',
+        f"{last.get('accuracy', math.nan):.3f} |",
+        f"| rollouts with a re-check (first / last 5 steps) | {f3(s['base_recheck_frac'])} | {f3(s['rl_recheck_frac'])} |",
+        f"| rollouts whose re-check said no | {f3(s['base_caught_frac'])} | {f3(s['rl_caught_frac'])} |",
+        f"| ... of which correct (the rescue rate) | {f3(s['base_caught_acc'])} | {f3(s['rl_caught_acc'])} |", '',
+        f"sampled pass@1 {d['pass@1']:.3f}, pass@{tc.pass_k} {d['pass@k']:.3f}; held-out subset ({s['sub_n']} "
+        f"problems, every {tc.rl_eval_interval} steps): best {f3(s['sub_best_pass@1'])} at step {s['sub_best_step']}, "
+        f"final {f3(s['sub_final_pass@1'])}", '',
+        '## Self-correction: sampled responses (T=1) whose re-check caught a slip and that still ended correct', '',
+        *self_correction_examples(d['texts'], cd_test, tc.pass_k), '', '## Plots', '',
         *[f'![{p}]({p}.png)\n' for p in plots]], s,
         {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})
     print0(json.dumps(s, indent=2))

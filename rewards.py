@@ -31,9 +31,9 @@ Deviations and choices:
   Unicode blocks (not the full Script property), and combining marks split words (no normalisation). The tiny
   world's two "languages" are ways of writing numbers, 'digits' ("8+7=15") and 'words' ("eight plus seven is
   fifteen"), inside a fixed trace template ("... vs 280 no."). For these two targets the template's own words
-  (TEMPLATE_WORDS: vs, yes, no and the word form's is, plus, minus, times, over) are not counted where they
-  stand alone, as the symbols + - * / = of the digit form are not: what is measured is the language of the
-  CoT's content, its numbers (and any free text), so a CoT written purely in digits scores 1.0 (counting
+  (TEMPLATE_WORDS: vs, yes, no, the re-check's wait and the word form's is, plus, minus, times, over) are not
+  counted where they stand alone, as the symbols + - * / = of the digit form are not: what is measured is the
+  language of the CoT's content, its numbers (and any free text), so a CoT written purely in digits scores 1.0 (counting
   `vs`/`no`/`yes` as latin words capped such a trace near 7/9). For the script targets every word counts, as in R1.
 - Text rewards never raise (non-str input or an internal error gives 0.0: one odd sample must not kill a run)
   and run in linear time; bench.py, not the tests, is the place for their speed.
@@ -327,11 +327,11 @@ def _script_table():
 
 _SCRIPT_OF = _script_table()
 
-# the words tasks.format_attempt writes around the numbers, in either form: "8+7=15 vs 280 no." and "eight plus
-# seven is fifteen vs two hundred eighty no."; one counts only where no letter or digit touches it. The check on
+# the words tasks.countdown_trace writes around the numbers, in either form: "8+7=15 vs 280 no." and "eight plus
+# seven is fifteen vs two hundred eighty no.", and the re-check's "wait"; one counts only where no letter or digit touches it. The check on
 # its left is a lookbehind over the word itself, so the pattern starts with the words' letters and the regex
 # engine skips to them (twice as fast as a leading lookbehind)
-TEMPLATE_WORDS = ('vs', 'yes', 'no', 'is', 'plus', 'minus', 'times', 'over')
+TEMPLATE_WORDS = ('vs', 'yes', 'no', 'wait', 'is', 'plus', 'minus', 'times', 'over')
 _TEMPLATE_WORD = re.compile('(?:%s)(?![^\\W_])' % '|'.join(rf'{w}(?<![^\W_]{w})' for w in TEMPLATE_WORDS))
 
 

@@ -310,7 +310,7 @@ def dynamic_batch(roll, score, G, n_groups, pad_id, rounds=1):
     roll(n) -> RolloutBatch of n new groups; score(batch) -> (rewards (N,), terms {name: (N,)}, texts [N]).
     A refill draws the missing groups scaled up by the share kept so far. rounds=1 keeps every group (no
     filter). Returns the kept batch with its rewards, terms and texts (groups beyond n_groups are cut), and
-    every round's (rewards, terms) for metrics. With nothing kept after the last round, the last round is
+    every round's (rewards, terms, texts) for metrics. With nothing kept after the last round, the last round is
     returned whole (A = 0 everywhere: only a KL term acts).
     """
     kept, seen, n_kept, n_drawn = [], [], 0, 0
@@ -318,7 +318,7 @@ def dynamic_batch(roll, score, G, n_groups, pad_id, rounds=1):
         n = n_groups if not seen else min(n_groups, -(-(n_groups - n_kept) * n_drawn // max(1, n_kept)))
         b = roll(n)
         reward, terms, texts = score(b)
-        seen.append((reward, terms))
+        seen.append((reward, terms, texts))
         n_drawn += len(b.ids)
         groups = list(range(len(b.ids)))
         if rounds > 1:

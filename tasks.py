@@ -25,10 +25,13 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   (expressions with worked steps) and (2) the response format, with countdown "attempts" of mixed quality:
   each attempt is a correctly computed sequence of moves followed by a check ("72 vs 24 no": the target
   copied beside the result, then the verdict). The writer walks the search space in a fixed order from a
-  random start, stops after a random number of attempts, whatever the checks said, and answers with its last
-  attempt. The base therefore knows how to search, compute and verify, but not when to stop:
-  that is what RL has to learn (EXPERIMENTS.md, "Design of the tiny world", also for why the naive world of
-  character tokens and random traces does not learn). Held-out problems never appear in it.
+  random start and answers with its last attempt. With give_up = slip = recheck = 0 it stops after a random
+  number of attempts, whatever the checks said (a base that searches, computes and verifies, but does not know
+  when to stop). With give_up > 0 it is an under-thinker: it gives up after a `no` more often than not, it
+  sometimes slips (a wishful last step that "hits" the target) and rarely re-checks a hit (`wait ...`): a base
+  whose thinking RL has to lengthen and whose re-checks RL can amplify (DeepSeek-R1 sec 2.2.4; EXPERIMENTS.md,
+  "Design of the tiny world", also for why the naive world of character tokens and random traces does not
+  learn). Held-out problems never appear in it.
 - A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
   attempt is written in number words ("six minus one is five vs four no."); answers stay in digits. And the
   readable long CoTs of R1's cold start (cold_start_trace): digits only, stopping at the first verified hit.
@@ -39,6 +42,7 @@ import hashlib
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass
 
 from tokenizer import Tokenizer, train_bpe
@@ -66,6 +70,10 @@ TINYZERO_QUESTION = (
     "(+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. And return the "
     "final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
 TASKS = ('tiny', 'tinyzero')
+# the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
+# know when to stop; RL shortens its CoT), kept for tiny-r1 and the tests of that walk
+WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny` world
+UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.6, slip=0.15, recheck=0.15)  # `tiny-zero` (EXPERIMENTS.md b720)
 
 
 def prefills_think(template):
@@ -188,6 +196,9 @@ class TaskConfig:
     max_attempts: int = 10      # most attempts a corpus trace writes
     search: str = 'enumerate'   # how corpus traces pick attempts: enumerate | random | sorted (EXPERIMENTS.md)
     stop_at_yes: float = 0.3    # chance that a corpus writer stops at an attempt whose check said yes
+    give_up: float = 0.0        # enumerate: chance that a writer answers after a check said no (0: a random count)
+    slip: float = 0.0           # enumerate: chance that a missing attempt's last step is written as the target (a slip)
+    recheck: float = 0.0        # enumerate: chance that a writer redoes the last step of an attempt that said yes
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # prompt: short | r1zero (DeepSeek-R1) | tinyzero (TinyZero's base) | chat (Qwen chat)
 
@@ -205,6 +216,9 @@ class TaskConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
+        for f in ('stop_at_yes', 'give_up', 'slip', 'recheck', 'words_frac'):
+            if not 0 <= getattr(self, f) <= 1:
+                raise ValueError(f"{f} must be a chance in [0, 1], got {getattr(self, f)}")
         if self.min_numbers and not 2 <= self.min_numbers <= self.n_numbers:
             raise ValueError(f"min_numbers must be 0 or in 2..n_numbers={self.n_numbers}, got {self.min_numbers}")
 
@@ -344,16 +358,20 @@ SEARCHES = ('enumerate', 'random', 'sorted')
 
 def countdown_trace(rng, p, cfg):
     """
-    A mixed-quality response: checked attempts, stopping after a random count (1..max_attempts) whatever the
-    checks said, answering with the last attempt. How the attempts are picked (cfg.search):
+    A mixed-quality response: checked attempts, answering with the last one (stopping after a random count,
+    1..max_attempts, whatever the checks said, unless give_up is on). How the attempts are picked (cfg.search):
     - 'enumerate' (default): a contiguous run of the canonical enumeration `all_attempts` (a depth-first walk:
       first move, then every second move, then the next first move) from a random start. The next attempt is a
       function of the last one, so greedy decoding walks the search space without repeating itself, while the
-      random start keeps the G samples of a group apart. RL then only has to learn to stop at a `yes`.
-      A writer who meets a `yes` stops there with chance cfg.stop_at_yes (0.3), else goes on: the base has the
-      right behaviour, but not as its likeliest one, so greedy decoding walks past its hits (base greedy
-      pass@1 0.20) and RL has something to sharpen (0.20 -> 0.54 in 75 steps; with 0: 0.08 -> 0.39 in 100,
-      taking off only after step 50: EXPERIMENTS.md enum176, enumq).
+      random start keeps the G samples of a group apart. A writer who meets a `yes` stops there with chance
+      cfg.stop_at_yes, else goes on (EXPERIMENTS.md enum176, enumq). With cfg.give_up > 0 the count is not
+      drawn up front: after each `no` the writer answers with chance give_up (at most max_attempts attempts),
+      an under-thinking writer whose greedy twin answers after one attempt (give_up > 0.5), so RL has to make
+      the search longer (DeepSeek-R1 sec 2.2.4: thinking time grows). With chance cfg.slip an attempt that
+      misses writes its last result as the target (`5*4=24 vs 24 yes.`, a wishful slip), and with chance
+      cfg.recheck a writer redoes the last step of an attempt that said yes (`wait 5*4=20 vs 24 no.`) and, when
+      the redo says no, searches on: the base re-checks rarely, and a slip it does not catch ends in a wrong
+      answer, so the outcome reward alone can amplify the re-check (R1's "aha moment", sec 2.2.4).
     - 'random': distinct random attempts. The RL-trained model's greedy search looped over its likeliest
       attempt (`6-1=5 5-2=3 vs 4 no.` three times) and greedy pass@1 stalled at 0.13 (EXPERIMENTS.md full3).
     - 'sorted': random distinct attempts sorted by `search_order`: the next attempt is still random (it skips
@@ -361,14 +379,24 @@ def countdown_trace(rng, p, cfg):
     """
     if cfg.search not in SEARCHES:
         raise ValueError(f"unknown search {cfg.search!r}; choose from {SEARCHES}")
-    k = rng.randint(1, cfg.max_attempts)
+    # every draw below is guarded by its field, so the fields at 0 leave the corpus exactly as it was
+    k = cfg.max_attempts if cfg.give_up and cfg.search == 'enumerate' else rng.randint(1, cfg.max_attempts)
+    attempts = []   # (value as written, steps as written, expression, the redone last step or None)
     if cfg.search == 'enumerate':
         space = all_attempts(p.numbers, cfg.ops)
         start = rng.randrange(len(space))
-        attempts = []
         for i in range(min(k, len(space))):
-            attempts.append(space[(start + i) % len(space)])
-            if attempts[-1][0] == p.target and rng.random() < cfg.stop_at_yes:
+            value, steps, expr = space[(start + i) % len(space)]
+            wrote, redo = value, None
+            if cfg.slip and value != p.target and rng.random() < cfg.slip:   # the last result, wished
+                wrote, steps = p.target, steps[:-1] + [steps[-1][:3] + (p.target,)]
+            if wrote == p.target and cfg.recheck and rng.random() < cfg.recheck:
+                redo = steps[-1][:3] + (value,)
+            attempts.append((wrote, steps, expr, redo))
+            if wrote == p.target and (redo is None or value == p.target):   # a yes the writer believes
+                if rng.random() < cfg.stop_at_yes:
+                    break
+            elif cfg.give_up and rng.random() < cfg.give_up:   # a no, or a slip its redo caught
                 break
     else:
         found = {}
@@ -378,14 +406,16 @@ def countdown_trace(rng, p, cfg):
                 found[res[2]] = res
                 if len(found) == k:
                     break
-        attempts = list(found.values())
+        attempts = [(*a, None) for a in found.values()]
         if cfg.search == 'sorted':
             attempts.sort(key=lambda a: search_order(p, a[1], cfg.ops))
     parts = []
-    for value, steps, expr in attempts:
+    for value, steps, _, redo in attempts:
         # the rng is drawn only when words are on, so words_frac=0 leaves the corpus exactly as it was
         words = cfg.words_frac > 0 and rng.random() < cfg.words_frac
         parts.append(format_attempt(steps, value, p.target, words))
+        if redo:
+            parts.append('wait ' + format_attempt([redo], redo[3], p.target, words))
     return f"<think>{''.join(parts)}</think><answer>{attempts[-1][2]}</answer>"
 
 
@@ -396,6 +426,19 @@ def format_attempt(steps, value, target, words=False):
     if words:
         return f"{format_steps_words(steps)} vs {number_words(target)} {verdict}."
     return f"{format_steps(steps)} vs {target} {verdict}."
+
+
+_REDO = re.compile(r'wait ([^.<]*) (yes|no)\.')
+_STEP = re.compile(r'(\d+)([-+*/])(\d+)=(\d+)')
+
+
+def self_checks(text):
+    """(re-checks, re-checks that said no, wrong steps) in a response's CoT: the `wait 5*4=20 vs 24 no.` redo
+    of countdown_trace, and the digit steps `a op b=r` whose r is not Countdown's value of a op b (apply_move)."""
+    cot = text.split('</think>')[0]
+    verdicts = [v for _, v in _REDO.findall(cot)]
+    wrong = sum(apply_move(int(a), op, int(b)) != int(r) for a, op, b, r in _STEP.findall(cot))
+    return len(verdicts), verdicts.count('no'), wrong
 
 
 # R1-Zero's CoTs mixed languages (DeepSeek-R1 sec 2.3.2); the tiny world's second language is numbers in words

@@ -46,7 +46,7 @@ from harness import (add_flags, all_reduce_sum, autocast, barrier, check_fields,
                      encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_stage, meta_model,
                      open_stage, Parser, pick_device, print0, rank_world, rng_state, save_stage, set_rng_state,
                      setup_distributed, shard, sum_gradients)
-from report import (MetricsLog, evaluate, finish_grpo, finish_pretrain, rl_metrics, run_summary, stage_summary,
+from report import (MetricsLog, finish_grpo, finish_pretrain, rl_eval, rl_metrics, run_summary, stage_summary,
                     val_loss)
 from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
 from model import ModelConfig, document_mask, fourier_number_init, lr_at
@@ -55,7 +55,7 @@ from rewards import rl_rewards
 from rollouts import PartialRollouts, PromptSampler, cat_batches, dynamic_batch, training_shard
 from sample import row_seed
 from shard import build_model, check_fits, dry_run, gathered, load_model
-from tasks import TaskConfig, build_world, corpus_tokens, prefills_think, problems
+from tasks import UNDER_THINKER, TaskConfig, build_world, corpus_tokens, prefills_think, problems
 
 
 @dataclass
@@ -117,7 +117,8 @@ class TrainConfig:
     dynamic_sampling: bool = False    # DAPO: drop groups whose rewards are all equal, refill (tiny: ~2.3x rollouts)
     dynamic_rounds: int = 3           # dynamic sampling: most rollout rounds per iteration (DAPO's generation cap)
     rl_grad_clip: float = 1.0         # grad-norm clip
-    rl_eval_interval: int = 25        # iterations between held-out greedy evaluations
+    rl_eval_interval: int = 25        # iterations between held-out greedy evaluations (report.rl_eval)
+    n_eval_subset: int = 0            # held-out problems of those evaluations (0: all; the whole split at 0 and the end)
     pass_k: int = 8                   # k of the final sampled pass@k
     # Kimi k1.5 sampling strategies (sec 2.3.4), partial rollouts (2.6.2): rollouts.PromptSampler, PartialRollouts
     prompt_sampling: str = 'uniform'  # uniform | curriculum (easy to hard by solve_rate) | prioritized (~ 1 - success)
@@ -160,14 +161,16 @@ class TrainConfig:
             raise ValueError("--corpus-arith-frac + --corpus-check-frac must be <= 1")
         if self.overlong_buffer > self.max_new_tokens:
             raise ValueError(f"--overlong-buffer {self.overlong_buffer} > --max-new-tokens {self.max_new_tokens}")
+        if self.n_eval_subset < 0:
+            raise ValueError(f"--n-eval-subset must be >= 0 (0: the whole split), got {self.n_eval_subset}")
         if self.rl_prompts > self.n_train_problems:
             raise ValueError(f"--rl-prompts {self.rl_prompts} > --n-train-problems {self.n_train_problems}")
 
 
 POSITIVE = {'pt_steps', 'pt_batch_size', 'pt_grad_accum', 'pt_lr', 'pt_eval_interval', 'ckpt_interval', 'log_interval',
             'n_train_problems', 'n_eval', 'rl_steps', 'rl_prompts', 'rl_group', 'rl_lr', 'rl_mu', 'rl_micro', 'tau',
-            'temperature', 'max_new_tokens', 'dynamic_rounds', 'rl_grad_clip', 'rl_eval_interval', 'pass_k',
-            'sft_examples', 'sft_steps', 'sft_batch_size', 'sft_lr', 'rs_problems', 'rs_samples', 'rs_temperature', 'kd_temperature'}
+            'temperature', 'max_new_tokens', 'dynamic_rounds', 'rl_grad_clip', 'rl_eval_interval',
+            'pass_k', 'sft_examples', 'sft_steps', 'sft_batch_size', 'sft_lr', 'rs_problems', 'rs_samples', 'rs_temperature', 'kd_temperature'}
 FRACTIONS = {'corpus_arith_frac', 'corpus_check_frac', 'pt_min_lr_frac', 'eps_low', 'curriculum_frac',
              'curriculum_start', 'prio_prior', 'prio_floor', 'repeat_stop'}
 CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOICES,
@@ -186,13 +189,17 @@ PRESETS = {
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(**DENSE, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bpe_merges=20, pt_steps=6, pt_batch_size=4,
                  pt_eval_interval=3, ckpt_interval=3, n_eval=8, n_train_problems=200, rl_steps=4, rl_prompts=2,
-                 rl_group=4, rl_eval_interval=2, max_new_tokens=24, pass_k=2, temperature=1.0),
+                 rl_group=4, rl_eval_interval=2, n_eval_subset=4, max_new_tokens=24, pass_k=2, temperature=1.0),
+    # issue 15's world (R1-Zero's signature): an under-thinking writer who gives up after a `no`, slips wishfully
+    # and rarely re-checks a hit; RL lengthens the CoT x3.6 while greedy pass@1 rises x3.2 (EXPERIMENTS.md b720,
+    # measured with DAPO's refill on); the held-out curve every 5 steps on 100 problems
+    'tiny-zero': dict(**UNDER_THINKER, dynamic_sampling=True, rl_eval_interval=5, n_eval_subset=100),
     # one GPU: a wider, deeper model, same world
     'small': dict(**DENSE, n_layer=8, n_head=8, n_kv_head=4, n_embd=384, pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
     # the R1 pipeline on tiny-dense's model: a base whose CoTs mix digits and number words, cold-start SFT, RL with
     # the language consistency reward, rejection sampling + SFT of the base, RL again
-    'tiny-r1': dict(**DENSE, stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2, sft_steps=120, rl_steps=40,
-                    rl_eval_interval=20, lang_weight=0.2, rs_problems=400, rs_temperature=0.7),
+    'tiny-r1': dict(**DENSE, stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2, sft_steps=120,
+                    rl_steps=40, rl_eval_interval=20, lang_weight=0.2, rs_problems=400, rs_temperature=0.7),
     # R1 sec 2.4: a smaller dense student (2 layers, d=96), pretrained with tiny's corpus settings (so the same
     # tokenizer), trained on the correct samples of the tiny (MLA + MoE) grpo model
     'tiny-distill': dict(**DENSE, stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt', n_layer=2,
@@ -409,12 +416,11 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     print0(f"{name}: {tc.rl_steps} steps x {tc.rl_prompts} prompts x G={G}, loss {tc.loss_type}, advantages "
            f"{adv_scale}, beta {tc.beta}")
     print0(grpo.LOSS_NEAR_ZERO_NOTE)
-    if start == 0:
-        acc0, len0 = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
-        rows.append({'step': 0, 'eval_pass@1': acc0, 'eval_mean_tokens': len0})
+    if start == 0:   # the base, on the whole held-out split
+        rows.append({'step': 0, **rl_eval(model, tok, cd_test, tc, tmpl, 0)})
         if log:
             log.log(**rows[-1])
-        print0(f"step 0: held-out greedy pass@1 {acc0:.3f}, mean tokens {len0:.1f}")
+        print0(f"step 0: held-out greedy pass@1 {rows[0]['eval_pass@1']:.3f}, mean tokens {rows[0]['eval_mean_tokens']:.1f}")
     bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
                disable=rank != 0)
     for step in bar:
@@ -496,15 +502,13 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         stats = dict(zip(stats, all_reduce_sum(torch.stack([torch.as_tensor(v, device=device).float()
                                                             for v in stats.values()]))))   # the ranks' shares
         # 6. metrics: rewards over every rollout generated, lengths and losses over the trained batch; a held-out
-        #    greedy evaluation every rl_eval_interval steps
+        #    greedy evaluation every rl_eval_interval steps (a fixed subset; the whole split at the end)
         row = {'step': step + 1, **rl_metrics(seen, terms, batch, trained, G, cd_train),
                **{k: float(v) for k, v in stats.items()}, 'grad_norm': float(gnorm),
-               'lr': lr, 'step_seconds': round(time.time() - ts, 3)}
-        if (step + 1) % tc.rl_eval_interval == 0 or step + 1 == tc.rl_steps:
-            row['eval_pass@1'], row['eval_mean_tokens'] = evaluate(model, tok, cd_test, 'countdown', tmpl,
-                                                                   tc.max_new_tokens)
+               'lr': lr, 'step_seconds': round(time.time() - ts, 3), **rl_eval(model, tok, cd_test, tc, tmpl, step + 1)}
         rows.append(row)
-        bar.set_postfix(acc=f"{row['accuracy']:.2f}", len=f"{row['response_len']:.0f}", eval=row.get('eval_pass@1', ''))
+        bar.set_postfix(acc=f"{row['accuracy']:.2f}", len=f"{row['response_len']:.0f}",
+                        eval=row.get('eval_sub_pass@1', ''))
         if rank == 0:   # one writer: the metrics line, a few raw rollouts
             log.log(**row)
             if step % 10 == 0:   # what the numbers above actually look like

@@ -11,12 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import fused_loss
 import grpo
+import report
 import train
 from model import GPT, ModelConfig
 from rollouts import RolloutBatch, dynamic_batch
@@ -160,11 +162,17 @@ def test_stage_all_writes_summary_report_and_plots(stage_all):
               'wall_seconds', 'base_arith_acc', 'n_eval'):
         assert k in s, k
     g = os.path.join(out, 'grpo')
-    for f in ('report.md', 'reward.png', 'length.png', 'stability.png', 'metrics.jsonl', 'samples.jsonl', 'ckpt.pt'):
+    for f in ('report.md', 'reward.png', 'length.png', 'selfcheck.png', 'stability.png', 'metrics.jsonl',
+              'samples.jsonl', 'ckpt.pt'):
         assert os.path.isfile(os.path.join(g, f)), f
     rows = [json.loads(line) for line in open(os.path.join(g, 'metrics.jsonl'))]
     assert [r['step'] for r in rows] == [0, 1, 2, 3, 4]
-    assert all('kl' in r and 'clip_frac_low' in r and 'entropy' in r for r in rows[1:])
+    assert all('kl' in r and 'clip_frac_low' in r and 'entropy' in r and 'recheck_frac' in r for r in rows[1:])
+    # the subset every rl_eval_interval (2) steps, the whole split at step 0 and at the end
+    assert [r['step'] for r in rows if 'eval_sub_pass@1' in r] == [0, 2, 4]
+    assert [r['step'] for r in rows if 'eval_pass@1' in r] == [0, 4]
+    for k in ('sub_best_pass@1', 'sub_final_pass@1', 'length_ratio', 'base_recheck_frac', 'rl_caught_frac'):
+        assert k in json.load(open(os.path.join(g, 'summary.json'))), k
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
 
@@ -237,3 +245,35 @@ def test_mla_moe_model_runs_the_pipeline(tmp_path):
     # the test model never stops within 24 tokens: every response is truncated, so the overlong term is -1 and
     # DAPO's filter leaves no token to train
     assert all(r['overlong_reward'] == -1.0 and r['truncated_frac'] == 1.0 and r['trained_tokens'] == 0 for r in rl)
+
+
+# -----------------------------------------------------------------------------
+# what the loop reports: self-correction metrics and the evaluation cadence (report.py)
+
+def test_self_check_metrics_by_hand():
+    texts = ['<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.3*2=6 6*4=24 vs 24 yes.</think>',   # caught, right
+             '<think>3+2=5 5+4=24 vs 24 yes.</think>',                                             # slipped, believed
+             '<think>3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.</think>',                         # confirmed
+             '<think>3+2=5 5+4=9 vs 24 no.wait 5+4=9 vs 24 no.</think>']                             # caught, wrong
+    m = report.self_check_metrics(texts, [True, False, True, False])
+    assert m == {'recheck_frac': 0.75, 'caught_frac': 0.5, 'caught_acc': 0.5, 'slip_frac': 0.5}
+    assert report.self_check_metrics(texts[1:3], [False, True])['caught_acc'] is None   # none caught: no rate
+
+
+def test_rl_eval_cadence_subset_and_whole_split(monkeypatch):
+    calls = []
+
+    def fake_evaluate(model, tok, probs, kind, template, max_new_tokens, detail=False):
+        calls.append(len(probs))
+        n = len(probs)   # problem i right iff i is even; response i has i + 1 tokens and re-checks when i % 4 == 0
+        return {'pass@1': sum(i % 2 == 0 for i in range(n)) / n, 'pass@k': 0.0, 'mean_tokens': (n + 1) / 2,
+                'scores': [float(i % 2 == 0) for i in range(n)], 'lengths': [i + 1 for i in range(n)],
+                'texts': ['wait 1+1=2 vs 2 yes.' if i % 4 == 0 else '' for i in range(n)]}
+    monkeypatch.setattr(report, 'evaluate', fake_evaluate)
+    tc = SimpleNamespace(rl_steps=12, rl_eval_interval=5, n_eval_subset=4, max_new_tokens=8)
+    rows = {s: report.rl_eval(None, None, list(range(10)), tc, 'short', s) for s in range(13)}
+    assert calls == [10, 4, 4, 10] and [s for s, r in rows.items() if r] == [0, 5, 10, 12]
+    assert rows[5] == {'eval_sub_pass@1': 0.5, 'eval_sub_mean_tokens': 2.5, 'eval_recheck_frac': 0.25}
+    # the whole split at the end: its own figures, and its first 4 problems as the subset's point
+    assert rows[12] == pytest.approx({'eval_sub_pass@1': 0.5, 'eval_sub_mean_tokens': 2.5, 'eval_recheck_frac': 0.3,
+                                      'eval_pass@1': 0.5, 'eval_mean_tokens': 5.5})

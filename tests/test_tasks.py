@@ -84,7 +84,7 @@ def test_corpus_never_holds_held_out_problems():
 
 @pytest.mark.parametrize('search', ['enumerate', 'random', 'sorted'])
 def test_trace_computes_correctly_and_answers_with_last_attempt(search):
-    cfg = TaskConfig(search=search)
+    cfg = TaskConfig(search=search, **tasks.WALK_PAST_HITS)   # the honest walk: no slips, no re-checks
     rng = random.Random(3)
     for p in problems('countdown', 'train', 40, 0, cfg):
         trace = countdown_trace(rng, p, cfg)
@@ -105,7 +105,7 @@ def test_trace_computes_correctly_and_answers_with_last_attempt(search):
 
 def test_enumerated_trace_is_a_contiguous_run_of_a_brute_force_walk():
     # independent twin of the canonical order: a plain triple loop over positions and operators
-    cfg = TaskConfig(search='enumerate')
+    cfg = TaskConfig(search='enumerate', **tasks.WALK_PAST_HITS)
     rng = random.Random(5)
     starts = set()
     for p in problems('countdown', 'train', 30, 0, cfg):
@@ -142,7 +142,8 @@ def test_stop_at_yes_is_the_chance_of_stopping_at_a_hit():
     def verdicts(q):
         rng, out = random.Random(9), []
         for p in ps:
-            think = countdown_trace(rng, p, TaskConfig(stop_at_yes=q)).split('<think>')[1].split('</think>')[0]
+            cfg = TaskConfig(**{**tasks.WALK_PAST_HITS, 'stop_at_yes': q})
+            think = countdown_trace(rng, p, cfg).split('<think>')[1].split('</think>')[0]
             out.append([a.endswith('yes') for a in think.split('.') if a])
         return out
     always = verdicts(1.0)
@@ -256,3 +257,82 @@ def test_curriculum_needs_difficulty_labels():
     with pytest.raises(ValueError, match='difficulty labels'):
         rollouts.PromptSampler(ps, 'curriculum')
     assert len(rollouts.PromptSampler(ps, 'prioritized').draw(4)) == 4
+
+
+class FixedRng:
+    """A stand-in for random.Random whose every chance fires (random() -> u), whose count is the most
+    (randint -> b) and whose walk starts at the front (randrange -> 0): the writer's path is then fixed."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self):
+        return self.u
+
+    def randint(self, a, b):
+        return b
+
+    def randrange(self, n):
+        return 0
+
+
+def test_slips_rechecks_and_giving_up_by_hand():
+    # make 24 from 3 2 4 with + and *: the walk (worked out by hand) is (3+2)+4=9, (3+2)*4=20, (3*2)+4=10,
+    # (3*2)*4=24, (4+2)+3, ...
+    p = tasks.Countdown([3, 2, 4], 24, '(3*2)*4', 0.0)
+    cfg = dict(ops='+*', stop_at_yes=1.0, give_up=0.0, slip=0.0, recheck=0.0)
+    # every miss slips and its redo catches it; the first real hit is redone too, confirmed, and ends the walk
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0}))
+    assert t == ('<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.3+2=5 5*4=24 vs 24 yes.wait 5*4=20 vs 24 no.'
+                 '3*2=6 6+4=24 vs 24 yes.wait 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.'
+                 '</think><answer>(3*2)*4</answer>')
+    # an under-thinking writer answers after its first caught slip, with that (wrong) attempt
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0, 'give_up': 0.5}))
+    assert t == '<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
+    # a slip nobody re-checks is believed: the writer stops there and answers wrong
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0}))
+    assert t == '<think>3+2=5 5+4=24 vs 24 yes.</think><answer>(3+2)+4</answer>'
+    # no chance fires (u=0.99): an honest walk to the first hit, stopping there (stop_at_yes=1)
+    t = countdown_trace(FixedRng(0.99), p, TaskConfig(**{**cfg, 'slip': 0.5, 'recheck': 0.5, 'give_up': 0.5}))
+    assert t == ('<think>3+2=5 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 no.3*2=6 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.'
+                 '</think><answer>(3*2)*4</answer>')
+    assert tasks.self_checks(t) == (0, 0, 0)
+    with pytest.raises(ValueError, match='give_up'):
+        TaskConfig(give_up=1.5)
+
+
+def test_under_thinking_corpus_rates():
+    # the writer's chances, counted over many traces: one attempt, then a `no` ends the trace with chance give_up;
+    # a believed `yes` is redone with chance recheck; a miss slips with chance slip
+    cfg = TaskConfig(give_up=0.6, slip=0.15, recheck=0.3, stop_at_yes=1.0)
+    rng, ps = random.Random(0), problems('countdown', 'train', 600, 0, cfg)
+    nos = ends_after_no = yes = redone = misses = slips = 0
+    for p in ps:
+        think = countdown_trace(rng, p, cfg).split('<think>')[1].split('</think>')[0]
+        checks = [c for c in think.split('.') if c]
+        for i, c in enumerate(checks):
+            last = i == len(checks) - 1
+            if c.startswith('wait'):
+                continue
+            steps, verdict = c.split(' vs ')[0].split(' '), c.split(' ')[-1]
+            a, b = steps[-1].split('=')
+            slipped = eval_expr(a) != int(b)
+            misses += slipped or verdict == 'no'
+            slips += slipped
+            caught = not last and checks[i + 1].startswith('wait') and checks[i + 1].endswith('no')
+            if verdict == 'yes':
+                yes += 1
+                redone += not last and checks[i + 1].startswith('wait')
+            if verdict == 'no' or caught:
+                nos += 1
+                ends_after_no += last or (caught and i + 1 == len(checks) - 1)
+    assert abs(ends_after_no / nos - 0.6) < 0.06 and abs(redone / yes - 0.3) < 0.07
+    assert abs(slips / misses - 0.15) < 0.04
+
+
+def test_self_checks_counts_rechecks_and_wrong_steps():
+    t = ('<think>9-3=6 6+5=24 vs 24 yes.wait 6+5=11 vs 24 no.7/2=3 3*8=24 vs 24 yes.wait 3*8=24 vs 24 yes.'
+         '</think><answer>(7/2)*8</answer>')
+    assert tasks.self_checks(t) == (2, 1, 2)            # 6+5=24 and 7/2=3 (not exact) are wrong steps
+    assert tasks.self_checks('<think>8-9=1 vs 1 yes.</think>') == (0, 0, 1)   # no negative moves either
+    assert tasks.self_checks('') == (0, 0, 0)
