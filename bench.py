@@ -235,7 +235,7 @@ def grpo_step(argv):
                 times['trl'].append(1e3 * (time.perf_counter() - self.t0))
                 times['ours'].append(time_ms(ours, device, 0, 1))
 
-        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), perdevice_of_train_batch_size=len(rows), num_generations=G,
+        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(rows), num_generations=G,
                          max_completion_length=args.new_tokens, generation_kwargs={'min_new_tokens': args.new_tokens},
                          temperature=T, top_k=0, top_p=1.0, beta=0.0, loss_type='grpo', learning_rate=1e-6,
                          max_steps=args.iters + 1, shuffle_dataset=False, save_strategy='no', report_to='none',
