@@ -105,9 +105,9 @@ def pick(logits, temperature, top_k, top_p, rng, rows=None):
     u = u if rows is None else u[rows]                                # (b,)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (b,)
     # a token chosen this way has cdf_j > cdf_{j-1}, i.e. p_j > 0, except when u * total rounds up to the total
-    # (j = V): then take the row's last token of positive probability (always computed: testing for the rare
-    # case first would sync the device at every decode step)
-    last = V - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(-1)      # (b,)
+    # (j = V): then take the first token where the cdf reaches the total (p > 0 there too; always computed:
+    # testing for the rare case first would sync the device at every decode step)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous()).squeeze(-1)  # (b,)
     tok = torch.minimum(tok, last)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 

@@ -117,6 +117,14 @@ def test_pick_draws_from_the_filtered_distribution():
     torch.testing.assert_close(lp, p.log()[tok].float())
 
 
+def test_pick_when_the_uniform_rounds_up_to_the_total():
+    # u = 1 puts u * total at the cdf's end, past every token (searchsorted answers V): pick must still return a
+    # token of positive probability, the last one that adds mass, whatever the filtered tail behind it
+    for logits, k, want in (([2.0, 1.0, 0.5, -1.0], 2, 1), ([2.0, 1.0, 0.5, -1.0, 0.0, 1.5], 4, 5)):
+        tok, lp = pick(torch.tensor([logits]), 0.7, k, 1.0, torch.ones(1))
+        assert tok.item() == want and torch.isfinite(lp).all()
+
+
 def test_filter_logits_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
