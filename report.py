@@ -166,7 +166,7 @@ def self_check_metrics(texts, correct):
     R1-Zero's "aha moment" (DeepSeek-R1 sec 2.2.4: the model re-evaluates a step and corrects it), measured in
     the tiny world's words (tasks.self_checks): the share of responses with a re-check (`wait 5*4=20 vs 24 no.`),
     the share whose re-check said no (a slip caught), how often those end correct (the rescue rate: None when
-    none was caught), and the share with a wrong step. texts and correct (bools) align.
+    none was caught), and the share with a slip (a wrong step or verdict). texts and correct (bools) align.
     """
     checks = torch.tensor([self_checks(t) for t in texts]).view(-1, 3)          # (N, 3) re-checks, said no, wrong
     correct = torch.as_tensor(correct, dtype=torch.bool)

@@ -197,7 +197,8 @@ class TaskConfig:
     search: str = 'enumerate'   # how corpus traces pick attempts: enumerate | random | sorted (EXPERIMENTS.md)
     stop_at_yes: float = 0.3    # chance that a corpus writer stops at an attempt whose check said yes
     give_up: float = 0.0        # enumerate: chance that a writer answers after a check said no (0: a random count)
-    slip: float = 0.0           # enumerate: chance that a missing attempt's last step is written as the target (a slip)
+    slip: float = 0.0           # enumerate: chance that a missing attempt says yes (a slip, of slip_kind)
+    slip_kind: str = 'step'     # a slip writes the last step's result as the target (step) | says yes to it (verdict)
     recheck: float = 0.0        # enumerate: chance that a writer redoes the last step of an attempt that said yes
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # prompt: short | r1zero (DeepSeek-R1) | tinyzero (TinyZero's base) | chat (Qwen chat)
@@ -219,6 +220,8 @@ class TaskConfig:
         for f in ('stop_at_yes', 'give_up', 'slip', 'recheck', 'words_frac'):
             if not 0 <= getattr(self, f) <= 1:
                 raise ValueError(f"{f} must be a chance in [0, 1], got {getattr(self, f)}")
+        if self.slip_kind not in ('step', 'verdict'):
+            raise ValueError(f"slip_kind must be 'step' or 'verdict', got {self.slip_kind!r}")
         if self.min_numbers and not 2 <= self.min_numbers <= self.n_numbers:
             raise ValueError(f"min_numbers must be 0 or in 2..n_numbers={self.n_numbers}, got {self.min_numbers}")
 
@@ -368,10 +371,12 @@ def countdown_trace(rng, p, cfg):
       drawn up front: after each `no` the writer answers with chance give_up (at most max_attempts attempts),
       an under-thinking writer whose greedy twin answers after one attempt (give_up > 0.5), so RL has to make
       the search longer (DeepSeek-R1 sec 2.2.4: thinking time grows). With chance cfg.slip an attempt that
-      misses writes its last result as the target (`5*4=24 vs 24 yes.`, a wishful slip), and with chance
-      cfg.recheck a writer redoes the last step of an attempt that said yes (`wait 5*4=20 vs 24 no.`) and, when
-      the redo says no, searches on: the base re-checks rarely, and a slip it does not catch ends in a wrong
-      answer, so the outcome reward alone can amplify the re-check (R1's "aha moment", sec 2.2.4).
+      misses says yes, a wishful slip: slip_kind 'step' writes its last result as the target (`5*4=24 vs 24
+      yes.`), 'verdict' computes it right and says yes anyway (`5*4=20 vs 24 yes.`, the arithmetic stays clean).
+      With chance cfg.recheck a writer redoes the last step of an attempt that said yes (`wait 5*4=20 vs 24
+      no.`) and, when the redo says no, searches on (no give_up draw: it has just caught an error): the base
+      re-checks rarely, and a slip it does not catch ends in a wrong answer, so the outcome reward alone can
+      amplify the re-check (R1's "aha moment", sec 2.2.4).
     - 'random': distinct random attempts. The RL-trained model's greedy search looped over its likeliest
       attempt (`6-1=5 5-2=3 vs 4 no.` three times) and greedy pass@1 stalled at 0.13 (EXPERIMENTS.md full3).
     - 'sorted': random distinct attempts sorted by `search_order`: the next attempt is still random (it skips
@@ -381,22 +386,24 @@ def countdown_trace(rng, p, cfg):
         raise ValueError(f"unknown search {cfg.search!r}; choose from {SEARCHES}")
     # every draw below is guarded by its field, so the fields at 0 leave the corpus exactly as it was
     k = cfg.max_attempts if cfg.give_up and cfg.search == 'enumerate' else rng.randint(1, cfg.max_attempts)
-    attempts = []   # (value as written, steps as written, expression, the redone last step or None)
+    attempts = []   # (says yes, steps as written, expression, the redone last step or None)
     if cfg.search == 'enumerate':
         space = all_attempts(p.numbers, cfg.ops)
         start = rng.randrange(len(space))
         for i in range(min(k, len(space))):
             value, steps, expr = space[(start + i) % len(space)]
-            wrote, redo = value, None
-            if cfg.slip and value != p.target and rng.random() < cfg.slip:   # the last result, wished
-                wrote, steps = p.target, steps[:-1] + [steps[-1][:3] + (p.target,)]
-            if wrote == p.target and cfg.recheck and rng.random() < cfg.recheck:
+            says, redo = value == p.target, None
+            if cfg.slip and not says and rng.random() < cfg.slip:   # a wishful yes
+                says, true_last = True, steps[-1]
+                if cfg.slip_kind == 'step':                         # the last result written as the target
+                    steps = steps[:-1] + [steps[-1][:3] + (p.target,)]
+            if says and cfg.recheck and rng.random() < cfg.recheck:
                 redo = steps[-1][:3] + (value,)
-            attempts.append((wrote, steps, expr, redo))
-            if wrote == p.target and (redo is None or value == p.target):   # a yes the writer believes
+            attempts.append((says, steps, expr, redo))
+            if says and (redo is None or value == p.target):   # a yes the writer believes
                 if rng.random() < cfg.stop_at_yes:
                     break
-            elif cfg.give_up and rng.random() < cfg.give_up:   # a no, or a slip its redo caught
+            elif cfg.give_up and redo is None and rng.random() < cfg.give_up:   # a no; a caught slip searches on
                 break
     else:
         found = {}
@@ -406,14 +413,14 @@ def countdown_trace(rng, p, cfg):
                 found[res[2]] = res
                 if len(found) == k:
                     break
-        attempts = [(*a, None) for a in found.values()]
+        attempts = [(value == p.target, steps, expr, None) for value, steps, expr in found.values()]
         if cfg.search == 'sorted':
             attempts.sort(key=lambda a: search_order(p, a[1], cfg.ops))
     parts = []
-    for value, steps, _, redo in attempts:
+    for says, steps, _, redo in attempts:
         # the rng is drawn only when words are on, so words_frac=0 leaves the corpus exactly as it was
         words = cfg.words_frac > 0 and rng.random() < cfg.words_frac
-        parts.append(format_attempt(steps, value, p.target, words))
+        parts.append(format_attempt(steps, p.target if says else None, p.target, words))
         if redo:
             parts.append('wait ' + format_attempt([redo], redo[3], p.target, words))
     return f"<think>{''.join(parts)}</think><answer>{attempts[-1][2]}</answer>"
@@ -421,7 +428,8 @@ def countdown_trace(rng, p, cfg):
 
 def format_attempt(steps, value, target, words=False):
     """One checked attempt; the check copies the target next to the result, so "is it reached?" compares two
-    adjacent tokens. words=True writes it in number words ("six minus one is five vs four no.")"""
+    adjacent tokens, and says yes when value == target (a verdict slip passes the target as value).
+    words=True writes it in number words ("six minus one is five vs four no.")"""
     verdict = 'yes' if value == target else 'no'
     if words:
         return f"{format_steps_words(steps)} vs {number_words(target)} {verdict}."
@@ -430,14 +438,17 @@ def format_attempt(steps, value, target, words=False):
 
 _REDO = re.compile(r'wait ([^.<]*) (yes|no)\.')
 _STEP = re.compile(r'(\d+)([-+*/])(\d+)=(\d+)')
+_CHECK = re.compile(r'=(\d+) vs (\d+) (yes|no)\.')
 
 
 def self_checks(text):
-    """(re-checks, re-checks that said no, wrong steps) in a response's CoT: the `wait 5*4=20 vs 24 no.` redo
-    of countdown_trace, and the digit steps `a op b=r` whose r is not Countdown's value of a op b (apply_move)."""
+    """(re-checks, re-checks that said no, slips) in a response's CoT: the `wait 5*4=20 vs 24 no.` redo of
+    countdown_trace; a slip is a digit step `a op b=r` whose r is not Countdown's value of a op b (apply_move) or a
+    check `=r vs t yes|no.` whose verdict is not r == t."""
     cot = text.split('</think>')[0]
     verdicts = [v for _, v in _REDO.findall(cot)]
     wrong = sum(apply_move(int(a), op, int(b)) != int(r) for a, op, b, r in _STEP.findall(cot))
+    wrong += sum((r == t) != (v == 'yes') for r, t, v in _CHECK.findall(cot))
     return len(verdicts), verdicts.count('no'), wrong
 
 

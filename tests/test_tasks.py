@@ -286,9 +286,12 @@ def test_slips_rechecks_and_giving_up_by_hand():
     assert t == ('<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.3+2=5 5*4=24 vs 24 yes.wait 5*4=20 vs 24 no.'
                  '3*2=6 6+4=24 vs 24 yes.wait 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.'
                  '</think><answer>(3*2)*4</answer>')
-    # an under-thinking writer answers after its first caught slip, with that (wrong) attempt
-    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0, 'give_up': 0.5}))
-    assert t == '<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
+    # an under-thinking writer who catches a slip searches on (no give-up draw): the same walk as above
+    t2 = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0, 'give_up': 0.5}))
+    assert t2 == t
+    # ... while a plain `no` ends its trace (u=0 < give_up): it answers with that (wrong) attempt
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'give_up': 0.5}))
+    assert t == '<think>3+2=5 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
     # a slip nobody re-checks is believed: the writer stops there and answers wrong
     t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0}))
     assert t == '<think>3+2=5 5+4=24 vs 24 yes.</think><answer>(3+2)+4</answer>'
@@ -306,7 +309,7 @@ def test_under_thinking_corpus_rates():
     # a believed `yes` is redone with chance recheck; a miss slips with chance slip
     cfg = TaskConfig(give_up=0.6, slip=0.15, recheck=0.3, stop_at_yes=1.0)
     rng, ps = random.Random(0), problems('countdown', 'train', 600, 0, cfg)
-    nos = ends_after_no = yes = redone = misses = slips = 0
+    nos = ends_after_no = yes = redone = misses = slips = caught_ends = 0
     for p in ps:
         think = countdown_trace(rng, p, cfg).split('<think>')[1].split('</think>')[0]
         checks = [c for c in think.split('.') if c]
@@ -323,10 +326,12 @@ def test_under_thinking_corpus_rates():
             if verdict == 'yes':
                 yes += 1
                 redone += not last and checks[i + 1].startswith('wait')
-            if verdict == 'no' or caught:
+            if verdict == 'no':
                 nos += 1
-                ends_after_no += last or (caught and i + 1 == len(checks) - 1)
-    assert abs(ends_after_no / nos - 0.6) < 0.06 and abs(redone / yes - 0.3) < 0.07
+                ends_after_no += last
+            if caught:   # a caught slip never ends the trace (unless it was the max_attempts-th attempt)
+                caught_ends += i + 1 == len(checks) - 1 and sum(not c.startswith('wait') for c in checks) < 10
+    assert abs(ends_after_no / nos - 0.6) < 0.06 and abs(redone / yes - 0.3) < 0.07 and caught_ends == 0
     assert abs(slips / misses - 0.15) < 0.04
 
 
@@ -336,3 +341,25 @@ def test_self_checks_counts_rechecks_and_wrong_steps():
     assert tasks.self_checks(t) == (2, 1, 2)            # 6+5=24 and 7/2=3 (not exact) are wrong steps
     assert tasks.self_checks('<think>8-9=1 vs 1 yes.</think>') == (0, 0, 1)   # no negative moves either
     assert tasks.self_checks('') == (0, 0, 0)
+
+
+def test_verdict_slips_by_hand():
+    # slip_kind='verdict': the arithmetic stays right and the check says yes to a miss (5+4=9 vs 24 yes.); the redo
+    # of the last step says no. Same walk as test_slips_rechecks_and_giving_up_by_hand: (3+2)+4=9, (3+2)*4=20, ...
+    p = tasks.Countdown([3, 2, 4], 24, '(3*2)*4', 0.0)
+    cfg = dict(ops='+*', stop_at_yes=1.0, give_up=0.0, slip=1.0, slip_kind='verdict')
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, recheck=1.0))
+    assert t == ('<think>3+2=5 5+4=9 vs 24 yes.wait 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 yes.wait 5*4=20 vs 24 no.'
+                 '3*2=6 6+4=10 vs 24 yes.wait 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.'
+                 '</think><answer>(3*2)*4</answer>')
+    assert tasks.self_checks(t) == (4, 3, 3)            # three wrong verdicts, each caught by its redo
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, recheck=0.0))   # believed: stops there, answers wrong
+    assert t == '<think>3+2=5 5+4=9 vs 24 yes.</think><answer>(3+2)+4</answer>'
+    # every step of a verdict-slipping corpus is right: its slips are in the verdicts only
+    rng, vcfg = random.Random(0), TaskConfig(**{**tasks.UNDER_THINKER, 'slip_kind': 'verdict'})
+    traces = [countdown_trace(rng, q, vcfg) for q in problems('countdown', 'train', 300, 0, vcfg)]
+    steps = [s for t in traces for s in tasks._STEP.findall(t)]
+    assert steps and all(tasks.apply_move(int(a), op, int(b)) == int(r) for a, op, b, r in steps)
+    assert any(tasks.self_checks(t)[2] for t in traces)
+    with pytest.raises(ValueError, match='slip_kind'):
+        TaskConfig(slip_kind='digit')
