@@ -197,6 +197,7 @@ class TaskConfig:
     search: str = 'enumerate'   # how corpus traces pick attempts: enumerate | random | sorted (EXPERIMENTS.md)
     stop_at_yes: float = 0.3    # chance that a corpus writer stops at an attempt whose check said yes
     give_up: float = 0.0        # enumerate: chance that a writer answers after a check said no (0: a random count)
+    persist: float = 0.0        # enumerate, with give_up: chance that a writer never gives up (walks to a yes)
     slip: float = 0.0           # enumerate: chance that a missing attempt says yes (a slip, of slip_kind)
     slip_kind: str = 'step'     # a slip writes the last step's result as the target (step) | says yes to it (verdict)
     recheck: float = 0.0        # enumerate: chance that a writer redoes the last step of an attempt that said yes
@@ -217,7 +218,7 @@ class TaskConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
-        for f in ('stop_at_yes', 'give_up', 'slip', 'recheck', 'words_frac'):
+        for f in ('stop_at_yes', 'give_up', 'persist', 'slip', 'recheck', 'words_frac'):
             if not 0 <= getattr(self, f) <= 1:
                 raise ValueError(f"{f} must be a chance in [0, 1], got {getattr(self, f)}")
         if self.slip_kind not in ('step', 'verdict'):
@@ -370,7 +371,9 @@ def countdown_trace(rng, p, cfg):
       cfg.stop_at_yes, else goes on (EXPERIMENTS.md enum176, enumq). With cfg.give_up > 0 the count is not
       drawn up front: after each `no` the writer answers with chance give_up (at most max_attempts attempts),
       an under-thinking writer whose greedy twin answers after one attempt (give_up > 0.5), so RL has to make
-      the search longer (DeepSeek-R1 sec 2.2.4: thinking time grows). With chance cfg.slip an attempt that
+      the search longer (DeepSeek-R1 sec 2.2.4: thinking time grows). A share cfg.persist of the writers never
+      give up: the corpus then holds long walks too, so the longer search RL asks for is one the base has seen
+      (with give_up 0.9 and persist 0.3 the first `no` still ends 63% of traces: the greedy base under-thinks). With chance cfg.slip an attempt that
       misses says yes, a wishful slip: slip_kind 'step' writes its last result as the target (`5*4=24 vs 24
       yes.`), 'verdict' computes it right and says yes anyway (`5*4=20 vs 24 yes.`, the arithmetic stays clean).
       With chance cfg.recheck a writer redoes the last step of an attempt that said yes (`wait 5*4=20 vs 24
@@ -386,6 +389,9 @@ def countdown_trace(rng, p, cfg):
         raise ValueError(f"unknown search {cfg.search!r}; choose from {SEARCHES}")
     # every draw below is guarded by its field, so the fields at 0 leave the corpus exactly as it was
     k = cfg.max_attempts if cfg.give_up and cfg.search == 'enumerate' else rng.randint(1, cfg.max_attempts)
+    give_up = cfg.give_up
+    if give_up and cfg.persist and rng.random() < cfg.persist:   # a persistent writer: it never gives up
+        give_up = 0.0
     attempts = []   # (says yes, steps as written, expression, the redone last step or None)
     if cfg.search == 'enumerate':
         space = all_attempts(p.numbers, cfg.ops)
@@ -403,7 +409,7 @@ def countdown_trace(rng, p, cfg):
             if says and (redo is None or value == p.target):   # a yes the writer believes
                 if rng.random() < cfg.stop_at_yes:
                     break
-            elif cfg.give_up and redo is None and rng.random() < cfg.give_up:   # a no; a caught slip searches on
+            elif give_up and redo is None and rng.random() < give_up:   # a no; a caught slip searches on
                 break
     else:
         found = {}

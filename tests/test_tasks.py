@@ -304,6 +304,25 @@ def test_slips_rechecks_and_giving_up_by_hand():
         TaskConfig(give_up=1.5)
 
 
+def test_persistent_writers():
+    # persist: the share of writers who never give up. give_up=1 makes everyone else answer after the first `no`
+    p = tasks.Countdown([3, 2, 4], 24, '(3*2)*4', 0.0)
+    cfg = dict(ops='+*', stop_at_yes=1.0, give_up=1.0)
+    assert countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, persist=1.0)) == (
+        '<think>3+2=5 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 no.3*2=6 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.'
+        '</think><answer>(3*2)*4</answer>')
+    assert countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg)) == \
+        '<think>3+2=5 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
+    # over many problems: of the traces whose first attempt misses, a share persist goes on
+    vcfg = TaskConfig(give_up=1.0, persist=0.3, stop_at_yes=1.0)
+    rng, on = random.Random(0), []
+    for q in problems('countdown', 'train', 1500, 0, vcfg):
+        checks = countdown_trace(rng, q, vcfg).split('</think>')[0].split('.')
+        if checks[0].endswith('no'):
+            on.append(len([c for c in checks if c]) > 1)
+    assert len(on) > 1000 and abs(sum(on) / len(on) - 0.3) < 0.05
+
+
 def test_under_thinking_corpus_rates():
     # the writer's chances, counted over many traces: one attempt, then a `no` ends the trace with chance give_up;
     # a believed `yes` is redone with chance recheck; a miss slips with chance slip
