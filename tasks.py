@@ -73,7 +73,7 @@ TASKS = ('tiny', 'tinyzero')
 # the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
 # know when to stop; RL shortens its CoT), kept for tiny-r1 and the tests of that walk
 WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny` world
-UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.6, slip=0.15, recheck=0.15)  # `tiny-zero` (EXPERIMENTS.md b720)
+UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.6, slip=0.15, slip_kind='verdict', recheck=0.3)  # `tiny-zero` (EXPERIMENTS.md e1)
 
 
 def prefills_think(template):
@@ -377,9 +377,10 @@ def countdown_trace(rng, p, cfg):
       misses says yes, a wishful slip: slip_kind 'step' writes its last result as the target (`5*4=24 vs 24
       yes.`), 'verdict' computes it right and says yes anyway (`5*4=20 vs 24 yes.`, the arithmetic stays clean).
       With chance cfg.recheck a writer redoes the last step of an attempt that said yes (`wait 5*4=20 vs 24
-      no.`) and, when the redo says no, searches on (no give_up draw: it has just caught an error): the base
+      no.`); a redo that says no is a `no` like any other (the under-thinker may give up on it): the base
       re-checks rarely, and a slip it does not catch ends in a wrong answer, so the outcome reward alone can
-      amplify the re-check (R1's "aha moment", sec 2.2.4).
+      amplify the re-check (R1's "aha moment", sec 2.2.4). (A writer who always searched on after a caught slip
+      did no better: EXPERIMENTS.md e2.)
     - 'random': distinct random attempts. The RL-trained model's greedy search looped over its likeliest
       attempt (`6-1=5 5-2=3 vs 4 no.` three times) and greedy pass@1 stalled at 0.13 (EXPERIMENTS.md full3).
     - 'sorted': random distinct attempts sorted by `search_order`: the next attempt is still random (it skips
@@ -409,7 +410,7 @@ def countdown_trace(rng, p, cfg):
             if says and (redo is None or value == p.target):   # a yes the writer believes
                 if rng.random() < cfg.stop_at_yes:
                     break
-            elif give_up and redo is None and rng.random() < give_up:   # a no; a caught slip searches on
+            elif give_up and rng.random() < give_up:   # a no, or a slip its redo caught
                 break
     else:
         found = {}

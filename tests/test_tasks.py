@@ -286,10 +286,10 @@ def test_slips_rechecks_and_giving_up_by_hand():
     assert t == ('<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.3+2=5 5*4=24 vs 24 yes.wait 5*4=20 vs 24 no.'
                  '3*2=6 6+4=24 vs 24 yes.wait 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.'
                  '</think><answer>(3*2)*4</answer>')
-    # an under-thinking writer who catches a slip searches on (no give-up draw): the same walk as above
-    t2 = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0, 'give_up': 0.5}))
-    assert t2 == t
-    # ... while a plain `no` ends its trace (u=0 < give_up): it answers with that (wrong) attempt
+    # an under-thinking writer gives up after its first caught slip (a `no` like any other), answering with it
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip': 1.0, 'recheck': 1.0, 'give_up': 0.5}))
+    assert t == '<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
+    # ... and after a plain `no` (u=0 < give_up)
     t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'give_up': 0.5}))
     assert t == '<think>3+2=5 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
     # a slip nobody re-checks is believed: the writer stops there and answers wrong
@@ -328,7 +328,7 @@ def test_under_thinking_corpus_rates():
     # a believed `yes` is redone with chance recheck; a miss slips with chance slip
     cfg = TaskConfig(give_up=0.6, slip=0.15, recheck=0.3, stop_at_yes=1.0)
     rng, ps = random.Random(0), problems('countdown', 'train', 600, 0, cfg)
-    nos = ends_after_no = yes = redone = misses = slips = caught_ends = 0
+    nos = ends_after_no = yes = redone = misses = slips = 0
     for p in ps:
         think = countdown_trace(rng, p, cfg).split('<think>')[1].split('</think>')[0]
         checks = [c for c in think.split('.') if c]
@@ -345,12 +345,10 @@ def test_under_thinking_corpus_rates():
             if verdict == 'yes':
                 yes += 1
                 redone += not last and checks[i + 1].startswith('wait')
-            if verdict == 'no':
+            if verdict == 'no' or caught:
                 nos += 1
-                ends_after_no += last
-            if caught:   # a caught slip never ends the trace (unless it was the max_attempts-th attempt)
-                caught_ends += i + 1 == len(checks) - 1 and sum(not c.startswith('wait') for c in checks) < 10
-    assert abs(ends_after_no / nos - 0.6) < 0.06 and abs(redone / yes - 0.3) < 0.07 and caught_ends == 0
+                ends_after_no += last or (caught and i + 1 == len(checks) - 1)
+    assert abs(ends_after_no / nos - 0.6) < 0.06 and abs(redone / yes - 0.3) < 0.07
     assert abs(slips / misses - 0.15) < 0.04
 
 
