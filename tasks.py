@@ -73,7 +73,8 @@ TASKS = ('tiny', 'tinyzero')
 # the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
 # know when to stop; RL shortens its CoT), kept for tiny-r1 and the tests of that walk
 WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny` world
-UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.6, slip=0.15, slip_kind='verdict', recheck=0.3)  # `tiny-zero` (EXPERIMENTS.md e1)
+# `tiny-zero`'s writer (EXPERIMENTS.md e1): under-thinks, says yes to a miss now and then, re-checks some of its yes
+UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.6, slip=0.15, slip_kind='verdict', recheck=0.3)
 
 
 def prefills_think(template):
@@ -373,9 +374,10 @@ def countdown_trace(rng, p, cfg):
       an under-thinking writer whose greedy twin answers after one attempt (give_up > 0.5), so RL has to make
       the search longer (DeepSeek-R1 sec 2.2.4: thinking time grows). A share cfg.persist of the writers never
       give up: the corpus then holds long walks too, so the longer search RL asks for is one the base has seen
-      (with give_up 0.9 and persist 0.3 the first `no` still ends 63% of traces: the greedy base under-thinks). With chance cfg.slip an attempt that
-      misses says yes, a wishful slip: slip_kind 'step' writes its last result as the target (`5*4=24 vs 24
-      yes.`), 'verdict' computes it right and says yes anyway (`5*4=20 vs 24 yes.`, the arithmetic stays clean).
+      (with give_up 0.9 and persist 0.3 the first `no` still ends 63% of traces: the greedy base under-thinks;
+      EXPERIMENTS.md e3 has how it went). With chance cfg.slip an attempt that misses says yes, a wishful slip:
+      slip_kind 'step' writes its last result as the target (`5*4=24 vs 24 yes.`), 'verdict' computes it right
+      and says yes anyway (`5*4=20 vs 24 yes.`, the arithmetic stays clean).
       With chance cfg.recheck a writer redoes the last step of an attempt that said yes (`wait 5*4=20 vs 24
       no.`); a redo that says no is a `no` like any other (the under-thinker may give up on it): the base
       re-checks rarely, and a slip it does not catch ends in a wrong answer, so the outcome reward alone can
@@ -401,7 +403,7 @@ def countdown_trace(rng, p, cfg):
             value, steps, expr = space[(start + i) % len(space)]
             says, redo = value == p.target, None
             if cfg.slip and not says and rng.random() < cfg.slip:   # a wishful yes
-                says, true_last = True, steps[-1]
+                says = True
                 if cfg.slip_kind == 'step':                         # the last result written as the target
                     steps = steps[:-1] + [steps[-1][:3] + (p.target,)]
             if says and cfg.recheck and rng.random() < cfg.recheck:
