@@ -28,10 +28,10 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   random start and answers with its last attempt. With give_up = slip = recheck = 0 it stops after a random
   number of attempts, whatever the checks said (a base that searches, computes and verifies, but does not know
   when to stop). With give_up > 0 it is an under-thinker: it gives up after a `no` more often than not, it
-  sometimes slips (a wishful last step that "hits" the target) and rarely re-checks a hit (`wait ...`): a base
-  whose thinking RL has to lengthen and whose re-checks RL can amplify (DeepSeek-R1 sec 2.2.4; EXPERIMENTS.md,
-  "Design of the tiny world", also for why the naive world of character tokens and random traces does not
-  learn). Held-out problems never appear in it.
+  sometimes slips (a wishful `yes`: a last step written as the target, or a right one said to hit it) and now
+  and then re-checks a yes (`wait ...`): a base whose thinking RL has to lengthen and whose re-checks RL can
+  amplify (DeepSeek-R1 sec 2.2.4; EXPERIMENTS.md, "Design of the tiny world", also for why the naive world of
+  character tokens and random traces does not learn). Held-out problems never appear in it.
 - A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
   attempt is written in number words ("six minus one is five vs four no."); answers stay in digits. And the
   readable long CoTs of R1's cold start (cold_start_trace): digits only, stopping at the first verified hit.
