@@ -73,8 +73,9 @@ TASKS = ('tiny', 'tinyzero')
 # the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
 # know when to stop; RL shortens its CoT), kept for tiny-r1 and the tests of that walk
 WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny` world
-# `tiny-zero`'s writer (EXPERIMENTS.md e1): under-thinks, says yes to a miss now and then, re-checks some of its yes
-UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.6, slip=0.15, slip_kind='verdict', recheck=0.3)
+# `tiny-zero`'s writers (EXPERIMENTS.md e4): most under-think (the first `no` ends 63% of traces), 30% never give up,
+# one miss in twenty is said to hit, three yes in ten are re-checked
+UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.9, persist=0.3, slip=0.05, slip_kind='verdict', recheck=0.3)
 
 
 def prefills_think(template):

@@ -190,7 +190,7 @@ PRESETS = {
     'test': dict(**DENSE, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bpe_merges=20, pt_steps=6, pt_batch_size=4,
                  pt_eval_interval=3, ckpt_interval=3, n_eval=8, n_train_problems=200, rl_steps=4, rl_prompts=2,
                  rl_group=4, rl_eval_interval=2, n_eval_subset=4, max_new_tokens=24, pass_k=2, temperature=1.0),
-    # issue 15's under-thinking writer (tasks.UNDER_THINKER): RL lengthens the CoT (EXPERIMENTS.md b720, e1)
+    # issue 15's under-thinking writers (tasks.UNDER_THINKER): RL lengthens the CoT (EXPERIMENTS.md b720-e4)
     'tiny-zero': dict(**UNDER_THINKER, dynamic_sampling=True, rl_eval_interval=5, n_eval_subset=100),
     # one GPU: a wider, deeper model, same world
     'small': dict(**DENSE, n_layer=8, n_head=8, n_kv_head=4, n_embd=384, pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
