@@ -28,7 +28,7 @@ from moe import MoE
 
 def lr_at(step, total, warmup, peak, min_frac):
     """Linear warmup over `warmup` steps, then cosine from `peak` down to min_frac * peak at step `total`
-    (pretraining and every SFT stage use it)."""
+    (pretraining, every SFT stage and the RL stages use it; RL's min_frac defaults to 1: constant after warmup)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)

@@ -273,7 +273,7 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
          'pass@1_ratio': rl_cd / base_cd if base_cd else None, 'length_ratio': rl_len / base_len if base_len else None,
          # the curve on the fixed subset: its best point and the final one (the issue's "no more than 3 points
          # below its best at the end")
-         'sub_n': min(tc.n_eval_subset, len(cd_test)), 'sub_best_pass@1': best.get('eval_sub_pass@1'),
+         'sub_n': min(tc.n_eval_subset or len(cd_test), len(cd_test)), 'sub_best_pass@1': best.get('eval_sub_pass@1'),
          'sub_best_step': best.get('step'), 'sub_final_pass@1': sub[-1]['eval_sub_pass@1'] if sub else None,
          # self-correction (R1 sec 2.2.4): rollouts at the training temperature, mean of the first and last 5 steps
          **{f'{w}_{k}': _mean(part, k) for w, part in (('base', steps[:5]), ('rl', steps[-5:]))

@@ -95,8 +95,9 @@ class TrainConfig:
     rl_steps: int = 50                # RL iterations (one batch of rollouts and one optimizer step each, with mu=1)
     rl_prompts: int = 16              # prompts (groups) per iteration
     rl_group: int = 8                 # samples per prompt (G)
-    rl_lr: float = 2e-4               # AdamW learning rate (constant after warmup)
+    rl_lr: float = 2e-4               # AdamW peak learning rate (after warmup: constant, or cosine to rl_min_lr_frac)
     rl_warmup: int = 10               # linear warmup iterations
+    rl_min_lr_frac: float = 1.0       # cosine floor of the RL learning rate as a fraction of the peak (1: constant, as R1)
     rl_mu: int = 1                    # optimisation epochs over each batch (1: on-policy, rho == 1)
     rl_micro: int = 64                # rows per forward/backward micro-batch
     loss_type: str = 'grpo'           # grpo | bnpo | dapo | dr_grpo | kimi (grpo.py)
@@ -171,7 +172,7 @@ POSITIVE = {'pt_steps', 'pt_batch_size', 'pt_grad_accum', 'pt_lr', 'pt_eval_inte
             'n_train_problems', 'n_eval', 'rl_steps', 'rl_prompts', 'rl_group', 'rl_lr', 'rl_mu', 'rl_micro', 'tau',
             'temperature', 'max_new_tokens', 'dynamic_rounds', 'rl_grad_clip', 'rl_eval_interval',
             'pass_k', 'sft_examples', 'sft_steps', 'sft_batch_size', 'sft_lr', 'rs_problems', 'rs_samples', 'rs_temperature', 'kd_temperature'}
-FRACTIONS = {'corpus_arith_frac', 'corpus_check_frac', 'pt_min_lr_frac', 'eps_low', 'curriculum_frac',
+FRACTIONS = {'corpus_arith_frac', 'corpus_check_frac', 'pt_min_lr_frac', 'rl_min_lr_frac', 'eps_low', 'curriculum_frac',
              'curriculum_start', 'prio_prior', 'prio_floor', 'repeat_stop'}
 CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOICES,
            'loss_impl': fused_loss.IMPLS + ('chunked',), 'prompt_sampling': ('uniform', 'curriculum', 'prioritized'),
@@ -179,29 +180,35 @@ CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOIC
 
 
 DENSE = dict(attn='gqa', ffn='dense')
+# the tiny world (issue 15): under-thinking corpus writers (tasks.UNDER_THINKER), so RL has to make the search
+# longer, as in R1-Zero; DAPO's refill, since most groups of a base that solves 9% say nothing; 30 steps whose
+# learning rate falls to a tenth by the end, so the curve holds; the whole held-out split every 5 steps
+TINY_WORLD = dict(**UNDER_THINKER, dynamic_sampling=True, rl_steps=30, rl_warmup=5, rl_min_lr_frac=0.1,
+                  rl_eval_interval=5, pass_k=4)
 PRESETS = {
     # every default: DeepSeek-V3's architecture at ~1M active params, MLA (latent cache in rollouts) +
-    # DeepSeekMoE (8 routed experts top-2, one shared, first layer dense); learns countdown by RL on a 2-core CPU
-    # in under 15 minutes (README; EXPERIMENTS.md "which half of tiny-moe costs the base")
-    'tiny': dict(),
-    # the same world on a dense MHA/SwiGLU model (0.98M): the comparison, and the model of tiny-r1/tiny-distill
-    'tiny-dense': dict(**DENSE, rl_steps=75),
+    # DeepSeekMoE (8 routed experts top-2, one shared, first layer dense), in the tiny world: thinking that grows
+    # as countdown is learnt by RL on a 2-core CPU (README; EXPERIMENTS.md t1)
+    'tiny': dict(TINY_WORLD),
+    # the same world on a dense MHA/SwiGLU model (0.98M): the comparison
+    'tiny-dense': dict(**DENSE, **TINY_WORLD),
+    # the world before issue 15 (TaskConfig's defaults): writers who walk past their hits; RL teaches the base to
+    # stop at a verified `yes` and shortens the CoT (README's earlier run, EXPERIMENTS.md final8)
+    'tiny-walk': dict(),
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(**DENSE, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bpe_merges=20, pt_steps=6, pt_batch_size=4,
                  pt_eval_interval=3, ckpt_interval=3, n_eval=8, n_train_problems=200, rl_steps=4, rl_prompts=2,
                  rl_group=4, rl_eval_interval=2, n_eval_subset=4, max_new_tokens=24, pass_k=2, temperature=1.0),
-    # issue 15's under-thinking writers (tasks.UNDER_THINKER): RL lengthens the CoT (EXPERIMENTS.md b720-e4)
-    'tiny-zero': dict(**UNDER_THINKER, dynamic_sampling=True, rl_eval_interval=5, n_eval_subset=100),
-    # one GPU: a wider, deeper model, same world
+    # one GPU: a wider, deeper model, the walk-past world
     'small': dict(**DENSE, n_layer=8, n_head=8, n_kv_head=4, n_embd=384, pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
-    # the R1 pipeline on tiny-dense's model: a base whose CoTs mix digits and number words, cold-start SFT, RL with
-    # the language consistency reward, rejection sampling + SFT of the base, RL again
+    # the R1 pipeline on tiny-dense's model in the walk-past world: a base whose CoTs mix digits and number words,
+    # cold-start SFT, RL with the language consistency reward, rejection sampling + SFT of the base, RL again
     'tiny-r1': dict(**DENSE, stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2, sft_steps=120,
                     rl_steps=40, rl_eval_interval=20, lang_weight=0.2, rs_problems=400, rs_temperature=0.7),
     # R1 sec 2.4: a smaller dense student (2 layers, d=96), pretrained with tiny's corpus settings (so the same
     # tokenizer), trained on the correct samples of the tiny (MLA + MoE) grpo model
-    'tiny-distill': dict(**DENSE, stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt', n_layer=2,
-                         n_embd=96, rs_problems=800, rs_temperature=0.7, sft_steps=200),
+    'tiny-distill': dict(**DENSE, **UNDER_THINKER, stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt',
+                         n_layer=2, n_embd=96, rs_problems=800, rs_temperature=0.7, sft_steps=200),
 }
 # R1-Zero from a real checkpoint: TinyZero's countdown replay, RL straight on a Qwen2.5 base with its task
 # distribution and base-model prompt (<think> prefilled; --template chat for an -Instruct model). The architecture
@@ -423,7 +430,7 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
                disable=rank != 0)
     for step in bar:
         ts = time.time()
-        lr = tc.rl_lr * min(1.0, (step + 1) / max(1, tc.rl_warmup))
+        lr = lr_at(step, tc.rl_steps, max(1, tc.rl_warmup), tc.rl_lr, tc.rl_min_lr_frac)
         for g in opt.param_groups:
             g['lr'] = lr
         # 1. rollouts from the current policy (the "old" policy of the ratio), scored by rule checks of the text

@@ -223,6 +223,19 @@ def test_grpo_resume_matches_uninterrupted(stage_all, tmp_path, capsys, monkeypa
     assert [json.loads(line)['step'] for line in open(os.path.join(b, 'grpo', 'metrics.jsonl'))] == [0, 1, 2, 3, 4]
 
 
+def test_rl_learning_rate_warms_up_then_follows_the_cosine_to_its_floor(stage_all, tmp_path):
+    """--rl-min-lr-frac 0.1 over 4 steps, 1 warmup step: the logged lr by hand, 2e-4 * (0.1 + 0.9 * (1 + cos(pi *
+    t)) / 2) at t = (step - 1) / 3 after the warmup step; at the default floor 1 the rate stays at its peak."""
+    init = os.path.join(stage_all[0], 'pretrain', 'ckpt.pt')
+    want = {'0.1': [2e-4, 2e-4, 1.55e-4, 6.5e-5], '1.0': [2e-4] * 4}
+    for frac, lrs in want.items():
+        out = str(tmp_path / frac)
+        main(['--preset', 'test', '--stage', 'grpo', '--init-from', init, '--out-dir', out, '--rl-warmup', '1',
+              '--rl-min-lr-frac', frac])
+        rows = [json.loads(line) for line in open(os.path.join(out, 'grpo', 'metrics.jsonl'))][1:]
+        assert [r['lr'] for r in rows] == pytest.approx(lrs, rel=1e-6), frac
+
+
 @pytest.mark.parametrize('args,needle', [
     (['--loss-type', 'kimi', '--adv-scale', 'group'], '--adv-scale none'),
     (['--loss-type', 'dr_grpo', '--adv-scale', 'batch'], '--adv-scale none'),
