@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -240,13 +241,18 @@ def _mean(rows, key):
 
 
 def self_correction_examples(texts, probs, k, n=3):
-    """Up to n responses whose re-check said no and that still ended correct: what the aha looks like here."""
+    """Up to n responses that re-checked a wishful `yes` (its result is not the target), heard the redo say no,
+    and still ended correct: what the aha looks like here. A redo that says no to a true hit is not one."""
     out = []
     for i, t in enumerate(texts):
         p = probs[i // k]
-        if self_checks(t)[1] and countdown_reward(t, p.numbers, p.target) > 0 and len(out) < n:
+        caught = any(int(r) != p.target for r in _CAUGHT.findall(t.split('</think>')[0]))
+        if caught and countdown_reward(t, p.numbers, p.target) > 0 and len(out) < n:
             out += [f"- `{p.prompt()}`: `{t.replace('<|eos|>', '')}`"]
     return out or ['- (none among these samples)']
+
+
+_CAUGHT = re.compile(r'=(\d+) vs \d+ yes\.wait [^.<]* no\.')   # the re-checked result, where the redo said no
 
 
 def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
@@ -303,7 +309,7 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
         f"| rollouts with a re-check (first / last 5 steps) | {f3(s['base_recheck_frac'])} | {f3(s['rl_recheck_frac'])} |",
         f"| rollouts whose re-check said no | {f3(s['base_caught_frac'])} | {f3(s['rl_caught_frac'])} |",
         f"| ... of which correct (the rescue rate) | {f3(s['base_caught_acc'])} | {f3(s['rl_caught_acc'])} |", '',
-        f"sampled pass@1 {d['pass@1']:.3f}, pass@{tc.pass_k} {d['pass@k']:.3f}; held-out subset ({s['sub_n']} "
+        f"sampled pass@1 {d['pass@1']:.3f}, pass@{tc.pass_k} {d['pass@k']:.3f}; held-out curve ({s['sub_n']} "
         f"problems, every {tc.rl_eval_interval} steps): best {f3(s['sub_best_pass@1'])} at step {s['sub_best_step']}, "
         f"final {f3(s['sub_final_pass@1'])}", '',
         '## Self-correction: sampled responses (T=1) whose re-check caught a slip and that still ended correct', '',

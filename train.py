@@ -97,7 +97,7 @@ class TrainConfig:
     rl_group: int = 8                 # samples per prompt (G)
     rl_lr: float = 2e-4               # AdamW peak learning rate (after warmup: constant, or cosine to rl_min_lr_frac)
     rl_warmup: int = 10               # linear warmup iterations
-    rl_min_lr_frac: float = 1.0       # cosine floor of the RL learning rate as a fraction of the peak (1: constant, as R1)
+    rl_min_lr_frac: float = 1.0       # cosine floor of the RL rate as a fraction of the peak (1: constant, as R1)
     rl_mu: int = 1                    # optimisation epochs over each batch (1: on-policy, rho == 1)
     rl_micro: int = 64                # rows per forward/backward micro-batch
     loss_type: str = 'grpo'           # grpo | bnpo | dapo | dr_grpo | kimi (grpo.py)

@@ -273,6 +273,18 @@ def test_self_check_metrics_by_hand():
     assert report.self_check_metrics(texts[1:3], [False, True])['caught_acc'] is None   # none caught: no rate
 
 
+def test_self_correction_examples_are_caught_slips_that_end_correct():
+    from tasks import Countdown
+    p = Countdown([3, 2, 4], 24, '(3*2)*4', float('nan'))
+    texts = ['<think>3+2=5 5+4=9 vs 24 yes.wait 5+4=9 vs 24 no.3*2=6 6*4=24 vs 24 yes.</think><answer>(3*2)*4</answer>',
+             '<think>3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 42 no.</think><answer>(3*2)*4</answer>',  # refutes a hit
+             '<think>3+2=5 5+4=9 vs 24 yes.wait 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>',   # caught, wrong
+             '<think>3*2=6 6*4=24 vs 24 yes.</think><answer>(3*2)*4</answer>']                      # no re-check
+    shown = report.self_correction_examples(texts, [p], k=4)
+    assert shown == [f"- `{p.prompt()}`: `{texts[0]}`"]
+    assert report.self_correction_examples(texts[1:], [p], k=3) == ['- (none among these samples)']
+
+
 def test_rl_eval_cadence_subset_and_whole_split(monkeypatch):
     calls = []
 
