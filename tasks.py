@@ -25,13 +25,14 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   (expressions with worked steps) and (2) the response format, with countdown "attempts" of mixed quality:
   each attempt is a correctly computed sequence of moves followed by a check ("72 vs 24 no": the target
   copied beside the result, then the verdict). The writer walks the search space in a fixed order from a
-  random start and answers with its last attempt. With give_up = slip = recheck = 0 it stops after a random
-  number of attempts, whatever the checks said (a base that searches, computes and verifies, but does not know
-  when to stop). With give_up > 0 it is an under-thinker: it gives up after a `no` more often than not, it
-  sometimes slips (a wishful `yes`: a last step written as the target, or a right one said to hit it) and now
-  and then re-checks a yes (`wait ...`): a base whose thinking RL has to lengthen and whose re-checks RL can
-  amplify (DeepSeek-R1 sec 2.2.4; EXPERIMENTS.md, "Design of the tiny world", also for why the naive world of
-  character tokens and random traces does not learn). Held-out problems never appear in it.
+  random start and answers with its last attempt. With give_up = slip = recheck = 0 (the defaults:
+  `tiny-walk`) it stops after a random number of attempts, whatever the checks said (a base that searches,
+  computes and verifies, but does not know when to stop). With give_up > 0 (`tiny`: UNDER_THINKER) it is an
+  under-thinker: it gives up after a `no` more often than not, it sometimes slips (a wishful `yes`: a last step
+  written as the target, or a right one said to hit it) and now and then re-checks a yes (`wait ...`): a base
+  whose thinking RL has to lengthen and whose re-checks RL can amplify (DeepSeek-R1 sec 2.2.4; EXPERIMENTS.md,
+  "Design of the tiny world", also for why the naive world of character tokens and random traces does not
+  learn). Held-out problems never appear in it.
 - A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
   attempt is written in number words ("six minus one is five vs four no."); answers stay in digits. And the
   readable long CoTs of R1's cold start (cold_start_trace): digits only, stopping at the first verified hit.
@@ -71,9 +72,9 @@ TINYZERO_QUESTION = (
     "final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
 TASKS = ('tiny', 'tinyzero')
 # the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
-# know when to stop; RL shortens its CoT), kept for tiny-r1 and the tests of that walk
-WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny` world
-# `tiny-zero`'s writers (EXPERIMENTS.md e4): most under-think (the first `no` ends 63% of traces), 30% never give up,
+# know when to stop; RL shortens its CoT), kept for tiny-walk, tiny-r1 and the tests of that walk
+WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny-walk` world
+# `tiny`'s writers (EXPERIMENTS.md e4, t1): most under-think (the first `no` ends 63% of traces), 30% never give up,
 # one miss in twenty is said to hit, three yes in ten are re-checked
 UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.9, persist=0.3, slip=0.05, slip_kind='verdict', recheck=0.3)
 

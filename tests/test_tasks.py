@@ -373,7 +373,7 @@ def test_verdict_slips_by_hand():
     t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, recheck=0.0))   # believed: stops there, answers wrong
     assert t == '<think>3+2=5 5+4=9 vs 24 yes.</think><answer>(3+2)+4</answer>'
     # every step of a verdict-slipping corpus is right: its slips are in the verdicts only
-    rng, vcfg = random.Random(0), TaskConfig(**tasks.UNDER_THINKER)   # tiny-zero's writer
+    rng, vcfg = random.Random(0), TaskConfig(**tasks.UNDER_THINKER)   # tiny's writer
     traces = [countdown_trace(rng, q, vcfg) for q in problems('countdown', 'train', 300, 0, vcfg)]
     steps = [s for t in traces for s in tasks._STEP.findall(t)]
     assert steps and all(tasks.apply_move(int(a), op, int(b)) == int(r) for a, op, b, r in steps)
