@@ -203,7 +203,8 @@ class TaskConfig:
     persist: float = 0.0        # enumerate, with give_up: chance that a writer never gives up (walks to a yes)
     slip: float = 0.0           # enumerate: chance that a missing attempt says yes (a slip, of slip_kind)
     slip_kind: str = 'step'     # a slip writes the last step's result as the target (step) | says yes to it (verdict)
-    recheck: float = 0.0        # enumerate: chance that a writer redoes the last step of an attempt that said yes
+    recheck: float = 0.0        # enumerate: chance that a writer redoes an attempt that said yes (recheck_kind)
+    recheck_kind: str = 'step'  # the redo rewrites the attempt's last step (step) | all its steps (attempt)
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # prompt: short | r1zero (DeepSeek-R1) | tinyzero (TinyZero's base) | chat (Qwen chat)
 
@@ -226,6 +227,8 @@ class TaskConfig:
                 raise ValueError(f"{f} must be a chance in [0, 1], got {getattr(self, f)}")
         if self.slip_kind not in ('step', 'verdict'):
             raise ValueError(f"slip_kind must be 'step' or 'verdict', got {self.slip_kind!r}")
+        if self.recheck_kind not in ('step', 'attempt'):
+            raise ValueError(f"recheck_kind must be 'step' or 'attempt', got {self.recheck_kind!r}")
         if self.min_numbers and not 2 <= self.min_numbers <= self.n_numbers:
             raise ValueError(f"min_numbers must be 0 or in 2..n_numbers={self.n_numbers}, got {self.min_numbers}")
 
@@ -381,10 +384,11 @@ def countdown_trace(rng, p, cfg):
       slip_kind 'step' writes its last result as the target (`5*4=24 vs 24 yes.`), 'verdict' computes it right
       and says yes anyway (`5*4=20 vs 24 yes.`, the arithmetic stays clean).
       With chance cfg.recheck a writer redoes the last step of an attempt that said yes (`wait 5*4=20 vs 24
-      no.`); a redo that says no is a `no` like any other (the under-thinker may give up on it): the base
-      re-checks rarely, and a slip it does not catch ends in a wrong answer, so the outcome reward alone can
-      amplify the re-check (R1's "aha moment", sec 2.2.4). (A writer who always searched on after a caught slip
-      did no better: EXPERIMENTS.md e2.)
+      no.`), or with recheck_kind 'attempt' all its steps (`wait 3+2=5 5*4=20 vs 24 no.`: the answer, which
+      copies the attempt, then copies the redo right before it); a redo that says no is a `no` like any other
+      (the under-thinker may give up on it): the base re-checks rarely, and a slip it does not catch ends in a
+      wrong answer, so the outcome reward alone can amplify the re-check (R1's "aha moment", sec 2.2.4). (A
+      writer who always searched on after a caught slip did no better: EXPERIMENTS.md e2.)
     - 'random': distinct random attempts. The RL-trained model's greedy search looped over its likeliest
       attempt (`6-1=5 5-2=3 vs 4 no.` three times) and greedy pass@1 stalled at 0.13 (EXPERIMENTS.md full3).
     - 'sorted': random distinct attempts sorted by `search_order`: the next attempt is still random (it skips
@@ -397,7 +401,7 @@ def countdown_trace(rng, p, cfg):
     give_up = cfg.give_up
     if give_up and cfg.persist and rng.random() < cfg.persist:   # a persistent writer: it never gives up
         give_up = 0.0
-    attempts = []   # (says yes, steps as written, expression, the redone last step or None)
+    attempts = []   # (says yes, steps as written, expression, the redo's steps or None)
     if cfg.search == 'enumerate':
         space = all_attempts(p.numbers, cfg.ops)
         start = rng.randrange(len(space))
@@ -408,8 +412,9 @@ def countdown_trace(rng, p, cfg):
                 says = True
                 if cfg.slip_kind == 'step':                         # the last result written as the target
                     steps = steps[:-1] + [steps[-1][:3] + (p.target,)]
-            if says and cfg.recheck and rng.random() < cfg.recheck:
-                redo = steps[-1][:3] + (value,)
+            if says and cfg.recheck and rng.random() < cfg.recheck:   # the steps as computed, the true value
+                redo = ([steps[-1][:3] + (value,)] if cfg.recheck_kind == 'step' else
+                        steps[:-1] + [steps[-1][:3] + (value,)])
             attempts.append((says, steps, expr, redo))
             if says and (redo is None or value == p.target):   # a yes the writer believes
                 if rng.random() < cfg.stop_at_yes:
@@ -433,7 +438,7 @@ def countdown_trace(rng, p, cfg):
         words = cfg.words_frac > 0 and rng.random() < cfg.words_frac
         parts.append(format_attempt(steps, p.target if says else None, p.target, words))
         if redo:
-            parts.append('wait ' + format_attempt([redo], redo[3], p.target, words))
+            parts.append('wait ' + format_attempt(redo, redo[-1][3], p.target, words))
     return f"<think>{''.join(parts)}</think><answer>{attempts[-1][2]}</answer>"
 
 

@@ -352,6 +352,31 @@ def test_under_thinking_corpus_rates():
     assert abs(slips / misses - 0.15) < 0.04
 
 
+def test_rechecks_of_the_whole_attempt_by_hand():
+    # recheck_kind='attempt': the redo rewrites every step of the attempt, computed right (the same walk as above)
+    p = tasks.Countdown([3, 2, 4], 24, '(3*2)*4', 0.0)
+    cfg = dict(ops='+*', stop_at_yes=1.0, give_up=0.5, slip=1.0, recheck=1.0, recheck_kind='attempt')
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg))                 # a step slip, caught, then given up
+    assert t == '<think>3+2=5 5+4=24 vs 24 yes.wait 3+2=5 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
+    t = countdown_trace(FixedRng(0.0), p, TaskConfig(**{**cfg, 'slip_kind': 'verdict', 'give_up': 0.0}))
+    assert t == ('<think>3+2=5 5+4=9 vs 24 yes.wait 3+2=5 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 yes.wait 3+2=5 5*4=20 vs'
+                 ' 24 no.3*2=6 6+4=10 vs 24 yes.wait 3*2=6 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 3*2=6 6*4=24'
+                 ' vs 24 yes.</think><answer>(3*2)*4</answer>')
+    assert tasks.self_checks(t) == (4, 3, 3)
+    # the default redoes the last step only, and draws the same chances: the corpus of recheck_kind 'step' is the
+    # one every earlier run trained on
+    redone = 0
+    for seed in range(20):
+        kw = {**cfg, 'slip': 0.3, 'recheck': 0.5}
+        a = countdown_trace(random.Random(seed), p, TaskConfig(**kw))
+        b = countdown_trace(random.Random(seed), p, TaskConfig(**{**kw, 'recheck_kind': 'step'}))
+        assert re.sub(r'wait \d+[-+*/]\d+=\d+ ', 'wait ', a) == b
+        redone += 'wait' in a
+    assert redone >= 5
+    with pytest.raises(ValueError, match='recheck_kind'):
+        TaskConfig(recheck_kind='twice')
+
+
 def test_self_checks_counts_rechecks_and_wrong_steps():
     t = ('<think>9-3=6 6+5=24 vs 24 yes.wait 6+5=11 vs 24 no.7/2=3 3*8=24 vs 24 yes.wait 3*8=24 vs 24 yes.'
          '</think><answer>(7/2)*8</answer>')
