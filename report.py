@@ -240,6 +240,9 @@ def _mean(rows, key):
     return float(np.mean(vals)) if vals else None
 
 
+_CAUGHT = re.compile(r'=(\d+) vs \d+ yes\.wait [^.<]* no\.')   # the re-checked result, where the redo said no
+
+
 def self_correction_examples(texts, probs, k, n=3):
     """Up to n responses that re-checked a wishful `yes` (its result is not the target), heard the redo say no,
     and still ended correct: what the aha looks like here. A redo that says no to a true hit is not one."""
@@ -250,9 +253,6 @@ def self_correction_examples(texts, probs, k, n=3):
         if caught and countdown_reward(t, p.numbers, p.target) > 0 and len(out) < n:
             out += [f"- `{p.prompt()}`: `{t.replace('<|eos|>', '')}`"]
     return out or ['- (none among these samples)']
-
-
-_CAUGHT = re.compile(r'=(\d+) vs \d+ yes\.wait [^.<]* no\.')   # the re-checked result, where the redo said no
 
 
 def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):

@@ -156,6 +156,7 @@ class TrainConfig:
     def __post_init__(self):
         """Every field's range and the choices, checked before any work starts: one line naming the flag."""
         check_fields(self, POSITIVE, FRACTIONS, CHOICES)
+        grpo.advantage_scale(self.loss_type, self.adv_scale)   # kimi and dr_grpo take no std scaling
         if self.rl_group < 2:
             raise ValueError(f"--rl-group must be >= 2: a group of one has no baseline, got {self.rl_group}")
         if self.corpus_arith_frac + self.corpus_check_frac > 1:
@@ -180,33 +181,27 @@ CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOIC
 
 
 DENSE = dict(attn='gqa', ffn='dense')
-# the tiny world (issue 15): under-thinking corpus writers (tasks.UNDER_THINKER), so RL has to make the search
-# longer, as in R1-Zero; DAPO's refill, since most groups of a base that solves 9% say nothing; 30 steps whose
-# learning rate falls to a tenth by the end, so the curve holds; the whole held-out split every 5 steps
+# the tiny world (issue 15): under-thinking writers (RL has to lengthen the search, as in R1-Zero), DAPO's refill
+# (most groups of a 9% base say nothing), 30 steps with the rate falling to a tenth, all 500 problems every 5 steps
 TINY_WORLD = dict(**UNDER_THINKER, dynamic_sampling=True, rl_steps=30, rl_warmup=5, rl_min_lr_frac=0.1,
                   rl_eval_interval=5, pass_k=4)
 PRESETS = {
-    # every default: DeepSeek-V3's architecture at ~1M active params, MLA (latent cache in rollouts) +
-    # DeepSeekMoE (8 routed experts top-2, one shared, first layer dense), in the tiny world: thinking that grows
-    # as countdown is learnt by RL on a 2-core CPU (README; EXPERIMENTS.md t1)
+    # every model default: DeepSeek-V3's architecture at ~1M active params, MLA (latent cache in rollouts) +
+    # DeepSeekMoE (8 routed top-2, one shared, first layer dense), in the tiny world (README; EXPERIMENTS.md t1)
     'tiny': dict(TINY_WORLD),
-    # the same world on a dense MHA/SwiGLU model (0.98M): the comparison
-    'tiny-dense': dict(**DENSE, **TINY_WORLD),
-    # the world before issue 15 (TaskConfig's defaults): writers who walk past their hits; RL teaches the base to
-    # stop at a verified `yes` and shortens the CoT (README's earlier run, EXPERIMENTS.md final8)
-    'tiny-walk': dict(),
+    'tiny-dense': dict(**DENSE, **TINY_WORLD),   # the same world on a dense MHA/SwiGLU model (0.98M): the comparison
+    'tiny-walk': dict(),   # TaskConfig's defaults: writers who walk past their hits; RL shortens the CoT (final8)
     # the CPU test suite's preset: seconds, learns nothing
     'test': dict(**DENSE, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, bpe_merges=20, pt_steps=6, pt_batch_size=4,
                  pt_eval_interval=3, ckpt_interval=3, n_eval=8, n_train_problems=200, rl_steps=4, rl_prompts=2,
                  rl_group=4, rl_eval_interval=2, n_eval_subset=4, max_new_tokens=24, pass_k=2, temperature=1.0),
     # one GPU: a wider, deeper model, the walk-past world
     'small': dict(**DENSE, n_layer=8, n_head=8, n_kv_head=4, n_embd=384, pt_steps=3000, pt_batch_size=64, pt_lr=1e-3),
-    # the R1 pipeline on tiny-dense's model in the walk-past world: a base whose CoTs mix digits and number words,
-    # cold-start SFT, RL with the language consistency reward, rejection sampling + SFT of the base, RL again
+    # the R1 pipeline (tiny-dense's model, walk-past world, CoTs mixing digits and number words): cold-start SFT,
+    # RL with the language consistency reward, rejection sampling + SFT of the base, RL again
     'tiny-r1': dict(**DENSE, stage='pretrain,sft,grpo,rs,grpo', words_frac=0.2, sft_steps=120,
                     rl_steps=40, rl_eval_interval=20, lang_weight=0.2, rs_problems=400, rs_temperature=0.7),
-    # R1 sec 2.4: a smaller dense student (2 layers, d=96), pretrained with tiny's corpus settings (so the same
-    # tokenizer), trained on the correct samples of the tiny (MLA + MoE) grpo model
+    # R1 sec 2.4: a dense student (2 layers, d=96) on tiny's corpus (the same tokenizer), SFT on tiny's correct samples
     'tiny-distill': dict(**DENSE, **UNDER_THINKER, stage='pretrain,distill', teacher_from='out/tiny/grpo/ckpt.pt',
                          n_layer=2, n_embd=96, rs_problems=800, rs_temperature=0.7, sft_steps=200),
 }
@@ -264,10 +259,6 @@ def resolve(values):
     parse_stages(tc.stage)   # one-line error on an unknown stage name
     if tc.max_new_tokens >= mc.block_size:
         die(f"--max-new-tokens {tc.max_new_tokens} leaves no room for the prompt in --block-size {mc.block_size}")
-    try:
-        grpo.advantage_scale(tc.loss_type, tc.adv_scale)
-    except ValueError as e:
-        die(str(e))
     tc.out_dir = tc.out_dir or os.path.join('out', tc.preset)
     if os.path.exists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         die(f"--out-dir {tc.out_dir} exists and is a file, not a directory")
