@@ -167,10 +167,14 @@ class MLA(nn.Module):
                 k = cache.write(self.layer_id, 'k', k, start)                          # (B, Tk, H, dn+dr)
                 v = cache.write(self.layer_id, 'v', v, start)                          # (B, Tk, H, dv)
             q = torch.cat([q_nope, q_pe], dim=-1)                                      # (B, T, H, dn+dr)
+            # SDPA's fused CPU kernel needs one head width for q, k and v; with dv < dn+dr it falls back to
+            # the unfused math path (and its mask bookkeeping). Zero columns of v cost less than the fallback
+            # (EXPERIMENTS.md, "MLA's training attention") and come out as zero columns of y
+            pad = dn + dr - dv if not x.is_cuda and p_drop == 0 and dv < dn + dr else 0
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=is_causal, dropout_p=p_drop, scale=self.scale)               # (B, H, T, dv)
-            y = y.transpose(1, 2)                                                      # (B, T, H, dv)
+                q.transpose(1, 2), k.transpose(1, 2), (F.pad(v, (0, pad)) if pad else v).transpose(1, 2),
+                attn_mask=mask, is_causal=is_causal, dropout_p=p_drop, scale=self.scale)  # (B, H, T, dv+pad)
+            y = y.transpose(1, 2)[..., :dv]                                            # (B, T, H, dv)
         else:
             # one buffer per layer holds [c_KV ; k_R] per token, so the key is the buffer itself and the value
             # its first d_c columns: no per-step concatenation of the whole cache
