@@ -29,10 +29,10 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   `tiny-walk`) it stops after a random number of attempts, whatever the checks said (a base that searches,
   computes and verifies, but does not know when to stop). With give_up > 0 (`tiny`: UNDER_THINKER) it is an
   under-thinker: it gives up after a `no` more often than not, it sometimes slips (a wishful `yes`: a last step
-  written as the target, or a right one said to hit it) and now and then re-checks a yes (`wait ...`): a base
-  whose thinking RL has to lengthen and whose re-checks RL can amplify (DeepSeek-R1 sec 2.2.4; EXPERIMENTS.md,
-  "Design of the tiny world", also for why the naive world of character tokens and random traces does not
-  learn). Held-out problems never appear in it.
+  written as the target, or a right one said to hit it) and now and then redoes an attempt that said yes
+  (`wait ...`): a base whose thinking RL has to lengthen and whose re-checks RL can amplify (DeepSeek-R1 sec
+  2.2.4; EXPERIMENTS.md, "Design of the tiny world", also for why the naive world of character tokens and
+  random traces does not learn). Held-out problems never appear in it.
 - A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
   attempt is written in number words ("six minus one is five vs four no."); answers stay in digits. And the
   readable long CoTs of R1's cold start (cold_start_trace): digits only, stopping at the first verified hit.
@@ -74,9 +74,11 @@ TASKS = ('tiny', 'tinyzero')
 # the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
 # know when to stop; RL shortens its CoT), kept for tiny-walk, tiny-r1 and the tests of that walk
 WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny-walk` world
-# `tiny`'s writers (EXPERIMENTS.md e4, t1): most under-think (the first `no` ends 63% of traces), 30% never give up,
-# one miss in twenty is said to hit, three yes in ten are re-checked
-UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.9, persist=0.3, slip=0.05, slip_kind='verdict', recheck=0.3)
+# `tiny`'s writers (EXPERIMENTS.md e4, k4): most under-think (the first `no` ends 63% of traces), 30% never give up,
+# one miss in twenty is said to hit, three yes in ten are re-checked by redoing the whole attempt (the one-step
+# redo's copy slips made RL drop re-checking: EXPERIMENTS.md "Why the aha does not come", k1-k5)
+UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.9, persist=0.3, slip=0.05, slip_kind='verdict', recheck=0.3,
+                     recheck_kind='attempt')
 
 
 def prefills_think(template):

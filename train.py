@@ -181,13 +181,13 @@ CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOIC
 
 
 DENSE = dict(attn='gqa', ffn='dense')
-# the tiny world (issue 15): under-thinking writers (RL has to lengthen the search, as in R1-Zero), DAPO's refill
+# the tiny world (issue 15): under-thinking writers who re-check (RL lengthens the search, as in R1-Zero), DAPO's refill
 # (most groups of a 9% base say nothing), 25 steps with the rate falling to a tenth, all 500 problems every 5 steps
 TINY_WORLD = dict(**UNDER_THINKER, dynamic_sampling=True, rl_steps=25, rl_warmup=5, rl_min_lr_frac=0.1,
                   rl_eval_interval=5, pass_k=4)
 PRESETS = {
     # every model default: DeepSeek-V3's architecture at ~1M active params, MLA (latent cache in rollouts) +
-    # DeepSeekMoE (8 routed top-2, one shared, first layer dense), in the tiny world (README; EXPERIMENTS.md t2)
+    # DeepSeekMoE (8 routed top-2, one shared, first layer dense), in the tiny world (README; EXPERIMENTS.md k4)
     'tiny': dict(TINY_WORLD),
     'tiny-dense': dict(**DENSE, **TINY_WORLD),   # the same world on a dense MHA/SwiGLU model (0.98M): the comparison
     'tiny-walk': dict(),   # TaskConfig's defaults: writers who walk past their hits; RL shortens the CoT (final8)
