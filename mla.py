@@ -169,8 +169,10 @@ class MLA(nn.Module):
             q = torch.cat([q_nope, q_pe], dim=-1)                                      # (B, T, H, dn+dr)
             # SDPA's fused CPU kernel needs one head width for q, k and v; with dv < dn+dr it falls back to
             # the unfused math path (and its mask bookkeeping). Zero columns of v cost less than the fallback
-            # (EXPERIMENTS.md t2) and come out as zero columns of y
-            pad = dn + dr - dv if not x.is_cuda and p_drop == 0 and dv < dn + dr else 0
+            # (EXPERIMENTS.md t2) and come out as zero columns of y. Only where that kernel may run: the flag
+            # (torch.backends.cuda's, which gates the CPU kernel too) is off under sdpa_kernel(MATH)
+            fused = not x.is_cuda and p_drop == 0 and torch.backends.cuda.flash_sdp_enabled()
+            pad = dn + dr - dv if fused and dv < dn + dr else 0
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), (F.pad(v, (0, pad)) if pad else v).transpose(1, 2),
                 attn_mask=mask, is_causal=is_causal, dropout_p=p_drop, scale=self.scale)  # (B, H, T, dv+pad)
