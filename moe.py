@@ -85,8 +85,8 @@ class MoE(nn.Module):
         N, K = idx.shape
         order = idx.flatten().argsort(stable=True)                          # (N*K,) pair ids, grouped by expert
         token = order // K                                                  # (N*K,) the token of each pair
-        # index_select, not x[token]: the same values, but its backward is an index_add (a fifth of the time of
-        # advanced indexing's accumulating index_put on the CPU, same sums: each row gets its K grads in one order)
+        # index_select, not x[token]: the same values, but its backward is an index_add, a fifth of the time of
+        # advanced indexing's accumulating index_put on the CPU, with the same sums (EXPERIMENTS.md t3)
         xs = x.index_select(0, token)                                       # (N*K, C) gathered, expert-major
         # every expert runs, even on zero rows, so all parameters get a (zero) gradient and DDP stays in step
         ys = torch.cat([expert(xe) for expert, xe in zip(self.experts, xs.split(counts))])  # (N*K, C)
