@@ -415,8 +415,8 @@ def countdown_trace(rng, p, cfg):
                 if cfg.slip_kind == 'step':                         # the last result written as the target
                     steps = steps[:-1] + [steps[-1][:3] + (p.target,)]
             if says and cfg.recheck and rng.random() < cfg.recheck:   # the steps as computed, the true value
-                redo = ([steps[-1][:3] + (value,)] if cfg.recheck_kind == 'step' else
-                        steps[:-1] + [steps[-1][:3] + (value,)])
+                last = steps[-1][:3] + (value,)
+                redo = [last] if cfg.recheck_kind == 'step' else steps[:-1] + [last]
             attempts.append((says, steps, expr, redo))
             if says and (redo is None or value == p.target):   # a yes the writer believes
                 if rng.random() < cfg.stop_at_yes:
