@@ -57,8 +57,10 @@ class ModelConfig:
     # Multi-head Latent Attention (mla.py), used when attn == 'mla'
     q_lora_rank: int = 0            # MLA query compression rank d_c'; 0 = one direct wq projection (V2-Lite)
     kv_lora_rank: int = 96          # MLA d_c: width of the compressed KV latent c_KV (what the absorbed path caches)
-    qk_nope_head_dim: int = 32      # MLA per-head query/key width without RoPE
-    qk_rope_head_dim: int = 32      # MLA d_R: decoupled RoPE width (even); one rope key per token for all heads
+    # d_nope + d_R == d_v: training's SDPA takes its fused CPU kernel without padding v (a fifth off a tiny
+    # pretraining step against 32 + 32; V3's are 128 + 64 vs 128; EXPERIMENTS.md q1)
+    qk_nope_head_dim: int = 16      # MLA per-head query/key width without RoPE
+    qk_rope_head_dim: int = 16      # MLA d_R: decoupled RoPE width (even); one rope key per token for all heads
     v_head_dim: int = 32            # MLA per-head value width
     mla_impl: str = 'auto'          # MLA path: naive (caches K/V) | absorb (caches c_KV, k_R) | auto (absorb in decode)
     rope_factor: float = 1.0        # YaRN context-extension factor for MLA; 1 = plain RoPE

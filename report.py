@@ -110,7 +110,8 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     Mean pass@k over problems (k samples each; k=1 with temperature 0 is greedy pass@1) and the mean response
     length in tokens. With n = k samples the unbiased pass@k estimator of Chen et al. 2021 is "any correct".
     detail=True returns a dict that adds the sampled pass@1 of the same samples (their mean accuracy), each
-    problem's score ('scores': the best of its k), every response and its length ('texts', 'lengths', problem-major).
+    problem's score ('scores': the best of its k), every response, its length and whether it is right ('texts',
+    'lengths', 'correct', problem-major).
     Under torchrun each rank answers its shard of the problems and the scores are all-gathered: sample j of
     problem i draws from its own seed (seed, i, j), so N ranks score exactly what one process scores.
     """
@@ -137,7 +138,7 @@ def evaluate(model, tok, probs, kind, template, max_new_tokens, batch_size=512, 
     c = np.array(correct).reshape(len(probs), k)
     out = {'pass@k': float((c.max(1) > 0).mean()), 'pass@1': float((c > 0).mean()),
            'mean_tokens': float(np.mean(lengths)) if lengths else math.nan, 'scores': c.max(1).tolist(),
-           'lengths': lengths, 'texts': texts}
+           'lengths': lengths, 'texts': texts, 'correct': (c > 0).flatten().tolist()}
     return out if detail else (out['pass@k'], out['mean_tokens'])
 
 
@@ -220,6 +221,21 @@ def rl_eval(model, tok, cd_test, tc, template, step):
     return row
 
 
+def sampled_eval(model, tok, cd_test, tc, template):
+    """
+    pass_k samples per held-out problem at the rollout temperature, the way R1 reports pass@1 (sec 3.1: the mean
+    over k samples at temperature 0.6), on the base (the loop's step 0) and on the final model: the same problems
+    and temperature before and after, so the re-check share of 2 x pass_k x n_eval responses says whether RL
+    amplified the aha. Returns ({'eval_sampled_pass@1', 'eval_pass@k', 'eval_sampled_recheck_frac',
+    'eval_sampled_caught_frac', 'eval_sampled_caught_acc'}, evaluate's detail dict).
+    """
+    d = evaluate(model, tok, cd_test, 'countdown', template, tc.max_new_tokens, k=tc.pass_k, temperature=tc.temperature,
+                 seed=2, detail=True)
+    m = self_check_metrics(d['texts'], d['correct'])
+    return {'eval_sampled_pass@1': d['pass@1'], 'eval_pass@k': d['pass@k'], 'eval_sampled_recheck_frac': m['recheck_frac'],
+            'eval_sampled_caught_frac': m['caught_frac'], 'eval_sampled_caught_acc': m['caught_acc']}, d
+
+
 def finish_pretrain(tc, task_cfg, model, tok, val, device, final_loss, stage_dir, t0):
     """The base's summary.json (losses, held-out greedy countdown and arithmetic), loss plot and report.md."""
     summary = {'params': model.num_params(), 'final_train_loss': final_loss,
@@ -262,9 +278,8 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
         rl_cd, rl_len = last['eval_pass@1'], last['eval_mean_tokens']
     else:
         rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
-    # one batch of k samples per problem at T=1 gives both the sampled pass@1 (their mean) and pass@k
-    d = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens, k=tc.pass_k, temperature=1.0, seed=2,
-                 detail=True)
+    # k samples per problem at the rollout temperature: the sampled pass@1 (their mean), pass@k, the re-check share
+    fin, d = sampled_eval(model, tok, cd_test, tc, tmpl)
     if rank_world()[0] != 0:   # one writer
         return
     steps = [r for r in rows if 'accuracy' in r]
@@ -272,9 +287,10 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     best = max(sub, key=lambda r: r['eval_sub_pass@1']) if sub else {}
     base_cd, base_len = rows[0]['eval_pass@1'], rows[0]['eval_mean_tokens']
     s = {'base_countdown_pass@1': base_cd, 'rl_countdown_pass@1': rl_cd,
-         'rl_countdown_pass@1_sampled': d['pass@1'],
+         **{f'{w}_countdown_pass@1_sampled': r.get('eval_sampled_pass@1') for w, r in (('base', rows[0]), ('rl', fin))},
          # with --pass-k 1 the sampled pass@k is the sampled pass@1: its key must not overwrite the greedy figure
-         **({f'rl_countdown_pass@{tc.pass_k}': d['pass@k']} if tc.pass_k > 1 else {}),
+         **({f'{w}_countdown_pass@{tc.pass_k}': r.get('eval_pass@k') for w, r in (('base', rows[0]), ('rl', fin))}
+            if tc.pass_k > 1 else {}),
          'rl_mean_response_tokens': rl_len, 'base_mean_response_tokens': base_len,
          'pass@1_ratio': rl_cd / base_cd if base_cd else None, 'length_ratio': rl_len / base_len if base_len else None,
          # the curve on the fixed subset: its best point and the final one (the issue's "no more than 3 points
@@ -286,7 +302,10 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
             for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'slip_frac')},
          'base_greedy_recheck_frac': rows[0].get('eval_recheck_frac'),
          'rl_greedy_recheck_frac': last.get('eval_recheck_frac'),
-         'rl_sampled_recheck_frac': self_check_metrics(d['texts'], [False] * len(d['texts']))['recheck_frac'],
+         # the aha on the held-out split: the same problems and temperature, pass_k samples each, base vs final
+         **{f'{w}_sampled_{k}': r.get(f'eval_sampled_{k}') for w, r in (('base', rows[0]), ('rl', fin))
+            for k in ('recheck_frac', 'caught_frac', 'caught_acc')},
+         'sample_temperature': tc.temperature,
          'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
     pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
     if os.path.isfile(pre):
@@ -301,18 +320,23 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     first, f3 = steps[0] if steps else {}, lambda v: 'n/a' if v is None else f'{v:.3f}'
     write_report(os.path.join(stage_dir, 'report.md'), 'nanoR1 grpo report', [
         f"preset `{tc.preset}`, {model.num_params():,} parameters, {tc.rl_steps} RL steps, loss `{tc.loss_type}`",
-        '', '## Before / after (held-out, greedy)', '', '| metric | base | after RL |', '|---|---|---|',
+        '', '## Before / after RL (held-out greedy, unless the row says)', '', '| metric | base | after RL |', '|---|---|---|',
         f"| countdown pass@1 | {base_cd:.3f} | {rl_cd:.3f} |",
         f"| mean response tokens | {base_len:.1f} | {rl_len:.1f} |",
         f"| train accuracy (first / last step) | {first.get('accuracy', math.nan):.3f} | "
         f"{last.get('accuracy', math.nan):.3f} |",
         f"| rollouts with a re-check (first / last 5 steps) | {f3(s['base_recheck_frac'])} | {f3(s['rl_recheck_frac'])} |",
         f"| rollouts whose re-check said no | {f3(s['base_caught_frac'])} | {f3(s['rl_caught_frac'])} |",
-        f"| ... of which correct (the rescue rate) | {f3(s['base_caught_acc'])} | {f3(s['rl_caught_acc'])} |", '',
-        f"sampled pass@1 {d['pass@1']:.3f}, pass@{tc.pass_k} {d['pass@k']:.3f}; held-out curve ({s['sub_n']} "
-        f"problems, every {tc.rl_eval_interval} steps): best {f3(s['sub_best_pass@1'])} at step {s['sub_best_step']}, "
-        f"final {f3(s['sub_final_pass@1'])}", '',
-        '## Self-correction: sampled responses (T=1) whose re-check caught a slip and that still ended correct', '',
+        f"| ... of which correct (the rescue rate) | {f3(s['base_caught_acc'])} | {f3(s['rl_caught_acc'])} |",
+        f"| sampled pass@1, T={tc.temperature} ({tc.pass_k} per problem) | {f3(s['base_countdown_pass@1_sampled'])} | "
+        f"{f3(s['rl_countdown_pass@1_sampled'])} |",
+        f"| sampled pass@{tc.pass_k} | {f3(rows[0].get('eval_pass@k'))} | {f3(fin['eval_pass@k'])} |",
+        f"| sampled responses with a re-check | {f3(s['base_sampled_recheck_frac'])} | "
+        f"{f3(s['rl_sampled_recheck_frac'])} |", '',
+        f"held-out greedy curve ({s['sub_n']} problems, every {tc.rl_eval_interval} steps): best "
+        f"{f3(s['sub_best_pass@1'])} at step {s['sub_best_step']}, final {f3(s['sub_final_pass@1'])}", '',
+        f'## Self-correction: sampled responses (T={tc.temperature}) whose re-check caught a slip and still ended '
+        'correct', '',
         *self_correction_examples(d['texts'], cd_test, tc.pass_k), '', '## Plots', '',
         *[f'![{p}]({p}.png)\n' for p in plots]], s,
         {**dataclasses.asdict(tc), **dataclasses.asdict(task_cfg), **model.config.to_dict()})

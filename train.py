@@ -46,8 +46,8 @@ from harness import (add_flags, all_reduce_sum, autocast, barrier, check_fields,
                      encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_stage, meta_model,
                      open_stage, Parser, pick_device, print0, rank_world, rng_state, save_stage, set_rng_state,
                      setup_distributed, shard, sum_gradients)
-from report import (MetricsLog, finish_grpo, finish_pretrain, rl_eval, rl_metrics, run_summary, stage_summary,
-                    val_loss)
+from report import (MetricsLog, finish_grpo, finish_pretrain, rl_eval, rl_metrics, run_summary, sampled_eval,
+                    stage_summary, val_loss)
 from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
 from model import ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
@@ -412,8 +412,9 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     print0(f"{name}: {tc.rl_steps} steps x {tc.rl_prompts} prompts x G={G}, loss {tc.loss_type}, advantages "
            f"{adv_scale}, beta {tc.beta}")
     print0(grpo.LOSS_NEAR_ZERO_NOTE)
-    if start == 0:   # the base, on the whole held-out split
-        rows.append({'step': 0, **rl_eval(model, tok, cd_test, tc, tmpl, 0)})
+    if start == 0:   # the base, on the whole held-out split: greedy, and sampled as finish_grpo samples the final
+        rows.append({'step': 0, **rl_eval(model, tok, cd_test, tc, tmpl, 0),
+                     **sampled_eval(model, tok, cd_test, tc, tmpl)[0]})
         if log:
             log.log(**rows[-1])
         print0(f"step 0: held-out greedy pass@1 {rows[0]['eval_pass@1']:.3f}, mean tokens {rows[0]['eval_mean_tokens']:.1f}")

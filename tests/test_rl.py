@@ -171,7 +171,9 @@ def test_stage_all_writes_summary_report_and_plots(stage_all):
     # the subset every rl_eval_interval (2) steps, the whole split at step 0 and at the end
     assert [r['step'] for r in rows if 'eval_sub_pass@1' in r] == [0, 2, 4]
     assert [r['step'] for r in rows if 'eval_pass@1' in r] == [0, 4]
-    for k in ('sub_best_pass@1', 'sub_final_pass@1', 'length_ratio', 'base_recheck_frac', 'rl_caught_frac'):
+    assert 'eval_sampled_recheck_frac' in rows[0] and 'eval_pass@k' in rows[0]   # the base, sampled as the final is
+    for k in ('sub_best_pass@1', 'sub_final_pass@1', 'length_ratio', 'base_recheck_frac', 'rl_caught_frac',
+              'base_sampled_recheck_frac', 'rl_sampled_recheck_frac', 'base_countdown_pass@2', 'rl_countdown_pass@2'):
         assert k in json.load(open(os.path.join(g, 'summary.json'))), k
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
@@ -283,6 +285,23 @@ def test_self_correction_examples_are_caught_slips_that_end_correct():
     shown = report.self_correction_examples(texts, [p], k=4)
     assert shown == [f"- `{p.prompt()}`: `{texts[0]}`"]
     assert report.self_correction_examples(texts[1:], [p], k=3) == ['- (none among these samples)']
+
+
+def test_sampled_eval_at_the_rollout_temperature_by_hand(monkeypatch):
+    seen = {}
+
+    def fake_evaluate(model, tok, probs, kind, template, max_new_tokens, k=1, temperature=0.0, seed=0, detail=False):
+        seen.update(k=k, temperature=temperature, n=len(probs))
+        # 2 problems x 2 samples: a re-check that said no and still ended right, a plain right one, two wrong ones
+        return {'pass@1': 0.5, 'pass@k': 0.5, 'mean_tokens': 3.0, 'scores': [1.0, 0.0], 'lengths': [3] * 4,
+                'texts': ['1+2=3 vs 4 yes.wait 1+2=3 vs 4 no.2+2=4 vs 4 yes.', '2+2=4 vs 4 yes.', '', 'x'],
+                'correct': [True, True, False, False]}
+    monkeypatch.setattr(report, 'evaluate', fake_evaluate)
+    tc = SimpleNamespace(pass_k=2, temperature=0.7, max_new_tokens=8)
+    row, d = report.sampled_eval(None, None, [0, 1], tc, 'short')
+    assert seen == {'k': 2, 'temperature': 0.7, 'n': 2} and d['texts'][1] == '2+2=4 vs 4 yes.'
+    assert row == {'eval_sampled_pass@1': 0.5, 'eval_pass@k': 0.5, 'eval_sampled_recheck_frac': 0.25,
+                   'eval_sampled_caught_frac': 0.25, 'eval_sampled_caught_acc': 1.0}
 
 
 def test_rl_eval_cadence_subset_and_whole_split(monkeypatch):
