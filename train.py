@@ -186,8 +186,8 @@ DENSE = dict(attn='gqa', ffn='dense')
 TINY_WORLD = dict(**UNDER_THINKER, dynamic_sampling=True, rl_steps=25, rl_warmup=5, rl_min_lr_frac=0.1,
                   rl_eval_interval=5, pass_k=4)
 PRESETS = {
-    # every model default: DeepSeek-V3's architecture at ~1M active params, MLA (latent cache in rollouts) +
-    # DeepSeekMoE (8 routed top-2, one shared, first layer dense), in the tiny world (README; EXPERIMENTS.md k4)
+    # every model default: DeepSeek-V3's architecture at ~0.9M active params, MLA (latent cache in rollouts) +
+    # DeepSeekMoE (8 routed top-2, one shared, first layer dense), in the tiny world (README; EXPERIMENTS.md t4)
     'tiny': dict(TINY_WORLD),
     'tiny-dense': dict(**DENSE, **TINY_WORLD),   # the same world on a dense MHA/SwiGLU model (0.98M): the comparison
     'tiny-walk': dict(),   # TaskConfig's defaults: writers who walk past their hits; RL shortens the CoT (final8)
