@@ -223,10 +223,10 @@ def rl_eval(model, tok, cd_test, tc, template, step):
 
 def sampled_eval(model, tok, cd_test, tc, template):
     """
-    pass_k samples per held-out problem at the rollout temperature, the way R1 reports pass@1 (sec 3.1: the mean
-    over k samples at temperature 0.6), on the base (the loop's step 0) and on the final model: the same problems
-    and temperature before and after, so the re-check share of 2 x pass_k x n_eval responses says whether RL
-    amplified the aha. Returns ({'eval_sampled_pass@1', 'eval_pass@k', 'eval_sampled_recheck_frac',
+    pass_k samples per held-out problem at the rollout temperature, the way R1 reports pass@1 (sec 3, "Evaluation
+    Setup": the mean over k samples at temperature 0.6), on the base (the loop's step 0) and on the final model:
+    the same problems and temperature before and after, so the re-check share of 2 x pass_k x n_eval responses says
+    whether RL amplified the aha. Returns ({'eval_sampled_pass@1', 'eval_pass@k', 'eval_sampled_recheck_frac',
     'eval_sampled_caught_frac', 'eval_sampled_caught_acc'}, evaluate's detail dict).
     """
     d = evaluate(model, tok, cd_test, 'countdown', template, tc.max_new_tokens, k=tc.pass_k, temperature=tc.temperature,
