@@ -21,7 +21,8 @@ Against the peers, each in one run with ours, timed in interleaved rounds (media
 falls on both, each skipped when the peer is not installed:
 rollout: sample.group_rollouts vs transformers' generate on the same weights (a dense model through
 hf.save_pretrained and AutoModelForCausalLM), 16 prompts x G = 8, tokens/s, the ratio, and for greedy the share
-of rows equal to transformers' tokens.
+of rows equal to transformers' tokens; beside them the decode step's roofline floors on this machine (`decode_floor`:
+separate kernels in sequence, and one perfectly fused step) and each side's ms per step (prefill included).
 grpo_step: one GRPO step as train.py takes it (rollouts, rewards, the loss from the hidden states, AdamW) vs TRL's
 GRPOTrainer on the same weights, tokenizer (one word per id), prompts, reward and settings (mu = 1, beta = 0,
 loss 'grpo', temperature 0.7, 160 new tokens), s/step; our step runs between TRL's steps.
@@ -120,6 +121,43 @@ def _dense_pair(dims, vocab, block_size, device, tmp):
     return m.eval(), hf.eval()
 
 
+def machine_rates(device):
+    """What this CPU can do at best, one measurement each: an fp32 matmul's FLOP/s (2,048 cubed, the best of 3)
+    and the bytes/s of streaming a 256 MB tensor through a sum (the best of 3): the roofline's two slopes."""
+    a, b, x = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device), \
+        torch.randn(2 ** 26, device=device)
+    mm = min(time_ms(lambda: a @ b, device, 1, 1) for _ in range(3))
+    rd = min(time_ms(lambda: x.sum(), device, 1, 1) for _ in range(3))
+    return 2 * 2048 ** 3 / mm * 1e3, x.numel() * 4 / rd * 1e3
+
+
+def decode_cost(m, rows, keys):
+    """
+    (FLOPs, bytes) of one decode step of our dense model when each of `rows` rows attends to `keys` cached
+    positions: the matmuls (every linear layer's weight once per row, lm_head included; each head's scores and
+    weighted sum over the keys), and what the step must read: every weight once, and each layer's fp32 keys and
+    values of every row (tests/test_bench.py holds both to torch's FLOP counter and to the cache's bytes).
+    """
+    c = m.config
+    weights = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    flops = 2 * rows * (weights + 2 * c.n_layer * c.n_head * keys * c.head_dim)
+    kv = 2 * c.n_layer * rows * c.n_kv_head * keys * c.head_dim * 4
+    return flops, kv + 4 * weights
+
+
+def decode_floor(m, rows, prompt_len, new_tokens, flops_per_s, bytes_per_s):
+    """
+    Lower bounds on one decode step (ms), the roofline way (Williams et al. 2009), at the mean number of cached
+    keys over the rollout's decode steps: (serial, fused). serial adds the step's FLOPs at the machine's best matmul
+    rate to its bytes at the streaming rate: eager kernels run one after another, each bound by one or the other.
+    fused takes the larger of the two: a step whose kernels overlap compute with memory traffic perfectly. No
+    kernel beats the second; no sequence of separate kernels beats the first.
+    """
+    flops, nbytes = decode_cost(m, rows, prompt_len + new_tokens / 2)
+    compute, memory = 1e3 * flops / flops_per_s, 1e3 * nbytes / bytes_per_s
+    return compute + memory, max(compute, memory)
+
+
 def rollout(argv):
     """rollouts: sample.group_rollouts vs transformers generate on the same weights: tokens/s and the ratio"""
     p = argparse.ArgumentParser(prog='bench.py rollout', description=rollout.__doc__)
@@ -137,9 +175,12 @@ def rollout(argv):
     device, gpu = device_of(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(dict(vars(args), torch_threads=torch.get_num_threads())))
+    fps, bps = machine_rates(device)
+    print(json.dumps(dict(vars(args), torch_threads=torch.get_num_threads(), matmul_gflops=round(fps / 1e9, 1),
+                          stream_gb_per_s=round(bps / 1e9, 2))))
     B, L = args.prompts * args.group, args.prompt_len + args.new_tokens
-    print(f"{'dims':11s} {'T':>4s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s}  greedy rows equal to HF's")
+    print(f"{'dims':11s} {'T':>4s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s}  ms per step: {'serial':>6s} "
+          f"{'fused':>6s} {'ours':>6s} {'HF':>6s}  {'HF/serial':>9s}  greedy rows equal to HF's")
     for dims in args.dims.split(','):
         with tempfile.TemporaryDirectory() as tmp:
             m, hf = _dense_pair(dims, args.vocab, L, device, tmp)
@@ -159,9 +200,12 @@ def rollout(argv):
                 same = (fns['hf']()[:, args.prompt_len:] == ours().tokens).all(1).float().mean().item() \
                     if hf is not None and not temp else float('nan')
             tps = {k: B * args.new_tokens / v * 1e3 for k, v in ms.items()}
+            step = {k: v / args.new_tokens for k, v in ms.items()}                  # ms per decode step
+            serial, fused = decode_floor(m, B, args.prompt_len, args.new_tokens, fps, bps)
             print(f"{dims:11s} {temp:4.1f} {tps['ours']:11,.0f} {tps.get('hf', float('nan')):9,.0f} "
-                  f"{tps.get('hf') and tps['ours'] / tps['hf'] or float('nan'):8.2f}  "
-                  f"{'' if same != same else f'{same:.0%}'}")
+                  f"{tps.get('hf') and tps['ours'] / tps['hf'] or float('nan'):8.2f}  {'':13s}{serial:6.2f} "
+                  f"{fused:6.2f} {step['ours']:6.2f} {step.get('hf', float('nan')):6.2f}  "
+                  f"{step.get('hf', float('nan')) / serial:9.2f}  {'' if same != same else f'{same:.0%}'}")
     if hf is None:
         print("transformers not installed: its generate is skipped (pip install transformers)")
 
