@@ -168,14 +168,17 @@ def self_check_metrics(texts, correct):
     R1-Zero's "aha moment" (DeepSeek-R1 sec 2.2.4: the model re-evaluates a step and corrects it), measured in
     the tiny world's words (tasks.self_checks): the share of responses with a re-check (`wait 5*4=20 vs 24 no.`),
     the share whose re-check said no (a slip caught), how often those end correct (the rescue rate: None when
-    none was caught), and the share with a slip (a wrong step or verdict). texts and correct (bools) align.
+    none was caught), the share with a slip (a wrong step or verdict), and re-checks per `yes` verdict (None
+    without one): RL's responses are longer and hold more yes verdicts, so the share of responses that re-check
+    can rise while the habit, what a yes is followed by, falls (EXPERIMENTS.md an). texts and correct align.
     """
-    checks = torch.tensor([self_checks(t) for t in texts]).view(-1, 3)          # (N, 3) re-checks, said no, wrong
+    checks = torch.tensor([self_checks(t) for t in texts]).view(-1, 4)   # (N, 4) re-checks, said no, wrong, yes
     correct = torch.as_tensor(correct, dtype=torch.bool)
-    caught = checks[:, 1] > 0
+    caught, yes = checks[:, 1] > 0, int(checks[:, 3].sum())
     return {'recheck_frac': float((checks[:, 0] > 0).float().mean()), 'caught_frac': float(caught.float().mean()),
             'caught_acc': float(correct[caught].float().mean()) if caught.any() else None,
-            'slip_frac': float((checks[:, 2] > 0).float().mean())}
+            'slip_frac': float((checks[:, 2] > 0).float().mean()),
+            'recheck_per_yes': int(checks[:, 0].sum()) / yes if yes else None}
 
 
 def rl_metrics(seen, terms, batch, mask, G, pool):
@@ -227,13 +230,13 @@ def sampled_eval(model, tok, cd_test, tc, template):
     Setup": the mean over k samples at temperature 0.6), on the base (the loop's step 0) and on the final model:
     the same problems and temperature before and after, so the re-check share of 2 x pass_k x n_eval responses says
     whether RL amplified the aha. Returns ({'eval_sampled_pass@1', 'eval_pass@k', 'eval_sampled_recheck_frac',
-    'eval_sampled_caught_frac', 'eval_sampled_caught_acc'}, evaluate's detail dict).
+    'eval_sampled_caught_frac', 'eval_sampled_caught_acc', 'eval_sampled_recheck_per_yes'}, evaluate's detail dict).
     """
     d = evaluate(model, tok, cd_test, 'countdown', template, tc.max_new_tokens, k=tc.pass_k, temperature=tc.temperature,
                  seed=2, detail=True)
     m = self_check_metrics(d['texts'], d['correct'])
-    return {'eval_sampled_pass@1': d['pass@1'], 'eval_pass@k': d['pass@k'], 'eval_sampled_recheck_frac': m['recheck_frac'],
-            'eval_sampled_caught_frac': m['caught_frac'], 'eval_sampled_caught_acc': m['caught_acc']}, d
+    return {'eval_sampled_pass@1': d['pass@1'], 'eval_pass@k': d['pass@k'],
+            **{f'eval_sampled_{k}': m[k] for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes')}}, d
 
 
 def finish_pretrain(tc, task_cfg, model, tok, val, device, final_loss, stage_dir, t0):
@@ -299,12 +302,12 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
          'sub_best_step': best.get('step'), 'sub_final_pass@1': sub[-1]['eval_sub_pass@1'] if sub else None,
          # self-correction (R1 sec 2.2.4): rollouts at the training temperature, mean of the first and last 5 steps
          **{f'{w}_{k}': _mean(part, k) for w, part in (('base', steps[:5]), ('rl', steps[-5:]))
-            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'slip_frac')},
+            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'slip_frac', 'recheck_per_yes')},
          'base_greedy_recheck_frac': rows[0].get('eval_recheck_frac'),
          'rl_greedy_recheck_frac': last.get('eval_recheck_frac'),
          # the aha on the held-out split: the same problems and temperature, pass_k samples each, base vs final
          **{f'{w}_sampled_{k}': r.get(f'eval_sampled_{k}') for w, r in (('base', rows[0]), ('rl', fin))
-            for k in ('recheck_frac', 'caught_frac', 'caught_acc')},
+            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes')},
          'sample_temperature': tc.temperature,
          'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
     pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
@@ -313,7 +316,8 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     write_json(os.path.join(stage_dir, 'summary.json'), s)
     plots = {'reward': ['reward', 'accuracy', 'eval_sub_pass@1', 'eval_pass@1'],
              'length': ['response_len', 'response_len_correct', 'response_len_wrong', 'eval_sub_mean_tokens'],
-             'selfcheck': ['recheck_frac', 'caught_frac', 'caught_acc', 'slip_frac', 'eval_recheck_frac'],
+             'selfcheck': ['recheck_frac', 'caught_frac', 'caught_acc', 'slip_frac', 'recheck_per_yes',
+                           'eval_recheck_frac'],
              'stability': ['kl', 'entropy', 'clip_frac_low', 'clip_frac_high', 'grad_norm']}
     for plot, keys in plots.items():
         plot_curves(os.path.join(stage_dir, f'{plot}.png'), rows, keys, f'grpo: {plot}')
@@ -332,7 +336,9 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
         f"{f3(s['rl_countdown_pass@1_sampled'])} |",
         f"| sampled pass@{tc.pass_k} | {f3(rows[0].get('eval_pass@k'))} | {f3(fin['eval_pass@k'])} |",
         f"| sampled responses with a re-check | {f3(s['base_sampled_recheck_frac'])} | "
-        f"{f3(s['rl_sampled_recheck_frac'])} |", '',
+        f"{f3(s['rl_sampled_recheck_frac'])} |",
+        f"| sampled re-checks per `yes` verdict (the habit, apart from length) | "
+        f"{f3(s['base_sampled_recheck_per_yes'])} | {f3(s['rl_sampled_recheck_per_yes'])} |", '',
         f"held-out greedy curve ({s['sub_n']} problems, every {tc.rl_eval_interval} steps): best "
         f"{f3(s['sub_best_pass@1'])} at step {s['sub_best_step']}, final {f3(s['sub_final_pass@1'])}", '',
         f'## Self-correction: sampled responses (T={tc.temperature}) whose re-check caught a slip and still ended '

@@ -460,14 +460,16 @@ _CHECK = re.compile(r'=(\d+) vs (\d+) (yes|no)\.')
 
 
 def self_checks(text):
-    """(re-checks, re-checks that said no, slips) in a response's CoT: the `wait 5*4=20 vs 24 no.` redo of
-    countdown_trace; a slip is a digit step `a op b=r` whose r is not Countdown's value of a op b (apply_move) or a
-    check `=r vs t yes|no.` whose verdict is not r == t."""
+    """(re-checks, re-checks that said no, slips, yes verdicts) in a response's CoT: the `wait 5*4=20 vs 24 no.`
+    redo of countdown_trace; a slip is a digit step `a op b=r` whose r is not Countdown's value of a op b
+    (apply_move) or a check `=r vs t yes|no.` whose verdict is not r == t; the yes verdicts are the attempts'
+    (a redo's own verdict is not one): what a re-check follows, so re-checks per yes is the habit's rate."""
     cot = text.split('</think>')[0]
     verdicts = [v for _, v in _REDO.findall(cot)]
     wrong = sum(apply_move(int(a), op, int(b)) != int(r) for a, op, b, r in _STEP.findall(cot))
     wrong += sum((r == t) != (v == 'yes') for r, t, v in _CHECK.findall(cot))
-    return len(verdicts), verdicts.count('no'), wrong
+    yes = sum(v == 'yes' for _, _, v in _CHECK.findall(_REDO.sub('', cot)))
+    return len(verdicts), verdicts.count('no'), wrong, yes
 
 
 # R1-Zero's CoTs mixed languages (DeepSeek-R1 sec 2.3.2); the tiny world's second language is numbers in words

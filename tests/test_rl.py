@@ -173,7 +173,8 @@ def test_stage_all_writes_summary_report_and_plots(stage_all):
     assert [r['step'] for r in rows if 'eval_pass@1' in r] == [0, 4]
     assert 'eval_sampled_recheck_frac' in rows[0] and 'eval_pass@k' in rows[0]   # the base, sampled as the final is
     for k in ('sub_best_pass@1', 'sub_final_pass@1', 'length_ratio', 'base_recheck_frac', 'rl_caught_frac',
-              'base_sampled_recheck_frac', 'rl_sampled_recheck_frac', 'base_countdown_pass@2', 'rl_countdown_pass@2'):
+              'base_sampled_recheck_frac', 'rl_sampled_recheck_frac', 'base_countdown_pass@2', 'rl_countdown_pass@2',
+              'base_sampled_recheck_per_yes', 'rl_recheck_per_yes'):
         assert k in json.load(open(os.path.join(g, 'summary.json'))), k
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
@@ -271,8 +272,14 @@ def test_self_check_metrics_by_hand():
              '<think>3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.</think>',                         # confirmed
              '<think>3+2=5 5+4=9 vs 24 no.wait 5+4=9 vs 24 no.</think>']                             # caught, wrong
     m = report.self_check_metrics(texts, [True, False, True, False])
-    assert m == {'recheck_frac': 0.75, 'caught_frac': 0.5, 'caught_acc': 0.5, 'slip_frac': 0.5}
+    # 3 re-checks over 4 yes verdicts (2 + 1 + 1 + 0: the redos' own verdicts are not counted, the last re-checks a no)
+    assert m == {'recheck_frac': 0.75, 'caught_frac': 0.5, 'caught_acc': 0.5, 'slip_frac': 0.5, 'recheck_per_yes': 0.75}
     assert report.self_check_metrics(texts[1:3], [False, True])['caught_acc'] is None   # none caught: no rate
+    # longer responses with more yes verdicts: the share of responses that re-check rises, the rate per yes falls
+    long = ['<think>' + '1+1=2 vs 2 yes.' * 4 + 'wait 1+1=2 vs 2 yes.</think>'] * 2 + ['<think>1+1=2 vs 2 yes.</think>']
+    m2 = report.self_check_metrics(long, [True] * 3)
+    assert m2['recheck_frac'] == pytest.approx(2 / 3) and m2['recheck_per_yes'] == pytest.approx(2 / 9)
+    assert report.self_check_metrics(['<think>2+2=4 vs 5 no.</think>'], [False])['recheck_per_yes'] is None
 
 
 def test_self_correction_examples_are_caught_slips_that_end_correct():
@@ -301,7 +308,7 @@ def test_sampled_eval_at_the_rollout_temperature_by_hand(monkeypatch):
     row, d = report.sampled_eval(None, None, [0, 1], tc, 'short')
     assert seen == {'k': 2, 'temperature': 0.7, 'n': 2} and d['texts'][1] == '2+2=4 vs 4 yes.'
     assert row == {'eval_sampled_pass@1': 0.5, 'eval_pass@k': 0.5, 'eval_sampled_recheck_frac': 0.25,
-                   'eval_sampled_caught_frac': 0.25, 'eval_sampled_caught_acc': 1.0}
+                   'eval_sampled_caught_frac': 0.25, 'eval_sampled_caught_acc': 1.0, 'eval_sampled_recheck_per_yes': 1 / 3}
 
 
 def test_rl_eval_cadence_subset_and_whole_split(monkeypatch):

@@ -299,7 +299,7 @@ def test_slips_rechecks_and_giving_up_by_hand():
     t = countdown_trace(FixedRng(0.99), p, TaskConfig(**{**cfg, 'slip': 0.5, 'recheck': 0.5, 'give_up': 0.5}))
     assert t == ('<think>3+2=5 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 no.3*2=6 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.'
                  '</think><answer>(3*2)*4</answer>')
-    assert tasks.self_checks(t) == (0, 0, 0)
+    assert tasks.self_checks(t) == (0, 0, 0, 1)
     with pytest.raises(ValueError, match='give_up'):
         TaskConfig(give_up=1.5)
 
@@ -362,7 +362,7 @@ def test_rechecks_of_the_whole_attempt_by_hand():
     assert t == ('<think>3+2=5 5+4=9 vs 24 yes.wait 3+2=5 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 yes.wait 3+2=5 5*4=20 vs'
                  ' 24 no.3*2=6 6+4=10 vs 24 yes.wait 3*2=6 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 3*2=6 6*4=24'
                  ' vs 24 yes.</think><answer>(3*2)*4</answer>')
-    assert tasks.self_checks(t) == (4, 3, 3)
+    assert tasks.self_checks(t) == (4, 3, 3, 4)   # four yes verdicts, each redone (the redos' own are not counted)
     # the default redoes the last step only, and draws the same chances: the corpus of recheck_kind 'step' is the
     # one every earlier run trained on
     redone = 0
@@ -380,9 +380,12 @@ def test_rechecks_of_the_whole_attempt_by_hand():
 def test_self_checks_counts_rechecks_and_wrong_steps():
     t = ('<think>9-3=6 6+5=24 vs 24 yes.wait 6+5=11 vs 24 no.7/2=3 3*8=24 vs 24 yes.wait 3*8=24 vs 24 yes.'
          '</think><answer>(7/2)*8</answer>')
-    assert tasks.self_checks(t) == (2, 1, 2)            # 6+5=24 and 7/2=3 (not exact) are wrong steps
-    assert tasks.self_checks('<think>8-9=1 vs 1 yes.</think>') == (0, 0, 1)   # no negative moves either
-    assert tasks.self_checks('') == (0, 0, 0)
+    assert tasks.self_checks(t) == (2, 1, 2, 2)         # 6+5=24 and 7/2=3 (not exact) are wrong steps
+    assert tasks.self_checks('<think>8-9=1 vs 1 yes.</think>') == (0, 0, 1, 1)   # no negative moves either
+    assert tasks.self_checks('') == (0, 0, 0, 0)
+    # yes verdicts are the attempts', after the think block nothing counts, and a redo may follow a `no`
+    t = '<think>2+2=4 vs 5 no.wait 2+2=4 vs 5 no.1+4=5 vs 5 yes.</think><answer>1+4</answer> 3=3 vs 3 yes.'
+    assert tasks.self_checks(t) == (1, 1, 0, 1)
 
 
 def test_verdict_slips_by_hand():
@@ -394,7 +397,7 @@ def test_verdict_slips_by_hand():
     assert t == ('<think>3+2=5 5+4=9 vs 24 yes.wait 5+4=9 vs 24 no.3+2=5 5*4=20 vs 24 yes.wait 5*4=20 vs 24 no.'
                  '3*2=6 6+4=10 vs 24 yes.wait 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.'
                  '</think><answer>(3*2)*4</answer>')
-    assert tasks.self_checks(t) == (4, 3, 3)            # three wrong verdicts, each caught by its redo
+    assert tasks.self_checks(t) == (4, 3, 3, 4)         # three wrong verdicts, each caught by its redo
     t = countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, recheck=0.0))   # believed: stops there, answers wrong
     assert t == '<think>3+2=5 5+4=9 vs 24 yes.</think><answer>(3+2)+4</answer>'
     # every step of a verdict-slipping corpus is right: its slips are in the verdicts only
