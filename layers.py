@@ -11,6 +11,7 @@ model.py. Nothing here knows about a config.
 - resolve_mask: the causal mask for F.scaled_dot_product_attention, including the offset one a chunked
   prefill into a KV cache needs.
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,7 +42,17 @@ def rope_table(dim, max_pos, theta):
     t = torch.arange(max_pos, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)                                                  # (max_pos, dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)                                           # (max_pos, dim)
-    return emb.cos(), emb.sin()
+    return cos_sin(emb)
+
+
+def cos_sin(angles):
+    """cos and sin of a float32 CPU tensor, by numpy in float64 and rounded once: the same bits in every process.
+    torch's CPU cos on two threads came out one of two ways per process (last bits), and runs diverged from that
+    (EXPERIMENTS.md det)."""
+    if angles.is_meta:   # a model built on the meta device: shapes only (materialize recomputes the tables)
+        return angles.cos(), angles.sin()
+    a = angles.detach().double().cpu().numpy()
+    return tuple(torch.from_numpy(f(a)).float().to(angles.device) for f in (np.cos, np.sin))
 
 
 def apply_rope(x, cos, sin):

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import RMSNorm, apply_rope, resolve_mask
+from layers import RMSNorm, apply_rope, cos_sin, resolve_mask
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -88,8 +88,8 @@ def yarn_rope_table(config):
         attn_factor = yarn_mscale(factor)
     t = torch.arange(config.block_size, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)                                                          # (T, dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)                                                   # (T, dim)
-    return emb.cos() * attn_factor, emb.sin() * attn_factor
+    cos, sin = cos_sin(torch.cat([freqs, freqs], dim=-1))                                     # (T, dim) each
+    return cos * attn_factor, sin * attn_factor
 
 
 def rope_deinterleave(dim):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import MLP, RMSNorm, apply_rope, resolve_mask, rope_table
+from layers import MLP, RMSNorm, apply_rope, cos_sin, resolve_mask, rope_table
 from mla import MLA, yarn_rope_table
 from moe import MoE
 
@@ -282,7 +282,7 @@ def fourier_number_init(emb, number_ids, periods=(2, 5, 10, 20, 50, 100, 200, 50
         ids = torch.tensor(list(number_ids.values()))
         n = torch.tensor(list(number_ids.keys()), dtype=torch.float32)
         ang = 2 * math.pi * n[:, None] / torch.tensor(periods, dtype=torch.float32)[None]  # (N, F)
-        feats = torch.cat([ang.cos(), ang.sin()], 1) * scale                              # (N, 2F)
+        feats = torch.cat(cos_sin(ang), 1) * scale                                        # (N, 2F)
         emb.weight[ids, :feats.shape[1]] += feats.to(emb.weight.dtype)
 
 

@@ -143,6 +143,20 @@ def test_kv_cache_bytes_deepseek_v3():
     assert b['mla_as_gqa_groups'] == 2.25
 
 
+def test_rope_table_is_the_rounded_float64_value():
+    """Every entry is math.cos / math.sin of its float32 angle, rounded once to float32: a fixed function of the
+    angle (torch's float32 CPU cos on two threads gave one of two tables per process, EXPERIMENTS.md det)."""
+    import math
+    for dim, n in ((16, 192), (32, 192), (128, 512)):
+        cos, sin = rope_table(dim, n, 10000.0)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        ang = torch.cat([torch.outer(torch.arange(n, dtype=torch.float32), inv)] * 2, -1).double().tolist()
+        assert torch.equal(cos, torch.tensor([[math.cos(a) for a in r] for r in ang]).float())
+        assert torch.equal(sin, torch.tensor([[math.sin(a) for a in r] for r in ang]).float())
+    with torch.device('meta'):   # a model built on the meta device gets shapes only
+        assert rope_table(16, 8, 10000.0)[0].is_meta
+
+
 def test_yarn_table_reduces_to_plain_rope_at_long_wavelengths():
     """YaRN keeps the fast dimensions (first columns) and divides the slowest ones' frequency by the factor."""
     c = cfg(rope_factor=4.0, rope_original_max_pos=4096, rope_mscale=1.0, rope_mscale_all_dim=1.0,
