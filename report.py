@@ -18,7 +18,7 @@ from model import document_mask
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate, row_seed
 from shard import gathered
-from tasks import problems, self_checks
+from tasks import copy_slips, problems, self_checks
 
 
 class MetricsLog:
@@ -230,13 +230,18 @@ def sampled_eval(model, tok, cd_test, tc, template):
     Setup": the mean over k samples at temperature 0.6), on the base (the loop's step 0) and on the final model:
     the same problems and temperature before and after, so the re-check share of 2 x pass_k x n_eval responses says
     whether RL amplified the aha. Returns ({'eval_sampled_pass@1', 'eval_pass@k', 'eval_sampled_recheck_frac',
-    'eval_sampled_caught_frac', 'eval_sampled_caught_acc', 'eval_sampled_recheck_per_yes'}, evaluate's detail dict).
+    'eval_sampled_caught_frac', 'eval_sampled_caught_acc', 'eval_sampled_recheck_per_yes',
+    'eval_sampled_copy_slip_frac'}, evaluate's detail dict). The last is the share of responses that miscopy a
+    prompt number or the target (tasks.copy_slips): the slip by which MLA's bases sample worse than dense ones
+    (EXPERIMENTS.md cp).
     """
     d = evaluate(model, tok, cd_test, 'countdown', template, tc.max_new_tokens, k=tc.pass_k, temperature=tc.temperature,
                  seed=2, detail=True)
     m = self_check_metrics(d['texts'], d['correct'])
+    copied = [any(copy_slips(t, p)) for p, t in zip((p for p in cd_test for _ in range(tc.pass_k)), d['texts'])]
     return {'eval_sampled_pass@1': d['pass@1'], 'eval_pass@k': d['pass@k'],
-            **{f'eval_sampled_{k}': m[k] for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes')}}, d
+            **{f'eval_sampled_{k}': m[k] for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes')},
+            'eval_sampled_copy_slip_frac': sum(copied) / max(1, len(copied))}, d
 
 
 def finish_pretrain(tc, task_cfg, model, tok, val, device, final_loss, stage_dir, t0):
@@ -307,7 +312,7 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
          'rl_greedy_recheck_frac': last.get('eval_recheck_frac'),
          # the aha on the held-out split: the same problems and temperature, pass_k samples each, base vs final
          **{f'{w}_sampled_{k}': r.get(f'eval_sampled_{k}') for w, r in (('base', rows[0]), ('rl', fin))
-            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes')},
+            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes', 'copy_slip_frac')},
          'sample_temperature': tc.temperature,
          'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
     pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
@@ -338,7 +343,9 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
         f"| sampled responses with a re-check | {f3(s['base_sampled_recheck_frac'])} | "
         f"{f3(s['rl_sampled_recheck_frac'])} |",
         f"| sampled re-checks per `yes` verdict (the habit, apart from length) | "
-        f"{f3(s['base_sampled_recheck_per_yes'])} | {f3(s['rl_sampled_recheck_per_yes'])} |", '',
+        f"{f3(s['base_sampled_recheck_per_yes'])} | {f3(s['rl_sampled_recheck_per_yes'])} |",
+        f"| sampled responses that miscopy a prompt number or the target | {f3(s['base_sampled_copy_slip_frac'])} | "
+        f"{f3(s['rl_sampled_copy_slip_frac'])} |", '',
         f"held-out greedy curve ({s['sub_n']} problems, every {tc.rl_eval_interval} steps): best "
         f"{f3(s['sub_best_pass@1'])} at step {s['sub_best_step']}, final {f3(s['sub_final_pass@1'])}", '',
         f'## Self-correction: sampled responses (T={tc.temperature}) whose re-check caught a slip and still ended '

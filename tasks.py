@@ -472,6 +472,22 @@ def self_checks(text):
     return len(verdicts), verdicts.count('no'), wrong, yes
 
 
+_ATTEMPT = re.compile(r'((?:\d+[-+*/]\d+=\d+ ?)+) vs (\d+) (?:yes|no)\.')
+
+
+def copy_slips(text, p):
+    """(checks whose target is not p's, steps with an operand not among p's numbers) in a response's CoT, redos
+    included: the copying slips self_checks does not see (`7*5=35 35+6=41 vs 41 yes.` for `make 210 from 7 6 5`
+    is right arithmetic and a consistent verdict). A first step's operands and every later step's right one are
+    copied from the prompt (the left one is the previous result); a number used twice is not a copy slip."""
+    targets = operands = 0
+    for steps, target in _ATTEMPT.findall(text.split('</think>')[0]):
+        targets += int(target) != p.target
+        for i, (a, _, b, _) in enumerate(_STEP.findall(steps)):
+            operands += int(b) not in p.numbers or (i == 0 and int(a) not in p.numbers)
+    return targets, operands
+
+
 # R1-Zero's CoTs mixed languages (DeepSeek-R1 sec 2.3.2); the tiny world's second language is numbers in words
 _ONES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine', 'ten', 'eleven', 'twelve',
          'thirteen', 'fourteen', 'fifteen', 'sixteen', 'seventeen', 'eighteen', 'nineteen']

@@ -23,6 +23,7 @@ import train
 from model import GPT, ModelConfig
 from rollouts import RolloutBatch, dynamic_batch
 from sample import Generation, sequences_for_training
+from tasks import Countdown
 from test_train import ENV, ROOT, dies, main
 
 G, PAD = 4, 0
@@ -300,15 +301,19 @@ def test_sampled_eval_at_the_rollout_temperature_by_hand(monkeypatch):
     def fake_evaluate(model, tok, probs, kind, template, max_new_tokens, k=1, temperature=0.0, seed=0, detail=False):
         seen.update(k=k, temperature=temperature, n=len(probs))
         # 2 problems x 2 samples: a re-check that said no and still ended right, a plain right one, two wrong ones
+        # that miscopy an operand (7) and the target (8)
         return {'pass@1': 0.5, 'pass@k': 0.5, 'mean_tokens': 3.0, 'scores': [1.0, 0.0], 'lengths': [3] * 4,
-                'texts': ['1+2=3 vs 4 yes.wait 1+2=3 vs 4 no.2+2=4 vs 4 yes.', '2+2=4 vs 4 yes.', '', 'x'],
+                'texts': ['1+2=3 vs 4 yes.wait 1+2=3 vs 4 no.2+2=4 vs 4 yes.', '2+2=4 vs 4 yes.', '3+7=10 vs 9 no.',
+                          '3+5=8 vs 8 no.'],
                 'correct': [True, True, False, False]}
     monkeypatch.setattr(report, 'evaluate', fake_evaluate)
     tc = SimpleNamespace(pass_k=2, temperature=0.7, max_new_tokens=8)
-    row, d = report.sampled_eval(None, None, [0, 1], tc, 'short')
+    probs = [Countdown([1, 2, 2], 4, '(1+2)+2', 0.0), Countdown([3, 5, 6], 9, '(3+6)', 0.0)]
+    row, d = report.sampled_eval(None, None, probs, tc, 'short')
     assert seen == {'k': 2, 'temperature': 0.7, 'n': 2} and d['texts'][1] == '2+2=4 vs 4 yes.'
     assert row == {'eval_sampled_pass@1': 0.5, 'eval_pass@k': 0.5, 'eval_sampled_recheck_frac': 0.25,
-                   'eval_sampled_caught_frac': 0.25, 'eval_sampled_caught_acc': 1.0, 'eval_sampled_recheck_per_yes': 1 / 3}
+                   'eval_sampled_caught_frac': 0.25, 'eval_sampled_caught_acc': 1.0, 'eval_sampled_recheck_per_yes': 1 / 3,
+                   'eval_sampled_copy_slip_frac': 0.5}
 
 
 def test_rl_eval_cadence_subset_and_whole_split(monkeypatch):

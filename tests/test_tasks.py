@@ -388,6 +388,26 @@ def test_self_checks_counts_rechecks_and_wrong_steps():
     assert tasks.self_checks(t) == (1, 1, 0, 1)
 
 
+def test_copy_slips_by_hand():
+    p = tasks.Countdown([7, 6, 5], 210, '(7*6)*5', 0.0)
+    # a target copied as the result: right arithmetic and a consistent verdict, so self_checks sees no slip
+    t = '<think>7*5=35 35+6=41 vs 41 yes.wait 7*5=35 35+6=41 vs 210 no.7*6=42 42*5=210 vs 210 yes.</think><answer>x'
+    assert tasks.copy_slips(t, p) == (1, 0) and tasks.self_checks(t)[2] == 0
+    # operands: a first step's two and a later step's right one come from the prompt (8 and 4 do not); a later
+    # step's left operand is the previous result; after the think block nothing counts
+    t = '<think>8*5=40 40+6=46 vs 210 no.7*4=28 28*5=140 vs 210 no.</think><answer>3+3=6 vs 5 no.</answer>'
+    assert tasks.copy_slips(t, p) == (0, 2)
+    assert tasks.copy_slips('', p) == (0, 0)
+    # the corpus writers copy right: no trace of tiny's world has a copy slip, though its verdicts slip
+    rng, cfg = random.Random(1), TaskConfig(**tasks.UNDER_THINKER)
+    pairs = [(q, countdown_trace(rng, q, cfg)) for q in problems('countdown', 'train', 300, 1, cfg)]
+    assert all(tasks.copy_slips(t, q) == (0, 0) for q, t in pairs)
+    assert sum(tasks.self_checks(t)[2] for _, t in pairs) > 0
+    # and it does see a wrong copy: the same traces, checked against another problem's numbers and target
+    other = tasks.Countdown([1, 1, 1], 1000, '', 0.0)
+    assert all(sum(tasks.copy_slips(t, other)) > 0 for _, t in pairs)
+
+
 def test_verdict_slips_by_hand():
     # slip_kind='verdict': the arithmetic stays right and the check says yes to a miss (5+4=9 vs 24 yes.); the redo
     # of the last step says no. Same walk as test_slips_rechecks_and_giving_up_by_hand: (3+2)+4=9, (3+2)*4=20, ...
