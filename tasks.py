@@ -479,7 +479,8 @@ def copy_slips(text, p):
     """(checks whose target is not p's, steps with an operand not among p's numbers) in a response's CoT, redos
     included: the copying slips self_checks does not see (`7*5=35 35+6=41 vs 41 yes.` for `make 210 from 7 6 5`
     is right arithmetic and a consistent verdict). A first step's operands and every later step's right one are
-    copied from the prompt (the left one is the previous result); a number used twice is not a copy slip."""
+    copied from the prompt (the left one is the previous result); a number used twice is not a copy slip, and
+    attempts in number words (words_frac) are not read."""
     targets = operands = 0
     for steps, target in _ATTEMPT.findall(text.split('</think>')[0]):
         targets += int(target) != p.target
