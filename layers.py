@@ -46,9 +46,9 @@ def rope_table(dim, max_pos, theta):
 
 
 def cos_sin(angles):
-    """cos and sin of a float32 CPU tensor, by numpy in float64 and rounded once: the same bits in every process.
-    torch's CPU cos on two threads came out one of two ways per process (last bits), and runs diverged from that
-    (EXPERIMENTS.md det)."""
+    """cos and sin of float32 angles, by numpy in float64 on the CPU and rounded once (then on the angles' device):
+    the same bits in every process. torch's CPU cos on two threads came out one of two ways per process (last bits),
+    and whole runs diverged from that (EXPERIMENTS.md det)."""
     if angles.is_meta:   # a model built on the meta device: shapes only (materialize recomputes the tables)
         return angles.cos(), angles.sin()
     a = angles.detach().double().cpu().numpy()
