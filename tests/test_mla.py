@@ -4,6 +4,7 @@ prefill, left padding, gradients) and the cache footprint read off the allocated
 
 Run: python -m pytest tests/test_mla.py -q
 """
+import math
 import os
 import sys
 
@@ -146,7 +147,6 @@ def test_kv_cache_bytes_deepseek_v3():
 def test_rope_table_is_the_rounded_float64_value():
     """Every entry is math.cos / math.sin of its float32 angle, rounded once to float32: a fixed function of the
     angle (torch's float32 CPU cos on two threads gave one of two tables per process, EXPERIMENTS.md det)."""
-    import math
     for dim, n in ((16, 192), (32, 192), (128, 512)):
         cos, sin = rope_table(dim, n, 10000.0)
         inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))

@@ -175,7 +175,8 @@ def test_stage_all_writes_summary_report_and_plots(stage_all):
     assert 'eval_sampled_recheck_frac' in rows[0] and 'eval_pass@k' in rows[0]   # the base, sampled as the final is
     for k in ('sub_best_pass@1', 'sub_final_pass@1', 'length_ratio', 'base_recheck_frac', 'rl_caught_frac',
               'base_sampled_recheck_frac', 'rl_sampled_recheck_frac', 'base_countdown_pass@2', 'rl_countdown_pass@2',
-              'base_sampled_recheck_per_yes', 'rl_recheck_per_yes'):
+              'base_sampled_recheck_per_yes', 'rl_recheck_per_yes', 'base_sampled_copy_slip_frac',
+              'rl_sampled_copy_slip_frac'):
         assert k in json.load(open(os.path.join(g, 'summary.json'))), k
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
