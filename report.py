@@ -18,7 +18,7 @@ from model import document_mask
 from rewards import arithmetic_reward, countdown_reward
 from sample import generate, row_seed
 from shard import gathered
-from tasks import copy_slips, problems, self_checks
+from tasks import copy_slips, first_yes_end, problems, self_checks
 
 
 class MetricsLog:
@@ -224,7 +224,7 @@ def rl_eval(model, tok, cd_test, tc, template, step):
     return row
 
 
-def sampled_eval(model, tok, cd_test, tc, template):
+def sampled_eval(model, tok, cd_test, tc, template, forced=False):
     """
     pass_k samples per held-out problem at the rollout temperature, the way R1 reports pass@1 (sec 3, "Evaluation
     Setup": the mean over k samples at temperature 0.6), on the base (the loop's step 0) and on the final model:
@@ -233,7 +233,8 @@ def sampled_eval(model, tok, cd_test, tc, template):
     'eval_sampled_caught_frac', 'eval_sampled_caught_acc', 'eval_sampled_recheck_per_yes',
     'eval_sampled_copy_slip_frac'}, evaluate's detail dict). The last is the share of responses that miscopy a
     prompt number or the target (tasks.copy_slips): the slip by which MLA's bases sample worse than dense ones
-    (EXPERIMENTS.md cp).
+    (EXPERIMENTS.md cp). forced=True (a world whose corpus re-checks) adds forced_recheck's figures on the same
+    samples, as 'eval_sampled_recheck_gain' etc.
     """
     d = evaluate(model, tok, cd_test, 'countdown', template, tc.max_new_tokens, k=tc.pass_k, temperature=tc.temperature,
                  seed=2, detail=True)
@@ -241,7 +242,53 @@ def sampled_eval(model, tok, cd_test, tc, template):
     copied = [any(copy_slips(t, p)) for p, t in zip((p for p in cd_test for _ in range(tc.pass_k)), d['texts'])]
     return {'eval_sampled_pass@1': d['pass@1'], 'eval_pass@k': d['pass@k'],
             **{f'eval_sampled_{k}': m[k] for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes')},
-            'eval_sampled_copy_slip_frac': sum(copied) / max(1, len(copied))}, d
+            'eval_sampled_copy_slip_frac': sum(copied) / max(1, len(copied)),
+            **{f'eval_sampled_{k}': v for k, v in (forced_recheck(model, tok, cd_test, d['texts'], tc.pass_k, template,
+                                                                  tc.max_new_tokens, tc.temperature)
+                                                   if forced else {}).items()}}, d
+
+
+@torch.no_grad()
+def forced_recheck(model, tok, probs, texts, k, template, max_new_tokens, temperature, seed=3, chunk=64):
+    """
+    What a re-check is worth where a response first says `yes`, the causal side of R1's aha (DeepSeek-R1 sec
+    2.2.4; EXPERIMENTS.md fw): each response with an attempt that said yes (tasks.first_yes_end) is cut after
+    that `yes.` and continued twice within the rest of its own response budget, once with `wait` appended (a
+    forced re-check: the corpus's redo follows) and once with `</think><answer>` (stop: the answer copied from
+    that attempt, right iff the yes was). texts: k per problem, problem-major. Returns {'recheck_gain': the
+    re-check's accuracy minus stopping's, 'recheck_after_true' / 'recheck_after_false': the re-check's accuracy
+    where stopping was right / wrong (None without such cases), 'first_yes_false': the share where stopping was
+    wrong}, or {} when no response said yes. Every rank computes all of it (the texts are gathered).
+    """
+    cases = [(probs[i // k], t[:e], i) for i, t in enumerate(texts) if (e := first_yes_end(t)) is not None]
+    if not cases:
+        return {}
+    was_training = model.training
+    model.eval()
+    right = {}
+    with gathered(model):
+        for name, tail in (('recheck', 'wait'), ('stop', '</think><answer>')):
+            rows = [(encode_prompt(tok, p, template), tok.encode(pre + tail), p, pre + tail, i) for p, pre, i in cases]
+            order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]) + len(rows[r][1]))   # similar lengths
+            out = [False] * len(rows)
+            for s in range(0, len(order), chunk):
+                part = [rows[r] for r in order[s:s + chunk]]
+                left = [max_new_tokens - len(cont) for _, cont, *_ in part]   # each row's own budget
+                P = max(len(a) + len(b) for a, b, *_ in part)
+                n = max(1, min(max(left), model.config.block_size - P))
+                with autocast(next(model.parameters()).device):
+                    gen = generate(model, [a + b for a, b, *_ in part], n, tok.stop_ids, tok.pad, temperature=temperature,
+                                   seeds=[row_seed(seed, i, 0) for *_, i in part] if temperature > 0 else None)
+                for r, ((_, _, p, text, _), m) in enumerate(zip(part, left)):
+                    cut = max(0, min(int(gen.lengths[r]), m))   # a continuation past the budget is cut there
+                    out[order[s + r]] = score('countdown', text + tok.decode(gen.tokens[r, :cut].tolist()), p) > 0
+            right[name] = torch.tensor(out, dtype=torch.float)
+    model.train(was_training)
+    rc, stop = right['recheck'], right['stop'] > 0
+    return {'recheck_gain': float(rc.mean() - stop.float().mean()),
+            'recheck_after_true': float(rc[stop].mean()) if stop.any() else None,
+            'recheck_after_false': float(rc[~stop].mean()) if (~stop).any() else None,
+            'first_yes_false': float((~stop).float().mean())}
 
 
 def finish_pretrain(tc, task_cfg, model, tok, val, device, final_loss, stage_dir, t0):
@@ -287,7 +334,7 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     else:
         rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
     # k samples per problem at the rollout temperature: the sampled pass@1 (their mean), pass@k, the re-check share
-    fin, d = sampled_eval(model, tok, cd_test, tc, tmpl)
+    fin, d = sampled_eval(model, tok, cd_test, tc, tmpl, forced=task_cfg.recheck > 0)
     if rank_world()[0] != 0:   # one writer
         return
     steps = [r for r in rows if 'accuracy' in r]
@@ -312,7 +359,8 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
          'rl_greedy_recheck_frac': last.get('eval_recheck_frac'),
          # the aha on the held-out split: the same problems and temperature, pass_k samples each, base vs final
          **{f'{w}_sampled_{k}': r.get(f'eval_sampled_{k}') for w, r in (('base', rows[0]), ('rl', fin))
-            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes', 'copy_slip_frac')},
+            for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes', 'copy_slip_frac', 'recheck_gain',
+                      'recheck_after_true', 'recheck_after_false', 'first_yes_false')},
          'sample_temperature': tc.temperature,
          'n_eval': len(cd_test), 'rl_steps': tc.rl_steps, 'grpo_wall_seconds': round(time.time() - t0, 1)}
     pre = os.path.join(tc.out_dir, 'pretrain', 'summary.json')
@@ -345,7 +393,11 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
         f"| sampled re-checks per `yes` verdict (the habit, apart from length) | "
         f"{f3(s['base_sampled_recheck_per_yes'])} | {f3(s['rl_sampled_recheck_per_yes'])} |",
         f"| sampled responses that miscopy a prompt number or the target | {f3(s['base_sampled_copy_slip_frac'])} | "
-        f"{f3(s['rl_sampled_copy_slip_frac'])} |", '',
+        f"{f3(s['rl_sampled_copy_slip_frac'])} |",
+        f"| a re-check forced at the first `yes`: accuracy minus stopping there (after a true / a false yes) | "
+        f"{f3(s['base_sampled_recheck_gain'])} ({f3(s['base_sampled_recheck_after_true'])} / "
+        f"{f3(s['base_sampled_recheck_after_false'])}) | {f3(s['rl_sampled_recheck_gain'])} "
+        f"({f3(s['rl_sampled_recheck_after_true'])} / {f3(s['rl_sampled_recheck_after_false'])}) |", '',
         f"held-out greedy curve ({s['sub_n']} problems, every {tc.rl_eval_interval} steps): best "
         f"{f3(s['sub_best_pass@1'])} at step {s['sub_best_step']}, final {f3(s['sub_final_pass@1'])}", '',
         f'## Self-correction: sampled responses (T={tc.temperature}) whose re-check caught a slip and still ended '

@@ -472,6 +472,17 @@ def self_checks(text):
     return len(verdicts), verdicts.count('no'), wrong, yes
 
 
+def first_yes_end(text):
+    """The end of the first `yes.` an attempt says in a response's CoT (a redo's does not count), or None: where
+    report.forced_recheck cuts a response to force a re-check."""
+    cot = text.split('</think>')[0]
+    redos = [m.span() for m in _REDO.finditer(cot)]
+    for m in _CHECK.finditer(cot):
+        if m.group(3) == 'yes' and not any(a <= m.start() < b for a, b in redos):
+            return m.end()
+    return None
+
+
 _ATTEMPT = re.compile(r'((?:\d+[-+*/]\d+=\d+ ?)+) vs (\d+) (?:yes|no)\.')
 
 

@@ -176,7 +176,7 @@ def test_stage_all_writes_summary_report_and_plots(stage_all):
     for k in ('sub_best_pass@1', 'sub_final_pass@1', 'length_ratio', 'base_recheck_frac', 'rl_caught_frac',
               'base_sampled_recheck_frac', 'rl_sampled_recheck_frac', 'base_countdown_pass@2', 'rl_countdown_pass@2',
               'base_sampled_recheck_per_yes', 'rl_recheck_per_yes', 'base_sampled_copy_slip_frac',
-              'rl_sampled_copy_slip_frac'):
+              'rl_sampled_copy_slip_frac', 'base_sampled_recheck_gain', 'rl_sampled_recheck_after_false'):
         assert k in json.load(open(os.path.join(g, 'summary.json'))), k
     assert '| countdown pass@1 |' in open(os.path.join(g, 'report.md')).read()
 
@@ -315,6 +315,56 @@ def test_sampled_eval_at_the_rollout_temperature_by_hand(monkeypatch):
     assert row == {'eval_sampled_pass@1': 0.5, 'eval_pass@k': 0.5, 'eval_sampled_recheck_frac': 0.25,
                    'eval_sampled_caught_frac': 0.25, 'eval_sampled_caught_acc': 1.0, 'eval_sampled_recheck_per_yes': 1 / 3,
                    'eval_sampled_copy_slip_frac': 0.5}
+    # a world whose corpus re-checks: forced_recheck's figures on the same samples join the row
+    monkeypatch.setattr(report, 'forced_recheck', lambda model, tok, probs, texts, k, *a: {
+        'recheck_gain': -0.25, 'first_yes_false': len(texts) / (4 * k)})
+    assert report.sampled_eval(None, None, probs, tc, 'short', forced=True)[0] == {
+        **row, 'eval_sampled_recheck_gain': -0.25, 'eval_sampled_first_yes_false': 0.5}
+
+
+def test_forced_recheck_by_hand(monkeypatch):
+    # three responses say yes (a true hit, a slip, a true hit late in the budget), one never does; a scripted
+    # generate continues each from the decoded text it is handed, so the figures can be counted by hand
+    from tokenizer import Tokenizer
+    tok = Tokenizer()
+    # (the late one first: forced_recheck sorts by length, so its chunks see them in another order)
+    probs = [Countdown([6, 2, 3], 9, '(6/2)*3', 0.0), Countdown([3, 2, 4], 24, '(3*2)*4', 0.0),
+             Countdown([5, 3, 1], 8, '(5+3)*1', 0.0), Countdown([1, 1, 1], 3, '(1+1)+1', 0.0)]
+    late = '6+2=8 8+3=11 vs 9 no.6+2=8 8-3=5 vs 9 no.'
+    texts = [f'<think>{late}6/2=3 3*3=9 vs 9 yes.</think><answer>(6/2)*3</answer>',
+             '<think>3*2=6 6*4=24 vs 24 yes.</think><answer>(3*2)*4</answer>',
+             '<think>5*3=15 15-1=14 vs 8 yes.</think><answer>(5*3)-1</answer>',
+             '<think>1+1=2 2*1=2 vs 3 no.</think><answer>(1+1)*1</answer>']
+    go_on = {24: (' 3*2=6 6*4=24 vs 24 yes.</think><answer>(3*2)*4</answer>', '(3*2)*4</answer>'),   # confirms
+             8: (' 5*3=15 15-1=14 vs 8 no.5+3=8 8*1=8 vs 8 yes.</think><answer>(5+3)*1</answer>',  # a rescue
+                 '(5*3)-1</answer>'),
+             9: (' 6/2=3 3*3=9 vs 9 yes.</think><answer>(6/2)*3</answer>', '(6/2)*3</answer>')}   # out of budget
+    budgets = []
+
+    def fake_generate(model, prompts, n, stop_ids, pad_id, temperature=1.0, seeds=None):
+        budgets.append(n)
+        outs = []
+        for ids in prompts:
+            text = tok.decode(ids)
+            target = int(text.split('make ')[1].split(' ')[0])
+            outs.append(tok.encode(go_on[target][0 if text.endswith('wait') else 1])[:n])
+        L = max(len(o) for o in outs)
+        return SimpleNamespace(tokens=torch.tensor([o + [pad_id] * (L - len(o)) for o in outs]),
+                               lengths=torch.tensor([len(o) for o in outs]))
+    monkeypatch.setattr(report, 'generate', fake_generate)
+    model = torch.nn.Linear(1, 1)
+    model.config = SimpleNamespace(block_size=10_000)
+    budget = len(tok.encode(texts[0].split('</think>')[0] + 'wait' + go_on[9][0])) - 1   # the late redo misses by one
+    m = report.forced_recheck(model, tok, probs, texts, 1, 'short', budget, 0.7)   # one chunk: the cut is ours
+    # stopping is right after the two true hits; the re-check is right after the first hit and the slip (the
+    # rescue), and wrong after the late hit, whose redo is cut one token before its answer closes
+    assert m == pytest.approx({'recheck_gain': 2 / 3 - 2 / 3, 'recheck_after_true': 0.5, 'recheck_after_false': 1.0,
+                               'first_yes_false': 1 / 3})
+    assert len(budgets) == 2 and model.training   # 2 variants x 1 chunk; the model's mode is restored
+    assert report.forced_recheck(model, tok, probs, texts, 1, 'short', budget, 0.7, chunk=1) == m and len(budgets) == 8
+    # with room for the late redo, it ends right too
+    assert report.forced_recheck(model, tok, probs, texts, 1, 'short', budget + 1, 0.7)['recheck_after_true'] == 1.0
+    assert report.forced_recheck(model, tok, probs[3:], texts[3:], 1, 'short', budget, 0.7) == {}
 
 
 def test_rl_eval_cadence_subset_and_whole_split(monkeypatch):

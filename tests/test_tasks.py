@@ -388,6 +388,15 @@ def test_self_checks_counts_rechecks_and_wrong_steps():
     assert tasks.self_checks(t) == (1, 1, 0, 1)
 
 
+def test_first_yes_end_by_hand():
+    # the end of the first attempt that says yes; a redo's yes does not count, nor anything after the think block
+    t = '<think>2+2=4 vs 5 no.wait 2+2=4 vs 4 yes.1+4=5 vs 5 yes.2+3=5 vs 5 yes.</think><answer>1+4</answer>'
+    assert t[:tasks.first_yes_end(t)] == '<think>2+2=4 vs 5 no.wait 2+2=4 vs 4 yes.1+4=5 vs 5 yes.'
+    assert tasks.first_yes_end('<think>3*2=6 6*4=24 vs 24 yes.</think>') == len('<think>3*2=6 6*4=24 vs 24 yes.')
+    assert tasks.first_yes_end('<think>2+2=4 vs 5 no.</think><answer>x</answer> 1+4=5 vs 5 yes.') is None
+    assert tasks.first_yes_end('') is None
+
+
 def test_copy_slips_by_hand():
     p = tasks.Countdown([7, 6, 5], 210, '(7*6)*5', 0.0)
     # a target copied as the result: right arithmetic and a consistent verdict, so self_checks sees no slip
