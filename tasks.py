@@ -328,14 +328,7 @@ def _leaks_countdown(p, cfg):
 
 
 def _numbers_in(expr):
-    out, cur = [], ''
-    for ch in expr:
-        if ch.isdigit():
-            cur += ch
-        elif cur:
-            out.append(cur)
-            cur = ''
-    return out + ([cur] if cur else [])
+    return re.findall(r'\d+', expr)
 
 
 # -----------------------------------------------------------------------------
