@@ -240,12 +240,12 @@ def sampled_eval(model, tok, cd_test, tc, template, forced=False):
                  seed=2, detail=True)
     m = self_check_metrics(d['texts'], d['correct'])
     copied = [any(copy_slips(t, p)) for p, t in zip((p for p in cd_test for _ in range(tc.pass_k)), d['texts'])]
+    del m['slip_frac']   # the rollouts' figure (rl_metrics); here the copy slips stand beside the re-checks
+    m['copy_slip_frac'] = sum(copied) / max(1, len(copied))
+    if forced:
+        m.update(forced_recheck(model, tok, cd_test, d['texts'], tc.pass_k, template, tc.max_new_tokens, tc.temperature))
     return {'eval_sampled_pass@1': d['pass@1'], 'eval_pass@k': d['pass@k'],
-            **{f'eval_sampled_{k}': m[k] for k in ('recheck_frac', 'caught_frac', 'caught_acc', 'recheck_per_yes')},
-            'eval_sampled_copy_slip_frac': sum(copied) / max(1, len(copied)),
-            **{f'eval_sampled_{k}': v for k, v in (forced_recheck(model, tok, cd_test, d['texts'], tc.pass_k, template,
-                                                                  tc.max_new_tokens, tc.temperature)
-                                                   if forced else {}).items()}}, d
+            **{f'eval_sampled_{k}': v for k, v in m.items()}}, d
 
 
 @torch.no_grad()
@@ -267,8 +267,9 @@ def forced_recheck(model, tok, probs, texts, k, template, max_new_tokens, temper
     model.eval()
     right = {}
     with gathered(model):
+        prompts = [encode_prompt(tok, p, template) for p, _, _ in cases]
         for name, tail in (('recheck', 'wait'), ('stop', '</think><answer>')):
-            rows = [(encode_prompt(tok, p, template), tok.encode(pre + tail), p, pre + tail, i) for p, pre, i in cases]
+            rows = [(a, tok.encode(pre + tail), p, pre + tail, i) for a, (p, pre, i) in zip(prompts, cases)]
             order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]) + len(rows[r][1]))   # similar lengths
             out = [False] * len(rows)
             for s in range(0, len(order), chunk):

@@ -323,12 +323,8 @@ def problems(kind, split, n, seed, cfg, digits=1):
 
 def _leaks_countdown(p, cfg):
     """An arithmetic drill whose numbers and value form a held-out countdown problem would leak its answer."""
-    nums = [int(t) for t in _numbers_in(p.expr)]
+    nums = [int(t) for t in re.findall(r'\d+', p.expr)]
     return in_test_split(f"cd:{sorted(nums)}:{p.result}", cfg.test_frac)
-
-
-def _numbers_in(expr):
-    return re.findall(r'\d+', expr)
 
 
 # -----------------------------------------------------------------------------
