@@ -29,8 +29,8 @@ The tiny world: tasks with verifiable answers, their prompts, and the synthetic 
   `tiny-walk`) it stops after a random number of attempts, whatever the checks said (a base that searches,
   computes and verifies, but does not know when to stop). With give_up > 0 (`tiny`: UNDER_THINKER) it is an
   under-thinker: it gives up after a `no` more often than not, it sometimes slips (a wishful `yes`: a last step
-  written as the target, or a right one said to hit it) and now and then redoes an attempt that said yes
-  (`wait ...`): a base whose thinking RL has to lengthen and whose re-checks RL can amplify (DeepSeek-R1 sec
+  written as the target, or a right one said to hit it), and the writers who never give up often redo a `yes`
+  (`wait ...`): a base whose thinking RL has to lengthen, and whose re-checks grow with it (DeepSeek-R1 sec
   2.2.4; EXPERIMENTS.md, "Design of the tiny world", also for why the naive world of character tokens and
   random traces does not learn). Held-out problems never appear in it.
 - A second "language" (R1-Zero's CoTs mixed languages, DeepSeek-R1 sec 2.3.2): with words_frac > 0 a corpus
@@ -74,11 +74,12 @@ TASKS = ('tiny', 'tinyzero')
 # the tiny world before issue 15: a writer who stops after a random count and walks past hits (the base does not
 # know when to stop; RL shortens its CoT), kept for tiny-walk, tiny-r1 and the tests of that walk
 WALK_PAST_HITS = dict(stop_at_yes=0.3, give_up=0.0, slip=0.0, recheck=0.0)   # the defaults: the `tiny-walk` world
-# `tiny`'s writers (EXPERIMENTS.md e4, k4): most under-think (the first `no` ends 63% of traces), 30% never give up,
-# one miss in twenty is said to hit, three yes in ten are re-checked by redoing the whole attempt (the one-step
-# redo's copy slips made RL drop re-checking: EXPERIMENTS.md "Why the aha does not come", k1-k5)
-UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.9, persist=0.3, slip=0.05, slip_kind='verdict', recheck=0.3,
-                     recheck_kind='attempt')
+# `tiny`'s writers (EXPERIMENTS.md e4, k4, cw): most under-think (the first `no` ends 63% of traces) and rarely re-check
+# a yes (3 in 100); 30% never give up and redo 4 yes in 10, by rewriting the whole attempt (the one-step redo's copy
+# slips made RL drop re-checking: EXPERIMENTS.md k1-k5); one miss in twenty is said to hit. The re-checks are the
+# persistent writers' habit, so RL, which selects the persistent walk, carries them with it (cw)
+UNDER_THINKER = dict(stop_at_yes=0.9, give_up=0.9, persist=0.3, slip=0.05, slip_kind='verdict', recheck=0.03,
+                     persist_recheck=0.4, recheck_kind='attempt')
 
 
 def prefills_think(template):
@@ -206,6 +207,7 @@ class TaskConfig:
     slip: float = 0.0           # enumerate: chance that a missing attempt says yes (a slip, of slip_kind)
     slip_kind: str = 'step'     # a slip writes the last step's result as the target (step) | says yes to it (verdict)
     recheck: float = 0.0        # enumerate: chance that a writer redoes an attempt that said yes (recheck_kind)
+    persist_recheck: float = 0.0  # enumerate: recheck for a persistent writer (recheck is then the others')
     recheck_kind: str = 'step'  # the redo rewrites the attempt's last step (step) | all its steps (attempt)
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # prompt: short | r1zero (DeepSeek-R1) | tinyzero (TinyZero's base) | chat (Qwen chat)
@@ -224,7 +226,7 @@ class TaskConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
-        for f in ('stop_at_yes', 'give_up', 'persist', 'slip', 'recheck', 'words_frac'):
+        for f in ('stop_at_yes', 'give_up', 'persist', 'slip', 'recheck', 'persist_recheck', 'words_frac'):
             if not 0 <= getattr(self, f) <= 1:
                 raise ValueError(f"{f} must be a chance in [0, 1], got {getattr(self, f)}")
         if self.slip_kind not in ('step', 'verdict'):
@@ -378,8 +380,10 @@ def countdown_trace(rng, p, cfg):
       no.`), or with recheck_kind 'attempt' all its steps (`wait 3+2=5 5*4=20 vs 24 no.`: the answer, which
       copies the attempt, then copies the redo right before it); a redo that says no is a `no` like any other
       (the under-thinker may give up on it): the base re-checks rarely, and a slip it does not catch ends in a
-      wrong answer, so the outcome reward alone can amplify the re-check (R1's "aha moment", sec 2.2.4). (A
-      writer who always searched on after a caught slip did no better: EXPERIMENTS.md e2.)
+      wrong answer. A persistent writer re-checks with chance cfg.persist_recheck instead: with it above
+      recheck, re-checking is the habit of the writers who search on, so RL, which selects their long walk,
+      carries it along (R1's "aha moment", sec 2.2.4), though a forced redo catches less than it costs here
+      (EXPERIMENTS.md fw, cw). (A writer who always searched on after a caught slip did no better: e2.)
     - 'random': distinct random attempts. The RL-trained model's greedy search looped over its likeliest
       attempt (`6-1=5 5-2=3 vs 4 no.` three times) and greedy pass@1 stalled at 0.13 (EXPERIMENTS.md full3).
     - 'sorted': random distinct attempts sorted by `search_order`: the next attempt is still random (it skips
@@ -389,9 +393,9 @@ def countdown_trace(rng, p, cfg):
         raise ValueError(f"unknown search {cfg.search!r}; choose from {SEARCHES}")
     # every draw below is guarded by its field, so the fields at 0 leave the corpus exactly as it was
     k = cfg.max_attempts if cfg.give_up and cfg.search == 'enumerate' else rng.randint(1, cfg.max_attempts)
-    give_up = cfg.give_up
+    give_up, recheck = cfg.give_up, cfg.recheck
     if give_up and cfg.persist and rng.random() < cfg.persist:   # a persistent writer: it never gives up
-        give_up = 0.0
+        give_up, recheck = 0.0, cfg.persist_recheck
     attempts = []   # (says yes, steps as written, expression, the redo's steps or None)
     if cfg.search == 'enumerate':
         space = all_attempts(p.numbers, cfg.ops)
@@ -403,7 +407,7 @@ def countdown_trace(rng, p, cfg):
                 says = True
                 if cfg.slip_kind == 'step':                         # the last result written as the target
                     steps = steps[:-1] + [steps[-1][:3] + (p.target,)]
-            if says and cfg.recheck and rng.random() < cfg.recheck:   # the steps as computed, the true value
+            if says and recheck and rng.random() < recheck:   # the steps as computed, the true value
                 last = steps[-1][:3] + (value,)
                 redo = [last] if cfg.recheck_kind == 'step' else steps[:-1] + [last]
             attempts.append((says, steps, expr, redo))

@@ -323,6 +323,34 @@ def test_persistent_writers():
     assert len(on) > 1000 and abs(sum(on) / len(on) - 0.3) < 0.05
 
 
+def test_persistent_writers_recheck():
+    # persist_recheck is a persistent writer's re-check chance and recheck the others': u = 0 fires every chance
+    # above 0. The persistent writer redoes every slip (the worked walk of test_slips_rechecks_and_giving_up_by_hand)
+    p = tasks.Countdown([3, 2, 4], 24, '(3*2)*4', 0.0)
+    cfg = dict(ops='+*', stop_at_yes=1.0, give_up=1.0, slip=1.0)
+    assert countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, persist=1.0, persist_recheck=1.0)) == (
+        '<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.3+2=5 5*4=24 vs 24 yes.wait 5*4=20 vs 24 no.'
+        '3*2=6 6+4=24 vs 24 yes.wait 6+4=10 vs 24 no.3*2=6 6*4=24 vs 24 yes.wait 6*4=24 vs 24 yes.'
+        '</think><answer>(3*2)*4</answer>')
+    # ... and believes its first slip when only the others re-check; an under-thinker then redoes it and gives up
+    believed = '<think>3+2=5 5+4=24 vs 24 yes.</think><answer>(3+2)+4</answer>'
+    assert countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, persist=1.0, recheck=1.0)) == believed
+    assert countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, persist_recheck=1.0)) == believed
+    assert countdown_trace(FixedRng(0.0), p, TaskConfig(**cfg, recheck=1.0, persist_recheck=0.5)) == \
+        '<think>3+2=5 5+4=24 vs 24 yes.wait 5+4=9 vs 24 no.</think><answer>(3+2)+4</answer>'
+    # over many problems, no slips: of the traces that hit at once, those of persistent writers (a share persist)
+    # are redone, the others not
+    vcfg = TaskConfig(give_up=1.0, persist=0.4, persist_recheck=1.0, stop_at_yes=1.0, recheck_kind='attempt')
+    rng, redone = random.Random(0), []
+    for q in 2 * problems('countdown', 'train', 1500, 0, vcfg):
+        t = countdown_trace(rng, q, vcfg)
+        if t.split('.')[0].endswith('yes'):
+            redone.append('wait' in t)
+    assert len(redone) > 150 and abs(sum(redone) / len(redone) - 0.4) < 0.1
+    with pytest.raises(ValueError, match='persist_recheck'):
+        TaskConfig(persist_recheck=-0.1)
+
+
 def test_under_thinking_corpus_rates():
     # the writer's chances, counted over many traces: one attempt, then a `no` ends the trace with chance give_up;
     # a believed `yes` is redone with chance recheck; a miss slips with chance slip
