@@ -335,7 +335,7 @@ def finish_grpo(tc, task_cfg, model, tok, rows, cd_test, stage_dir, t0):
     else:
         rl_cd, rl_len = evaluate(model, tok, cd_test, 'countdown', tmpl, tc.max_new_tokens)
     # k samples per problem at the rollout temperature: the sampled pass@1 (their mean), pass@k, the re-check share
-    fin, d = sampled_eval(model, tok, cd_test, tc, tmpl, forced=task_cfg.recheck > 0)
+    fin, d = sampled_eval(model, tok, cd_test, tc, tmpl, forced=task_cfg.rechecks)
     if rank_world()[0] != 0:   # one writer
         return
     steps = [r for r in rows if 'accuracy' in r]

@@ -212,6 +212,10 @@ class TaskConfig:
     words_frac: float = 0.0     # chance that a corpus trace writes an attempt in number words (a 2nd language)
     template: str = 'short'     # prompt: short | r1zero (DeepSeek-R1) | tinyzero (TinyZero's base) | chat (Qwen chat)
 
+    @property
+    def rechecks(self):   # does any writer redo a `yes`? (then report.forced_recheck has something to force)
+        return self.recheck > 0 or self.persist_recheck > 0
+
     def __post_init__(self):
         # the problem generators draw until a problem fits these fields: nonsense here used to spin forever
         if not 2 <= self.n_numbers <= 6:  # >= 2 for one move; all_attempts walks n! * |ops|^(n-1) chains a problem
@@ -391,7 +395,8 @@ def countdown_trace(rng, p, cfg):
     """
     if cfg.search not in SEARCHES:
         raise ValueError(f"unknown search {cfg.search!r}; choose from {SEARCHES}")
-    # every draw below is guarded by its field, so the fields at 0 leave the corpus exactly as it was
+    # every draw below is guarded by its field, so the fields at 0 leave the corpus exactly as it was (but with
+    # persist and recheck on, persist_recheck 0 now means persistent writers never redo; before a3b919c they did)
     k = cfg.max_attempts if cfg.give_up and cfg.search == 'enumerate' else rng.randint(1, cfg.max_attempts)
     give_up, recheck = cfg.give_up, cfg.recheck
     if give_up and cfg.persist and rng.random() < cfg.persist:   # a persistent writer: it never gives up

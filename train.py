@@ -414,7 +414,7 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     print0(grpo.LOSS_NEAR_ZERO_NOTE)
     if start == 0:   # the base, on the whole held-out split: greedy, and sampled as finish_grpo samples the final
         rows.append({'step': 0, **rl_eval(model, tok, cd_test, tc, tmpl, 0),
-                     **sampled_eval(model, tok, cd_test, tc, tmpl, forced=task_cfg.recheck > 0)[0]})
+                     **sampled_eval(model, tok, cd_test, tc, tmpl, forced=task_cfg.rechecks)[0]})
         if log:
             log.log(**rows[-1])
         print0(f"step 0: held-out greedy pass@1 {rows[0]['eval_pass@1']:.3f}, mean tokens {rows[0]['eval_mean_tokens']:.1f}")

@@ -349,6 +349,8 @@ def test_persistent_writers_recheck():
     assert len(redone) > 150 and abs(sum(redone) / len(redone) - 0.4) < 0.1
     with pytest.raises(ValueError, match='persist_recheck'):
         TaskConfig(persist_recheck=-0.1)
+    # a world re-checks when either kind of writer does (the forced re-check is measured there)
+    assert TaskConfig(persist_recheck=0.4).rechecks and TaskConfig(recheck=0.1).rechecks and not TaskConfig().rechecks
 
 
 def test_under_thinking_corpus_rates():
