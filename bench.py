@@ -25,7 +25,8 @@ of rows equal to transformers' tokens; beside them the decode step's roofline fl
 separate kernels in sequence, and one perfectly fused step) and each side's ms per step (prefill included).
 grpo_step: one GRPO step as train.py takes it (rollouts, rewards, the loss from the hidden states, AdamW) vs TRL's
 GRPOTrainer on the same weights, tokenizer (one word per id), prompts, reward and settings (mu = 1, beta = 0,
-loss 'grpo', temperature 0.7, 160 new tokens), s/step; our step runs between TRL's steps.
+loss 'grpo', temperature 0.7, 160 new tokens, micro-batches of train.py's --rl-micro rows), s/step; our step
+runs between TRL's steps.
 
 gpu: what only a GPU shows, in one command (a few minutes on one H100/H200): pretraining tokens/s and MFU of
 --preset small in one process and under FSDP2 (torchrun, one rank), a few GRPO steps' time and CUDA peak memory
@@ -49,9 +50,10 @@ from grpo import group_advantages
 from harness import load_policy
 from hf import save_pretrained
 from model import GPT, ModelConfig
+from rollouts import TrainShard
 from sample import generate, group_rollouts, sequences_for_training
 from shard import memory_plan, prompt_bound
-from train import PRESETS, resolve
+from train import PRESETS, TrainConfig, resolve
 
 
 # -----------------------------------------------------------------------------
@@ -220,9 +222,17 @@ def grpo_step(argv):
     p.add_argument('--prompt-len', type=int, default=24, help="prompt tokens")
     p.add_argument('--new-tokens', type=int, default=160, help="sampled tokens per row (no stop token)")
     p.add_argument('--temperature', type=float, default=0.7, help="rollout temperature")
+    p.add_argument('--micro', type=int, default=TrainConfig.rl_micro,
+                   help="rows per forward/backward micro-batch, both sides (train.py's --rl-micro; TRL's "
+                        "per_device_train_batch_size, with gradient accumulation over the step's rows)")
+    p.add_argument('--compile', choices=('none', 'ours', 'both'), default='none',
+                   help="torch.compile the training forward: ours (train.py --compile), or both (and TRL's "
+                        "torch_compile=True, which compiles the model its generate runs too)")
     p.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument('--iters', type=int, default=3, help="timed steps of each (interleaved), median reported")
     args = p.parse_args(argv)
+    if args.prompts * args.group % args.micro:
+        raise SystemExit(f"--micro {args.micro} must divide the step's {args.prompts * args.group} rows")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(json.dumps(dict(vars(args), torch_threads=torch.get_num_threads())))
@@ -238,6 +248,7 @@ def grpo_step(argv):
         m, hf = _dense_pair(args.dims, V, args.prompt_len + args.new_tokens, device, tmp)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
     gen = torch.Generator().manual_seed(0)
+    compiled = torch.compile(m, dynamic=True) if args.compile != 'none' else None   # compiled in the warm-up step
 
     def ours():
         """What train.py's GRPO step does (mu = 1, beta = 0, loss 'grpo'), with the loss from the hidden states."""
@@ -245,11 +256,14 @@ def grpo_step(argv):
         g = group_rollouts(m, prompts, G, args.new_tokens, set(), 0, temperature=T, generator=gen)
         texts = [' '.join(f't{i}' for i in r[:int(n)]) for r, n in zip(g.tokens.tolist(), g.lengths)]
         A = group_advantages(torch.tensor([reward(t) for t in texts]), G)
-        idx, pos, amask, P = sequences_for_training(rows, g, 0, device)
+        tb = TrainShard(*sequences_for_training(rows, g, 0, device), g.tokens, g.mask, A, [])
         m.train()
-        h, _ = m(idx, pos=pos, mask=amask, logits_slice=slice(P - 1, P - 1 + g.tokens.shape[1]), return_hidden=True)
-        loss, _ = loss_from_hidden(h / T, m.lm_head.weight, g.tokens, None, None, A, g.mask, loss_type='grpo')
-        loss.backward()
+        for a in range(0, len(rows), args.micro):   # micro-batches, each its share of the mean over rows
+            sl = slice(a, a + args.micro)
+            h = tb.response(m, sl, True, compiled)                                             # (micro, L, C)
+            loss, _ = loss_from_hidden(h / T, m.lm_head.weight, g.tokens[sl], None, None, A[sl], g.mask[sl],
+                                       loss_type='grpo')
+            (loss * h.shape[0] / len(rows)).backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -279,11 +293,14 @@ def grpo_step(argv):
                 times['trl'].append(1e3 * (time.perf_counter() - self.t0))
                 times['ours'].append(time_ms(ours, device, 0, 1))
 
-        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(rows), num_generations=G,
+        # one optimizer step over the len(rows) rows, generated at once, in micro-batches of args.micro rows
+        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.micro,
+                         gradient_accumulation_steps=len(rows) // args.micro, num_generations=G,
                          max_completion_length=args.new_tokens, generation_kwargs={'min_new_tokens': args.new_tokens},
                          temperature=T, top_k=0, top_p=1.0, beta=0.0, loss_type='grpo', learning_rate=1e-6,
                          max_steps=args.iters + 1, shuffle_dataset=False, save_strategy='no', report_to='none',
-                         use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=10 ** 6, seed=0)
+                         use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=10 ** 6, seed=0,
+                         torch_compile=args.compile == 'both')
         GRPOTrainer(model=hf, reward_funcs=lambda completions, **kw: [reward(c) for c in completions], args=cfg,
                     train_dataset=data, processing_class=tok, callbacks=[Interleave()]).train()
     med = {k: statistics.median(v[1:]) / 1e3 for k, v in times.items() if len(v) > 1}   # the first is warm-up

@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 1337                  # every random choice derives from it
     resume: bool = False              # continue each stage from <out_dir>/<stage>/ckpt.pt
     overwrite: bool = False           # start a stage afresh even if its directory holds a checkpoint
-    compile: bool = False             # torch.compile the model for pretraining
+    compile: bool = False             # torch.compile the model: pretraining, and RL's update (chunked loss only)
     threads: int = 0                  # torch CPU threads (0: torch's default)
     save_hf: str = ''                 # after the last stage, write its model + tokenizer here as a Hugging Face folder
     # tokenizer and corpus
@@ -418,6 +418,9 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         if log:
             log.log(**rows[-1])
         print0(f"step 0: held-out greedy pass@1 {rows[0]['eval_pass@1']:.3f}, mean tokens {rows[0]['eval_mean_tokens']:.1f}")
+    impl = fused_loss.trainer_impl(tc.loss_impl, device, tc.fsdp)   # 'chunked' off CUDA: no logits exist
+    compiled = {m: torch.compile(m, dynamic=True) for m in (model, ref)   # --compile: the update's forwards
+                if m is not None and tc.compile and impl == 'chunked'}
     bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
                disable=rank != 0)
     for step in bar:
@@ -463,14 +466,10 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         # rank's own batch (TRL's), so its sum over ranks takes 1/world: the mean of the ranks' means
         norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N,
                     batch_tokens=tb.mask.sum().clamp(min=1) * world, global_tokens=n_tok, max_len=tc.max_new_tokens)
-        impl = fused_loss.trainer_impl(tc.loss_impl, device, tc.fsdp)   # 'chunked' off CUDA: no logits exist
 
         def response_out(m, sl):   # at the rollout temperature (the policy that sampled): the final hidden states
             with autocast(device):  # (b, L, C) for the chunked loss, else the response positions' logits (b, L, V)
-                out, _ = m(tb.idx[sl], pos=None if tb.pos is None else tb.pos[sl],
-                           mask=None if tb.amask is None else tb.amask[sl],
-                           logits_slice=slice(tb.P - 1, tb.P - 1 + tb.resp.shape[1]), return_hidden=impl == 'chunked')
-            return out / tc.temperature
+                return tb.response(m, sl, impl == 'chunked', compiled.get(m)) / tc.temperature
 
         # 4. old (mu > 1 only: with mu = 1 the policy is its own old policy, rho == 1) and reference logprobs
         with torch.no_grad():

@@ -21,7 +21,7 @@ import grpo
 import report
 import train
 from model import GPT, ModelConfig
-from rollouts import RolloutBatch, dynamic_batch
+from rollouts import RolloutBatch, TrainShard, dynamic_batch
 from sample import Generation, sequences_for_training
 from tasks import Countdown
 from test_train import ENV, ROOT, dies, main
@@ -88,11 +88,12 @@ def test_dynamic_sampling_stops_at_its_round_cap_and_keeps_all_without_the_filte
 # -----------------------------------------------------------------------------
 # the trainer's loss path equals the full-logits reference, in value and in gradient
 
-def trainer_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, impl, loss_type):
+def trainer_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, impl, loss_type, compiled=None):
     """What grpo_stage computes for one micro-batch (mu = 1: on-policy, old_logp None): the hidden states of the
-    response positions into fused_loss.loss_from_hidden (off CUDA), or their logits into fused_loss.loss_from_logits."""
-    L = tokens.shape[1]
-    out, _ = model(idx, pos=pos, mask=amask, logits_slice=slice(P - 1, P - 1 + L), return_hidden=impl == 'chunked')
+    response positions (TrainShard.response; through `compiled` under --compile) into
+    fused_loss.loss_from_hidden (off CUDA), or their logits into fused_loss.loss_from_logits."""
+    tb = TrainShard(idx, pos, amask, P, tokens, mask, A, [])
+    out = tb.response(model, slice(None), impl == 'chunked', compiled)
     kw = dict(loss_type=loss_type, max_len=8, global_tokens=mask.sum())
     if impl == 'chunked':   # off CUDA: from the hidden states in blocks (small ones here, to cross several)
         return fused_loss.loss_from_hidden(out / temperature, model.lm_head.weight, tokens, None, None, A, mask,
@@ -139,6 +140,40 @@ def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
         for n, p in model.named_parameters():
             if p.grad is not None:
                 torch.testing.assert_close(ga[n], p.grad, atol=1e-6, rtol=1e-4, msg=f"{loss_type} {n}")
+
+
+def test_compiled_update_forward_equals_eager_and_compiles_once_for_all_lengths():
+    """--compile: the update's forward through torch.compile(model, dynamic=True), the response cut outside the
+    graph, gives the eager path's loss and gradients; responses of other lengths (nearly every step has its own)
+    and other row counts reuse the graph instead of compiling again (at most one recompile, which dynamo spends
+    on turning the first-seen sizes dynamic)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, attn='gqa',
+                            ffn='dense'))
+    compiled = torch.compile(model, dynamic=True)
+    g = torch.Generator().manual_seed(1)
+    frames = []
+    for rows, L in ((3, 6), (3, 9), (2, 4), (3, 11)):
+        prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 5, 4)[:rows]]
+        tokens = torch.randint(2, 40, (rows, L), generator=g)
+        mask = (torch.arange(L) < torch.randint(1, L + 1, (rows, 1), generator=g)).float()
+        gen = Generation(tokens, torch.zeros(rows, L), mask, mask.sum(1).long(), torch.ones(rows, dtype=torch.bool))
+        idx, pos, amask, P = sequences_for_training(prompts, gen, PAD, 'cpu', 32)
+        A = torch.randn(rows, generator=g)
+        grads = []
+        for c in (compiled, None):
+            model.zero_grad()
+            loss = trainer_loss(model, idx, pos, amask, P, tokens, A, mask, 0.7, 'chunked', 'grpo', c)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-5)
+        for a, b in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+        frames.append(torch._dynamo.utils.counters['stats']['unique_graphs'])
+    assert frames[0] >= 1 and frames[-1] - frames[0] <= 1, frames   # compiled, and not once per length
+    with pytest.raises(ValueError, match='chunked loss only'):
+        trainer_loss(model, idx, pos, amask, P, tokens, A, mask, 0.7, 'torch', 'grpo', compiled)
 
 
 # -----------------------------------------------------------------------------
