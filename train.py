@@ -421,6 +421,8 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     impl = fused_loss.trainer_impl(tc.loss_impl, device, tc.fsdp)   # 'chunked' off CUDA: no logits exist
     compiled = {m: torch.compile(m, dynamic=True) for m in (model, ref)   # --compile: the update's forwards
                 if m is not None and tc.compile and impl == 'chunked'}
+    if tc.compile and not compiled:
+        print0(f"--compile: {name}'s update stays eager (the compiled forward serves the chunked loss, not '{impl}')")
     bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
                disable=rank != 0)
     for step in bar:
