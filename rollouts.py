@@ -351,15 +351,16 @@ class TrainShard:
     def response(self, model, sl, hidden, compiled=None):
         """Rows sl through model, at the response positions only: the final hidden states (b, L, C) if hidden (for
         fused_loss's chunked loss), else the logits (b, L, V). compiled, torch.compile(model, dynamic=True): the
-        whole sequences' hidden states through it, cut to the response outside the graph. Cut inside, the slice's
-        ints would be constants of the graph: one compilation per response length, i.e. nearly every step."""
+        whole sequences' hidden states through it, cut to the response outside the graph (and the logits by the
+        head, as the model's forward makes them). Cut inside, the slice's ints would be constants of the graph: one
+        compilation per response length, i.e. nearly every step. The head outside the forward reads whole
+        weights: not under FSDP, which gathers them only inside it."""
         cut = slice(self.P - 1, self.P - 1 + self.resp.shape[1])
         kw = dict(pos=None if self.pos is None else self.pos[sl], mask=None if self.amask is None else self.amask[sl])
         if compiled is None:
             return model(self.idx[sl], logits_slice=cut, return_hidden=hidden, **kw)[0]    # (b, L, C or V)
-        if not hidden:
-            raise ValueError("the compiled forward gives hidden states: the chunked loss only")
-        return compiled(self.idx[sl], return_hidden=True, **kw)[0][:, cut]               # (b, L, C)
+        h = compiled(self.idx[sl], return_hidden=True, **kw)[0][:, cut]                  # (b, L, C)
+        return h if hidden else model.lm_head(h)                                         # (b, L, C or V)
 
 
 def training_shard(batch, trained, A, G, part, world, micro_rows, pad_id, device, block_size):

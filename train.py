@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 1337                  # every random choice derives from it
     resume: bool = False              # continue each stage from <out_dir>/<stage>/ckpt.pt
     overwrite: bool = False           # start a stage afresh even if its directory holds a checkpoint
-    compile: bool = False             # torch.compile the model: pretraining, and RL's update (chunked loss only)
+    compile: bool = False             # torch.compile the model: pretraining, and RL's update (not under --fsdp)
     threads: int = 0                  # torch CPU threads (0: torch's default)
     save_hf: str = ''                 # after the last stage, write its model + tokenizer here as a Hugging Face folder
     # tokenizer and corpus
@@ -420,9 +420,9 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         print0(f"step 0: held-out greedy pass@1 {rows[0]['eval_pass@1']:.3f}, mean tokens {rows[0]['eval_mean_tokens']:.1f}")
     impl = fused_loss.trainer_impl(tc.loss_impl, device, tc.fsdp)   # 'chunked' off CUDA: no logits exist
     compiled = {m: torch.compile(m, dynamic=True) for m in (model, ref)   # --compile: the update's forwards
-                if m is not None and tc.compile and impl == 'chunked'}
-    if tc.compile and not compiled:
-        print0(f"--compile: {name}'s update stays eager (the compiled forward serves the chunked loss, not '{impl}')")
+                if m is not None and tc.compile and not tc.fsdp}
+    if tc.compile and tc.fsdp:
+        print0(f"--compile: {name}'s update stays eager under --fsdp (TrainShard.response runs the head outside)")
     bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
                disable=rank != 0)
     for step in bar:

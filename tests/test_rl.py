@@ -144,7 +144,7 @@ def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
 
 def test_compiled_update_forward_equals_eager_and_compiles_once_for_all_lengths():
     """--compile: the update's forward through torch.compile(model, dynamic=True), the response cut outside the
-    graph, gives the eager path's loss and gradients; responses of other lengths (nearly every step has its own)
+    graph, gives the eager path's loss and gradients (hidden states for the chunked loss, and logits); responses of other lengths (nearly every step has its own)
     and other row counts reuse the graph instead of compiling again (at most one recompile, which dynamo spends
     on turning the first-seen sizes dynamic)."""
     torch._dynamo.reset()
@@ -172,8 +172,15 @@ def test_compiled_update_forward_equals_eager_and_compiles_once_for_all_lengths(
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
         frames.append(torch._dynamo.utils.counters['stats']['unique_graphs'])
     assert frames[0] >= 1 and frames[-1] - frames[0] <= 1, frames   # compiled, and not once per length
-    with pytest.raises(ValueError, match='chunked loss only'):
-        trainer_loss(model, idx, pos, amask, P, tokens, A, mask, 0.7, 'torch', 'grpo', compiled)
+    # the logits path (CUDA's default, the Triton kernel's input): the head after the compiled trunk
+    for c in (compiled, None):
+        model.zero_grad()
+        loss = trainer_loss(model, idx, pos, amask, P, tokens, A, mask, 0.7, 'torch', 'dapo', c)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[-2][0], grads[-1][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads[-2][1], grads[-1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 # -----------------------------------------------------------------------------
