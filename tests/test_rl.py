@@ -144,9 +144,9 @@ def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
 
 def test_compiled_update_forward_equals_eager_and_compiles_once_for_all_lengths():
     """--compile: the update's forward through torch.compile(model, dynamic=True), the response cut outside the
-    graph, gives the eager path's loss and gradients (hidden states for the chunked loss, and logits); responses of other lengths (nearly every step has its own)
-    and other row counts reuse the graph instead of compiling again (at most one recompile, which dynamo spends
-    on turning the first-seen sizes dynamic)."""
+    graph, gives the eager path's loss and gradients (hidden states for the chunked loss, and logits); responses
+    of other lengths (nearly every step has its own) and other row counts reuse the graph instead of compiling
+    again (at most one recompile, which dynamo spends on turning the first-seen sizes dynamic)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, attn='gqa',
@@ -181,6 +181,40 @@ def test_compiled_update_forward_equals_eager_and_compiles_once_for_all_lengths(
     torch.testing.assert_close(grads[-2][0], grads[-1][0], atol=1e-6, rtol=1e-5)
     for a, b in zip(grads[-2][1], grads[-1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_update_forward_of_mla_moe_equals_eager_with_its_expert_loads():
+    """The same for MLA + DeepSeekMoE, whose forward also counts each expert's load into buffers (the aux-loss-free
+    bias update reads them after the step): the compiled forward must leave the counts eager leaves."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, kv_lora_rank=16,
+                            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                            moe_intermediate_size=16))
+    compiled = torch.compile(model, dynamic=True)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 5, 4)]
+    tokens = torch.randint(2, 40, (3, 7), generator=g)
+    mask = (torch.arange(7) < torch.tensor([[7], [3], [5]])).float()
+    gen = Generation(tokens, torch.zeros(3, 7), mask, mask.sum(1).long(), torch.ones(3, dtype=torch.bool))
+    idx, pos, amask, P = sequences_for_training(prompts, gen, PAD, 'cpu', 32)
+    A = torch.tensor([0.7, -1.2, 0.4])
+    out = []
+    for c in (compiled, None):
+        model.zero_grad()
+        moes = [m for m in model.modules() if hasattr(m, 'load_since_update')]   # the experts' load counters
+        for m in moes:
+            m.load_since_update.zero_()
+        loss = trainer_loss(model, idx, pos, amask, P, tokens, A, mask, 0.7, 'chunked', 'dapo', c)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                    [m.load_since_update.clone() for m in moes]))
+    (la, ga, ca), (lb, gb, cb) = out
+    torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-5)
+    assert len(ga) == len(gb) > 0 and len(ca) == len(cb) > 0 and all(c.sum() > 0 for c in cb)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for a, b in zip(ca, cb):
+        torch.testing.assert_close(a, b)
 
 
 # -----------------------------------------------------------------------------
