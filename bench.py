@@ -30,8 +30,9 @@ runs between TRL's steps.
 
 gpu: what only a GPU shows, in one command (a few minutes on one H100/H200): pretraining tokens/s and MFU of
 --preset small in one process and under FSDP2 (torchrun, one rank), a few GRPO steps' time and CUDA peak memory
-next to the --dry-run plan of the same settings, the presets' rollout tokens/s (`model`) and the kernels'
-tables; the figures in <out>/gpu.json. `--device cpu` makes it a smoke run of the same code.
+next to the --dry-run plan of the same settings, the presets' rollout tokens/s (`model`), the kernels' tables and
+the GRPO steps again under --compile; the figures in <out>/gpu.json. `--device cpu` makes it a smoke run of the
+same code.
 """
 import argparse
 import json
@@ -378,9 +379,9 @@ def gpu(argv):
               f"{out[f'pretrain_{mode}']['mfu']}")
     # 2. GRPO steps from that base: step time and CUDA peak memory, against the --dry-run plan of the same settings
     d = os.path.join(args.out, 'grpo')
-    _run([sys.executable] + common + ['--stage', 'grpo', '--init-from', os.path.join(args.out, 'plain', 'pretrain',
-         'ckpt.pt'), '--rl-steps', str(args.rl_steps), '--n-eval', str(args.n_eval), '--pass-k', '2',
-         '--out-dir', d], d + '.log')
+    grpo_cmd = [sys.executable] + common + ['--stage', 'grpo', '--init-from', os.path.join(args.out, 'plain',
+                'pretrain', 'ckpt.pt'), '--rl-steps', str(args.rl_steps), '--n-eval', str(args.n_eval), '--pass-k', '2']
+    _run(grpo_cmd + ['--out-dir', d], d + '.log')
     rows = [r for r in _metrics(os.path.join(d, 'grpo', 'metrics.jsonl')) if 'step_seconds' in r]
     tc, task_cfg, mc = resolve({**PRESETS[args.preset], 'preset': args.preset, 'device': device.type,
                                 'vocab_size': model_.config.vocab_size})
@@ -398,6 +399,14 @@ def gpu(argv):
     model(dev + ['--presets', f'tiny,tiny-dense,{args.preset}'] + ([] if is_gpu else ['--rows', '4', '--iters', '1']))
     for k in filter(None, args.kernels.split(',')):
         BENCHMARKS[k](dev + ([] if is_gpu else ['--iters', '1']))
+    # 4. the GRPO steps again under --compile (last: a compiler failure costs no figure above); step 1 compiles
+    d = os.path.join(args.out, 'grpo-compile')
+    _run(grpo_cmd + ['--compile', '--out-dir', d], d + '.log')
+    out['grpo_compile'] = {'step_seconds': [r['step_seconds'] for r in _metrics(os.path.join(d, 'grpo',
+                                            'metrics.jsonl')) if 'step_seconds' in r]}
+    print(f"grpo --compile: s/step {out['grpo_compile']['step_seconds']} (the first compiles)")
+    with open(os.path.join(args.out, 'gpu.json'), 'w') as f:
+        json.dump(out, f, indent=2)
     print(f"wrote {os.path.join(args.out, 'gpu.json')}")
 
 
