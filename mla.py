@@ -30,9 +30,11 @@ Conventions and deviations
   comes from `yarn_rope_table` (ramped interpolation of the frequencies, times YaRN's attention factor), and
   the softmax scale gains mscale^2 with mscale = 0.1 * rope_mscale_all_dim * ln(rope_factor) + 1, as in
   DeepSeek's inference code and Hugging Face's DeepseekV3Attention. rope_factor = 1 is plain RoPE.
-- Both paths run through F.scaled_dot_product_attention (the absorbed one as MQA with enable_gqa), so masks,
-  dropout and fused kernels behave the same; mla_impl can be switched per module (`block.attn.impl`) between
-  calls, but not in the middle of a cached generation, as the two paths fill different cache buffers.
+- Both paths run through F.scaled_dot_product_attention (the absorbed one as MQA with one latent head), so
+  masks, dropout and fused kernels behave the same, except one cached decode step on the CPU, where two batched
+  matmuls replace SDPA's math path (it would scale a copy of the whole cache at every step); mla_impl can be
+  switched per module (`block.attn.impl`) between calls, but not in the middle of a cached generation, as the
+  two paths fill different cache buffers.
 - Decode kernel. One cached decode step of the absorbed path on CUDA, without grad and without a mask, runs
   `mla_decode` instead: a Triton split-K (flash-decoding) kernel over the latent cache, contiguous or paged, the
   computation FlashMLA does on Hopper (section at the end of this file). `mla_decode_ref` is its slow twin;
@@ -197,6 +199,15 @@ class MLA(nn.Module):
                 y, _ = mla_decode(q_lat[:, 0], q_pe[:, 0], kvpe[..., :dc], kvpe[..., dc:], lens,
                                   self.scale)                                          # (B, H, dc)
                 y = y.unsqueeze(1)                                                     # (B, 1, H, dc)
+            elif T == 1 and p_drop == 0 and not x.is_cuda:
+                # one sampled token per row on the CPU: two batched matmuls over the latent cache. SDPA would
+                # take its math path here (key and value widths differ), which scales a copy of the whole cache
+                # by sqrt(scale) at every step: a fifth of a tiny rollout's time
+                q = torch.cat([q_lat, q_pe], dim=-1).view(B, H, dc + dr) * self.scale   # (B, H, dc+dr)
+                s = q @ kvpe.transpose(1, 2)                                            # (B, H, Tk)
+                if mask is not None:                                                    # (B or 1, 1, 1, Tk)
+                    s = s.masked_fill(~mask.view(-1, 1, Tk), float('-inf'))
+                y = (s.softmax(-1) @ kvpe[..., :dc]).unsqueeze(1)                       # (B, 1, H, dc)
             else:
                 # multi-query attention with one latent head: fold the H heads into the query axis (row
                 # t*H + h), so one (T*H, Tk) score matrix per sequence serves every head and the cache is never

@@ -83,6 +83,35 @@ def test_auto_decompresses_without_cache_and_absorbs_with_one():
 
 
 @torch.no_grad()
+def test_cpu_decode_step_with_peaked_attention_and_a_left_padded_row():
+    """The absorbed path's CPU decode step (two matmuls over the latent cache, not SDPA's math path): with the
+    query and key weights scaled up, so that attention is far from uniform and its scale matters, and a
+    left-padded row that must not attend to its pads, each step's logits equal the row's own uncached naive run."""
+    naive, absorb = twins(q_lora_rank=0)
+    for model in (naive, absorb):
+        for block in model.layers:
+            block.attn.wq.weight.mul_(8)
+            block.attn.wkv_b.weight.mul_(8)
+    x = tokens(T=16)
+    pad, P = 4, 8                                        # row 1: row 0's tokens after its first 4, left-padded
+    xp = torch.stack([x[0], torch.cat([torch.zeros(pad, dtype=torch.long), x[0, pad:]])])   # (2, 16)
+    valid = torch.tensor([[True] * 16, [False] * pad + [True] * 12])                        # (2, 16)
+    pos = (valid.cumsum(1) - 1).clamp(min=0)                                                # (2, 16)
+    cache = absorb.new_cache(2, 16)
+    m0 = torch.ones(P, P, dtype=torch.bool).tril() & valid[:, None, :P] | torch.eye(P, dtype=torch.bool)
+    steps = [absorb(xp[:, :P], pos=pos[:, :P], mask=m0.unsqueeze(1), cache=cache)[0]]     # prefill (2, P, V)
+    for t in range(P, 16):                                                                  # one token a step
+        steps.append(absorb(xp[:, t:t + 1], pos=pos[:, t:t + 1], mask=valid[:, None, None, :t + 1], cache=cache,
+                            start=t)[0])
+    out = torch.cat(steps, dim=1)                                                           # (2, 16, V)
+    ref0, ref1 = naive(x[:1])[0], naive(x[:1, pad:])[0]                                     # uncached, unpadded
+    attn = naive.layers[0].attn                          # the scores are far from uniform: the test can fail
+    assert attn.wq.weight.abs().mean() > 0.1
+    torch.testing.assert_close(out[:1], ref0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1:, pad:], ref1, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_chunked_prefill_and_left_padding():
     """start > 0 with T > 1 needs an offset causal mask; a left-padded row with pos/mask equals its unpadded run."""
     for model in twins():
