@@ -26,7 +26,7 @@ separate kernels in sequence, and one perfectly fused step) and each side's ms p
 grpo_step: one GRPO step as train.py takes it (rollouts, rewards, the loss from the hidden states, AdamW) vs TRL's
 GRPOTrainer on the same weights, tokenizer (one word per id), prompts, reward and settings (mu = 1, beta = 0,
 loss 'grpo', temperature 0.7, 160 new tokens, micro-batches of train.py's --rl-micro rows), s/step; our step
-runs between TRL's steps.
+runs between TRL's steps; `--compile ours` compiles our update's forward as `train.py --compile` does.
 
 gpu: what only a GPU shows, in one command (a few minutes on one H100/H200): pretraining tokens/s and MFU of
 --preset small in one process and under FSDP2 (torchrun, one rank), a few GRPO steps' time and CUDA peak memory
