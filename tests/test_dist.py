@@ -31,7 +31,7 @@ from tasks import TaskConfig, problems   # noqa: E402
 # zero-weight micro-batch; --rl-micro 4 (one group) makes one process's micro-batches those of the two ranks
 GRPO = ['--preset', 'test', '--stage', 'grpo', '--rl-steps', '3', '--rl-prompts', '3', '--rl-micro', '4',
         '--n-eval', '5', '--rl-eval-interval', '3', '--threads', '1']
-RUNS = {   # together: every loss type, dynamic sampling on and off, prioritized sampling, mu = 2, batch std
+RUNS = {   # together: every loss type, dynamic sampling on and off, prioritized sampling, mu = 2, batch std, compile
     'grpo': ['--loss-type', 'grpo', '--dynamic-sampling', '--prompt-sampling', 'prioritized'],
     'dapo': ['--loss-type', 'dapo', '--dynamic-sampling', '--rl-mu', '2', '--adv-scale', 'batch'],
     'dr_grpo': ['--loss-type', 'dr_grpo', '--dynamic-sampling', '--mask-truncated'],
@@ -40,6 +40,8 @@ RUNS = {   # together: every loss type, dynamic sampling on and off, prioritized
     # bnpo is a token mean over each rank's own rows: one process's loss only when the ranks hold as many tokens,
     # so an even split (4 prompts) and no stop token at all (every response runs to max_new_tokens)
     'bnpo': ['--loss-type', 'bnpo', '--rl-prompts', '4'],
+    # the update's forwards (policy, old policy, reference) through torch.compile (test_rl.py holds it to eager)
+    'compiled': ['--loss-type', 'dapo', '--rl-mu', '2', '--compile'],
 }
 SFT = ['--preset', 'test', '--threads', '1', '--sft-steps', '3', '--sft-batch-size', '5', '--max-new-tokens', '60',
        '--n-eval', '4']
