@@ -422,7 +422,7 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
     compiled = {m: torch.compile(m, dynamic=True) for m in (model, ref)   # --compile: the update's forwards
                 if m is not None and tc.compile and not tc.fsdp}
     if tc.compile and tc.fsdp:
-        print0(f"--compile: {name}'s update stays eager under --fsdp (the compiled path runs the head outside the forward)")
+        print0(f"--compile: {name}'s update stays eager with --fsdp (compiled, its head runs outside the forward)")
     bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
                disable=rank != 0)
     for step in bar:
