@@ -51,6 +51,7 @@ from grpo import group_advantages
 from harness import load_policy
 from hf import save_pretrained
 from model import GPT, ModelConfig
+from report import write_json
 from rollouts import TrainShard
 from sample import generate, group_rollouts, sequences_for_training
 from shard import memory_plan, prompt_bound
@@ -392,8 +393,7 @@ def gpu(argv):
                    'cuda_peak_gib': measured or None, 'dry_run_plan_gib': round(planned / 2 ** 30, 3)}
     print(f"grpo: s/step {out['grpo']['step_seconds']}, CUDA peak {measured:.3f} GiB, --dry-run plan "
           f"{planned / 2 ** 30:.3f} GiB")
-    with open(os.path.join(args.out, 'gpu.json'), 'w') as f:
-        json.dump(out, f, indent=2)
+    write_json(os.path.join(args.out, 'gpu.json'), out)
     # 3. rollout tokens/s of the presets' models, then the kernels (each prints its own table)
     dev = ['--device', device.type]
     model(dev + ['--presets', f'tiny,tiny-dense,{args.preset}'] + ([] if is_gpu else ['--rows', '4', '--iters', '1']))
@@ -405,8 +405,7 @@ def gpu(argv):
     out['grpo_compile'] = {'step_seconds': [r['step_seconds'] for r in _metrics(os.path.join(d, 'grpo',
                                             'metrics.jsonl')) if 'step_seconds' in r]}
     print(f"grpo --compile: s/step {out['grpo_compile']['step_seconds']} (the first compiles)")
-    with open(os.path.join(args.out, 'gpu.json'), 'w') as f:
-        json.dump(out, f, indent=2)
+    write_json(os.path.join(args.out, 'gpu.json'), out)
     print(f"wrote {os.path.join(args.out, 'gpu.json')}")
 
 
