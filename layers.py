@@ -9,7 +9,7 @@ model.py. Nothing here knows about a config.
 - SwiGLU feed-forward: Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU, without biases (Llama's
   FFN, and one DeepSeekMoE expert).
 - resolve_mask: the causal mask for F.scaled_dot_product_attention, including the offset one a chunked
-  prefill into a KV cache needs.
+  prefill into a KV cache needs; decode_attention: one decode step's attention on the CPU, without SDPA.
 """
 import numpy as np
 import torch
@@ -74,6 +74,17 @@ def resolve_mask(mask, T, start, device):
     if start == 0:
         return None, True
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start), False   # (T, Tk)
+
+
+def decode_attention(q, k, v, scale, mask=None):
+    """One decode step's attention as two batched matmuls, where SDPA's CPU kernels are slower (dense GQA) or
+    fall back to a math path that scales a copy of the whole cache at every step (MLA's latent cache, whose key
+    and value widths differ). q (..., Q, D), k (..., Tk, D), v (..., Tk, Dv); mask broadcastable to (..., Q, Tk),
+    True = attend, or None. Returns (..., Q, Dv)."""
+    s = (q * scale) @ k.transpose(-1, -2)                                  # (..., Q, Tk): scale the few queries
+    if mask is not None:
+        s = s.masked_fill(~mask, float('-inf'))
+    return s.softmax(-1) @ v                                               # (..., Q, Dv)
 
 
 class MLP(nn.Module):

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import RMSNorm, apply_rope, cos_sin, resolve_mask
+from layers import RMSNorm, apply_rope, cos_sin, decode_attention, resolve_mask
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -200,14 +200,11 @@ class MLA(nn.Module):
                                   self.scale)                                          # (B, H, dc)
                 y = y.unsqueeze(1)                                                     # (B, 1, H, dc)
             elif T == 1 and p_drop == 0 and not x.is_cuda:
-                # one sampled token per row on the CPU: two batched matmuls over the latent cache. SDPA would
-                # take its math path here (key and value widths differ), which scales a copy of the whole cache
-                # by sqrt(scale) at every step: a fifth of a tiny rollout's time
-                q = torch.cat([q_lat, q_pe], dim=-1).view(B, H, dc + dr) * self.scale   # (B, H, dc+dr)
-                s = q @ kvpe.transpose(1, 2)                                            # (B, H, Tk)
-                if mask is not None:                                                    # (B or 1, 1, 1, Tk)
-                    s = s.masked_fill(~mask.view(-1, 1, Tk), float('-inf'))
-                y = (s.softmax(-1) @ kvpe[..., :dc]).unsqueeze(1)                       # (B, 1, H, dc)
+                # one sampled token per row on the CPU: SDPA would take its math path here (key and value
+                # widths differ) and scale a copy of the whole cache at every step, a fifth of a tiny rollout
+                q = torch.cat([q_lat, q_pe], dim=-1).view(B, 1, H, dc + dr)            # (B, 1, H, dc+dr)
+                y = decode_attention(q, kvpe.unsqueeze(1), kvpe[..., :dc].unsqueeze(1), self.scale,
+                                     mask)                                             # (B, 1, H, dc)
             else:
                 # multi-query attention with one latent head: fold the H heads into the query axis (row
                 # t*H + h), so one (T*H, Tk) score matrix per sequence serves every head and the cache is never

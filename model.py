@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import MLP, RMSNorm, apply_rope, cos_sin, resolve_mask, rope_table
+from layers import MLP, RMSNorm, apply_rope, cos_sin, decode_attention, resolve_mask, rope_table
 from mla import MLA, yarn_rope_table
 from moe import MoE
 
@@ -211,12 +211,9 @@ class Attention(nn.Module):
         if T == 1 and p_drop == 0 and not x.is_cuda:
             # one query per row (a decode step) on the CPU: two small batched matmuls, with the G = H / Hkv
             # query heads of a group folded into rows, take about half the time of SDPA's CPU kernel there
-            G = self.n_head // self.n_kv_head
-            s = q.reshape(B, self.n_kv_head, G, self.head_dim) @ k.transpose(-1, -2)   # (B, Hkv, G, Tk)
-            s = s * self.head_dim ** -0.5
-            if mask is not None:                                          # (B or 1, 1, 1, Tk) bool
-                s = s.masked_fill(~mask, float('-inf'))
-            y = (s.softmax(-1) @ v).view(B, self.n_head, 1, self.head_dim)  # (B, H, 1, D)
+            q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)  # (B, Hkv, G, D)
+            y = decode_attention(q, k, v, self.head_dim ** -0.5, mask)   # mask (B or 1, 1, 1, Tk) bool
+            y = y.view(B, self.n_head, 1, self.head_dim)                  # (B, H, 1, D)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p_drop,
