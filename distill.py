@@ -44,7 +44,8 @@ from model import lr_at
 from moe import update_moe_biases
 from rewards import countdown_reward
 from shard import gathered, load_model
-from tasks import arithmetic_response, cold_start_trace, has_number_words, problems
+from corpus import arithmetic_response, cold_start_trace, has_number_words
+from tasks import problems
 
 
 def sft_loss(logits, targets, loss_mask, n_tokens=None):
@@ -262,7 +263,7 @@ def sft_stage(tc, task_cfg, device, name='sft', init=''):
            f"tokens, {tc.sft_steps} steps x {tc.sft_batch_size}")
     sft_and_finish(tc, task_cfg, device, name, model, tok, examples, t0,
                    [f"Cold start (R1 sec 2.3.1) from `{init or 'pretrain'}` on {len(examples)} traces of "
-                    "tasks.cold_start_trace: digits only, ending at the first attempt checked `yes`."])
+                    "corpus.cold_start_trace: digits only, ending at the first attempt checked `yes`."])
 
 
 def correct_samples(tc, task_cfg, model, tok, seed):

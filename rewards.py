@@ -327,7 +327,7 @@ def _script_table():
 
 _SCRIPT_OF = _script_table()
 
-# the words tasks.countdown_trace writes around the numbers, in either form: "8+7=15 vs 280 no." and "eight plus
+# the words corpus.countdown_trace writes around the numbers, in either form: "8+7=15 vs 280 no." and "eight plus
 # seven is fifteen vs two hundred eighty no.", and the re-check's "wait"; one counts only where no letter or digit touches it. The check on
 # its left is a lookbehind over the word itself, so the pattern starts with the words' letters and the regex
 # engine skips to them (twice as fast as a leading lookbehind)

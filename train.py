@@ -55,7 +55,8 @@ from rewards import rl_rewards
 from rollouts import PartialRollouts, PromptSampler, cat_batches, dynamic_batch, training_shard
 from sample import row_seed
 from shard import build_model, check_fits, dry_run, gathered, load_model
-from tasks import UNDER_THINKER, TaskConfig, build_world, corpus_tokens, prefills_think, problems
+from corpus import build_world, corpus_tokens
+from tasks import UNDER_THINKER, TaskConfig, prefills_think, problems
 
 
 @dataclass
@@ -131,7 +132,7 @@ class TrainConfig:
     rollout_buffer: int = 0           # partial rollouts: most groups in flight (0: 2 * rl_prompts)
     repeat_stop: float = 0.0          # stop a rollout once this share of its 4-grams repeat (0: off)
     # the R1 pipeline's other stages (distill.py): sft (cold start), rs (rejection sampling), distill
-    sft_examples: int = 400           # sft: readable cold-start traces (tasks.cold_start_trace), one per train problem
+    sft_examples: int = 400           # sft: readable cold-start traces (corpus.cold_start_trace), one per train problem
     sft_steps: int = 100              # optimizer steps of each SFT stage (sft, rs, distill)
     sft_batch_size: int = 16          # examples per SFT step
     sft_lr: float = 5e-4              # peak SFT learning rate (warmup over 10% of the steps, then cosine)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import distill
 import sample
+import corpus
 import tasks
 import train
 from rewards import countdown_reward, language_consistency_reward
@@ -137,8 +138,8 @@ def words_value(s):
 
 
 def test_number_words_read_back():
-    assert [words_value(tasks.number_words(n)) for n in range(1000)] == list(range(1000))
-    assert tasks.number_words(305) == 'three hundred five'
+    assert [words_value(corpus.number_words(n)) for n in range(1000)] == list(range(1000))
+    assert corpus.number_words(305) == 'three hundred five'
 
 
 def test_word_traces_score_by_their_answer_and_lose_language_reward():
@@ -146,7 +147,7 @@ def test_word_traces_score_by_their_answer_and_lose_language_reward():
     ops = {'plus': '+', 'minus': '-', 'times': '*', 'over': '/'}
     probs = tasks.problems('countdown', 'train', 40, 0, cfg)
     for p in probs:
-        t = tasks.countdown_trace(rng, p, cfg)
+        t = corpus.countdown_trace(rng, p, cfg)
         cot, answer = t.removeprefix('<think>').split('</think>')
         assert not re.search(r'\d', cot) and re.search(r'\d', answer)   # CoT in words, answer in digits
         last = cot.split('.')[-2]   # "a op b is r, r op c is v vs target yes|no"
@@ -155,25 +156,25 @@ def test_word_traces_score_by_their_answer_and_lose_language_reward():
         assert words_value(check.rsplit(' ', 1)[0]) == p.target
         # the reward reads the answer tag only: right iff the last attempt (the answer) reaches the target
         assert countdown_reward(t, p.numbers, p.target) == float(v == p.target) == float(check.endswith('yes'))
-        assert language_consistency_reward(t, 'digits') == 0.0 and tasks.has_number_words(t)
+        assert language_consistency_reward(t, 'digits') == 0.0 and corpus.has_number_words(t)
         # an attempt in words is the same attempt as the digits one: rewrite and compare with the answer
         expr = answer.removeprefix('<answer>').removesuffix('</answer>')
         a, op, b = re.match(r'(.+?) (plus|minus|times|over) (.+?) is', steps).groups()
         assert expr.startswith('(' + str(words_value(a)) + ops[op] + str(words_value(b)) + ')')
     # words_frac=0 never writes words; 0.5 mixes both languages within traces
-    assert not any(tasks.has_number_words(tasks.countdown_trace(rng, p, tasks.TaskConfig())) for p in probs)
-    mixed = [tasks.countdown_trace(rng, p, tasks.TaskConfig(words_frac=0.5)) for p in probs]
-    assert any(tasks.has_number_words(t) and re.search(r'\d=\d', t) for t in mixed)
+    assert not any(corpus.has_number_words(corpus.countdown_trace(rng, p, tasks.TaskConfig())) for p in probs)
+    mixed = [corpus.countdown_trace(rng, p, tasks.TaskConfig(words_frac=0.5)) for p in probs]
+    assert any(corpus.has_number_words(t) and re.search(r'\d=\d', t) for t in mixed)
 
 
 def test_cold_start_traces_end_at_their_first_yes():
     cfg, rng = tasks.TaskConfig(), random.Random(1)
     for p in tasks.problems('countdown', 'train', 60, 0, cfg):
-        t = tasks.cold_start_trace(rng, p, cfg)
+        t = corpus.cold_start_trace(rng, p, cfg)
         checks = t.split('</think>')[0].removeprefix('<think>').split('.')[:-1]
         assert len(checks) <= cfg.max_attempts and len(set(checks)) == len(checks)
         assert [c.endswith(' yes') for c in checks] == [False] * (len(checks) - 1) + [True]
-        assert countdown_reward(t, p.numbers, p.target) == 1.0 and not tasks.has_number_words(t)
+        assert countdown_reward(t, p.numbers, p.target) == 1.0 and not corpus.has_number_words(t)
 
 
 # -----------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def right_answers(monkeypatch, teacher):
         for i, pr in enumerate(prompts):
             t, nums = re.search(r'make (\d+) from ([\d ]+)', tok.decode(pr)).groups()
             p = tasks.Countdown([int(x) for x in nums.split()], int(t), '', 0.0)
-            rows += [tok.encode(tasks.cold_start_trace(random.Random(i * n + j), p, tasks.TaskConfig(max_attempts=1)))
+            rows += [tok.encode(corpus.cold_start_trace(random.Random(i * n + j), p, tasks.TaskConfig(max_attempts=1)))
                      + [tok.eos] for j in range(n)]
         L = max(map(len, rows))
         lengths = torch.tensor([len(r) for r in rows])

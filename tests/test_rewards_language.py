@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards as R  # noqa: E402
+import corpus
 import tasks  # noqa: E402
 from rewards import language_consistency_reward  # noqa: E402
 
@@ -101,8 +102,8 @@ def test_language_of_the_tiny_worlds_traces():
     # the task's own writers: cold-start traces are digits only; a corpus trace with words_frac=1 is words only
     rng, cfg = random.Random(0), tasks.TaskConfig()
     for p in tasks.problems('countdown', 'train', 20, 0, cfg):
-        assert language_consistency_reward(tasks.cold_start_trace(rng, p, cfg), 'digits') == 1.0
-        words = tasks.countdown_trace(rng, p, tasks.TaskConfig(words_frac=1.0))
+        assert language_consistency_reward(corpus.cold_start_trace(rng, p, cfg), 'digits') == 1.0
+        words = corpus.countdown_trace(rng, p, tasks.TaskConfig(words_frac=1.0))
         assert language_consistency_reward(words, 'words') == 1.0, words
 
 

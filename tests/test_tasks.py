@@ -8,8 +8,9 @@ import pytest
 
 import rollouts
 import tasks
-from tasks import (TaskConfig, problems, make_countdown, all_attempts, countdown_trace, corpus_document,
-                   format_prompt, in_test_split, arithmetic_response, R1_ZERO_TEMPLATE)
+from corpus import arithmetic_response, corpus_document, countdown_trace
+from tasks import (TaskConfig, problems, make_countdown, all_attempts, format_prompt, in_test_split,
+                   R1_ZERO_TEMPLATE)
 
 
 def eval_expr(s):
