@@ -420,9 +420,8 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
             log.log(**rows[-1])
         print0(f"step 0: held-out greedy pass@1 {rows[0]['eval_pass@1']:.3f}, mean tokens {rows[0]['eval_mean_tokens']:.1f}")
     impl = fused_loss.trainer_impl(tc.loss_impl, device, tc.fsdp)   # 'chunked' off CUDA: no logits exist
-    compiled = {m: torch.compile(m, dynamic=True) for m in (model, ref)   # --compile: the update's forwards
-                if m is not None and tc.compile and not tc.fsdp}
-    if tc.compile and tc.fsdp:
+    compiled = {m: torch.compile(m, dynamic=True) for m in (model, ref) if m is not None and tc.compile and not tc.fsdp}
+    if tc.compile and tc.fsdp:   # TrainShard.response: a compiled forward's head runs outside it, unsharded
         print0(f"--compile: {name}'s update stays eager with --fsdp (compiled, its head runs outside the forward)")
     bar = tqdm(range(start, tc.rl_steps), initial=start, total=tc.rl_steps, desc=name, mininterval=2,
                disable=rank != 0)
