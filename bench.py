@@ -262,7 +262,7 @@ def grpo_step(argv):
         m.train()
         for a in range(0, len(rows), args.micro):   # micro-batches, each its share of the mean over rows
             sl = slice(a, a + args.micro)
-            h = tb.response(m, sl, True, compiled)                                             # (micro, L, C)
+            h = tb.response(m, sl, args.new_tokens, True, compiled)                            # (micro, L, C)
             loss, _ = loss_from_hidden(h / T, m.lm_head.weight, g.tokens[sl], None, None, A[sl], g.mask[sl],
                                        loss_type='grpo')
             (loss * h.shape[0] / len(rows)).backward()

@@ -11,7 +11,9 @@ The rollouts GRPO trains on, from the draw of prompts to this rank's micro-batch
 - `dynamic_batch`: DAPO's dynamic sampling (Yu et al. 2025, sec 3.2): groups whose rewards are all equal carry
   no signal; they are dropped and the batch refilled.
 - `training_shard`: this rank's whole groups of the kept batch as prompt + response sequences, and a micro-batch
-  plan in which every rank runs the same number of forward/backward passes.
+  plan in which every rank runs the same number of forward/backward passes. Rows go longest first, and each
+  micro-batch is only as wide as its own longest row (the loss is a sum of per-row terms with the batch's
+  normalisers, so row order and the pad columns change nothing but the work: length-grouped batching).
 """
 import math
 import random
@@ -346,21 +348,24 @@ class TrainShard:
     resp: torch.Tensor        # (n, L) the trained tokens
     mask: torch.Tensor        # (n, L) 1 = in the loss
     A: torch.Tensor           # (n,) advantages
-    micro: list               # [(row slice, weight)]: weight 0 marks a pass that only keeps the ranks in step
+    micro: list               # [(row slice, width, weight)]: resp[sl, :width] holds every trained token of the
+    #                           rows; weight 0 marks a pass that only keeps the ranks in step
 
-    def response(self, model, sl, hidden, compiled=None):
-        """Rows sl through model, at the response positions only: the final hidden states (b, L, C) if hidden (for
-        fused_loss's chunked loss), else the logits (b, L, V). compiled, torch.compile(model, dynamic=True): the
-        whole sequences' hidden states through it, cut to the response outside the graph (and the logits by the
-        head, as the model's forward makes them). Cut inside, the slice's ints would be constants of the graph: one
-        compilation per response length, i.e. nearly every step. The head outside the forward reads whole
-        weights: not under FSDP, which gathers them only inside it."""
-        cut = slice(self.P - 1, self.P - 1 + self.resp.shape[1])
-        kw = dict(pos=None if self.pos is None else self.pos[sl], mask=None if self.amask is None else self.amask[sl])
+    def response(self, model, sl, width, hidden, compiled=None):
+        """Rows sl through model, at their first `width` response positions (the columns after them hold pads only,
+        which no earlier position sees: causal attention): the final hidden states (b, width, C) if hidden (for
+        fused_loss's chunked loss), else the logits (b, width, V). compiled, torch.compile(model, dynamic=True):
+        the whole sequences' hidden states through it, cut to the response outside the graph (and the logits by
+        the head, as the model's forward makes them). Cut inside, the slice's ints would be constants of the
+        graph: one compilation per response length, i.e. nearly every step. The head outside the forward reads
+        whole weights: not under FSDP, which gathers them only inside it."""
+        T, cut = self.P + width, slice(self.P - 1, self.P - 1 + width)
+        kw = dict(pos=None if self.pos is None else self.pos[sl, :T],
+                  mask=None if self.amask is None else self.amask[sl, :, :T, :T])
         if compiled is None:
-            return model(self.idx[sl], logits_slice=cut, return_hidden=hidden, **kw)[0]    # (b, L, C or V)
-        h = compiled(self.idx[sl], return_hidden=True, **kw)[0][:, cut]                  # (b, L, C)
-        return h if hidden else model.lm_head(h)                                         # (b, L, C or V)
+            return model(self.idx[sl, :T], logits_slice=cut, return_hidden=hidden, **kw)[0]   # (b, width, C or V)
+        h = compiled(self.idx[sl, :T], return_hidden=True, **kw)[0][:, cut]                   # (b, width, C)
+        return h if hidden else model.lm_head(h)                                              # (b, width, C or V)
 
 
 def training_shard(batch, trained, A, G, part, world, micro_rows, pad_id, device, block_size):
@@ -369,15 +374,21 @@ def training_shard(batch, trained, A, G, part, world, micro_rows, pad_id, device
     slice of its groups this rank trains (harness.shard: contiguous, whole groups). Every rank runs as many
     micro-batches as the fullest one: a rank short of rows runs the rest on its first row at weight 0, and one
     without groups runs group 0 at weight 0, so that a collective inside any forward or backward (FSDP, DDP)
-    finds every rank there.
+    finds every rank there. The rows are sorted longest first (by their last trained token) and each
+    micro-batch is cut to its longest row: responses of 30 to 176 tokens in one batch otherwise all cost 176.
     """
     groups = list(range(len(batch.ids)))[part]
     mine = select_groups(batch, groups or [0], G)
     idx, pos, amask, P = sequences_for_training(mine.contexts, mine.gen, pad_id, device, block_size)  # (n, P + L)
     resp = mine.gen.tokens.to(device)                                                             # (n, L)
     local = [g * G + j for g in groups or [0] for j in range(G)]                                 # rows of the batch
+    mask, A = trained[local, :resp.shape[1]].to(device), A[local].to(device)                     # (n, L), (n,)
+    L = resp.shape[1]
+    width = torch.where(mask.any(1), L - (mask.flip(1) != 0).int().argmax(1), 1)                # (n,) >= 1
+    order = width.argsort(descending=True, stable=True)                                          # (n,)
+    idx, resp, mask, A, width = idx[order], resp[order], mask[order], A[order], width[order].tolist()
+    pos, amask = (None if t is None else t[order] for t in (pos, amask))
     n_micro = math.ceil(G * math.ceil(len(batch.ids) / world) / micro_rows)
-    micro = [(slice(i, i + micro_rows), 1.0) for i in range(0, len(local) if groups else 0, micro_rows)]
-    micro += [(slice(0, 1), 0.0)] * (n_micro - len(micro))
-    return TrainShard(idx, pos, amask, P, resp, trained[local, :resp.shape[1]].to(device), A[local].to(device),
-                      micro)
+    micro = [(slice(i, i + micro_rows), width[i], 1.0) for i in range(0, len(local) if groups else 0, micro_rows)]
+    micro += [(slice(0, 1), 1, 0.0)] * (n_micro - len(micro))
+    return TrainShard(idx, pos, amask, P, resp, mask, A, micro)

@@ -100,7 +100,7 @@ class TrainConfig:
     rl_warmup: int = 10               # linear warmup iterations
     rl_min_lr_frac: float = 1.0       # cosine floor of the RL rate as a fraction of the peak (1: constant, as R1)
     rl_mu: int = 1                    # optimisation epochs over each batch (1: on-policy, rho == 1)
-    rl_micro: int = 64                # rows per forward/backward micro-batch
+    rl_micro: int = 64                # rows per forward/backward micro-batch (longest rows first, each cut to its longest)
     loss_type: str = 'grpo'           # grpo | bnpo | dapo | dr_grpo | kimi (grpo.py)
     loss_impl: str = 'auto'           # auto (Triton over the response logits on CUDA, chunked elsewhere) | chunked | triton | torch
     adv_scale: str = 'auto'           # auto | group | batch | none; auto: none for kimi and dr_grpo, group otherwise
@@ -469,22 +469,22 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
         norm = dict(batch_rows=max(N, tc.rl_prompts * G) if tc.loss_type == 'dr_grpo' else N,
                     batch_tokens=tb.mask.sum().clamp(min=1) * world, global_tokens=n_tok, max_len=tc.max_new_tokens)
 
-        def response_out(m, sl):   # at the rollout temperature (the policy that sampled): the final hidden states
-            with autocast(device):  # (b, L, C) for the chunked loss, else the response positions' logits (b, L, V)
-                return tb.response(m, sl, impl == 'chunked', compiled.get(m)) / tc.temperature
+        def response_out(m, sl, L):   # at the rollout temperature (the policy that sampled): the final hidden
+            with autocast(device):     # states (b, L, C) for the chunked loss, else the response logits (b, L, V)
+                return tb.response(m, sl, L, impl == 'chunked', compiled.get(m)) / tc.temperature
 
         # 4. old (mu > 1 only: with mu = 1 the policy is its own old policy, rho == 1) and reference logprobs
         with torch.no_grad():
-            old, ref_lp = [[fused_loss.response_logprobs(response_out(m, sl), m.lm_head.weight, tb.resp[sl], impl)
-                            for sl, _ in tb.micro] if m is not None else None                   # [(b, L)]
-                           for m in (model if tc.rl_mu > 1 else None, ref)]
+            old, ref_lp = [[fused_loss.response_logprobs(response_out(m, sl, L), m.lm_head.weight, tb.resp[sl, :L],
+                                                         impl) for sl, L, _ in tb.micro] if m is not None else None
+                           for m in (model if tc.rl_mu > 1 else None, ref)]   # [(b, L)] a micro-batch
         # 5. the policy update: mu epochs over the batch, micro-batch losses summed into one gradient
         for epoch in range(tc.rl_mu):
             stats = {}
-            for i, (sl, w) in enumerate(tb.micro):
+            for i, (sl, L, w) in enumerate(tb.micro):
                 loss, met = fused_loss.response_loss(
-                    response_out(model, sl), model.lm_head.weight, tb.resp[sl], None if old is None else old[i],
-                    None if ref_lp is None else ref_lp[i], tb.A[sl], tb.mask[sl], impl, loss_type=tc.loss_type,
+                    response_out(model, sl, L), model.lm_head.weight, tb.resp[sl, :L], None if old is None else old[i],
+                    None if ref_lp is None else ref_lp[i], tb.A[sl], tb.mask[sl, :L], impl, loss_type=tc.loss_type,
                     beta=tc.beta, eps_low=tc.eps_low, eps_high=tc.eps_high, tau=tc.tau, **norm)
                 (loss * w).backward()
                 share = w * tb.mask[sl].sum() / n_tok   # token means weigh by the micro-batch's tokens

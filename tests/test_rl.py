@@ -21,7 +21,7 @@ import grpo
 import report
 import train
 from model import GPT, ModelConfig
-from rollouts import RolloutBatch, TrainShard, dynamic_batch
+from rollouts import RolloutBatch, TrainShard, dynamic_batch, training_shard
 from sample import Generation, sequences_for_training
 from tasks import Countdown
 from test_train import ENV, ROOT, dies, main
@@ -93,7 +93,7 @@ def trainer_loss(model, idx, pos, amask, P, tokens, A, mask, temperature, impl, 
     response positions (TrainShard.response; through `compiled` under --compile) into
     fused_loss.loss_from_hidden (off CUDA), or their logits into fused_loss.loss_from_logits."""
     tb = TrainShard(idx, pos, amask, P, tokens, mask, A, [])
-    out = tb.response(model, slice(None), impl == 'chunked', compiled)
+    out = tb.response(model, slice(None), tokens.shape[1], impl == 'chunked', compiled)
     kw = dict(loss_type=loss_type, max_len=8, global_tokens=mask.sum())
     if impl == 'chunked':   # off CUDA: from the hidden states in blocks (small ones here, to cross several)
         return fused_loss.loss_from_hidden(out / temperature, model.lm_head.weight, tokens, None, None, A, mask,
@@ -140,6 +140,55 @@ def test_trainer_loss_path_equals_the_full_logits_reference(impl, arch):
         for n, p in model.named_parameters():
             if p.grad is not None:
                 torch.testing.assert_close(ga[n], p.grad, atol=1e-6, rtol=1e-4, msg=f"{loss_type} {n}")
+
+
+@pytest.mark.parametrize('impl', ['chunked', 'torch'])
+@pytest.mark.parametrize('loss_type', ['grpo', 'bnpo', 'dapo', 'dr_grpo', 'kimi'])
+def test_length_sorted_micro_batches_give_the_whole_batch_loss_and_gradient(loss_type, impl):
+    """rollouts.training_shard puts the rows longest first and cuts each micro-batch to its own longest trained
+    row. The micro-batches' losses with the batch's normalisers (as train.py passes them) add up to the loss of
+    the whole batch in its own row order and full width (full logits, grpo.policy_loss), in value and gradient:
+    ragged prompts (positions and masks), responses of 1 to 10 tokens, and a row DAPO's overlong filter left
+    with nothing to train."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, attn='gqa',
+                            ffn='dense'))
+    g = torch.Generator().manual_seed(2)
+    n, L = 3, 10
+    contexts = [torch.randint(2, 40, (k,), generator=g).tolist() for k in (3, 5, 4) for _ in range(G)]
+    lengths = torch.randint(1, L + 1, (n * G,), generator=g)
+    lengths[5] = L                                                                      # one row runs to the end
+    mask = (torch.arange(L) < lengths[:, None]).float()                                 # (N, L)
+    tokens = torch.where(mask.bool(), torch.randint(2, 40, (n * G, L), generator=g), PAD)
+    gen = Generation(tokens, torch.zeros(n * G, L), mask, lengths, lengths < L)
+    batch = RolloutBatch(list(range(n)), contexts, gen, tokens.tolist(), lengths, torch.zeros(n * G, dtype=torch.bool),
+                         list(range(n)), 0, 0)
+    trained = mask.clone()
+    trained[7] = 0                                                                      # filtered out: no tokens
+    A = torch.randn(n * G, generator=g)
+    tb = training_shard(batch, trained, A, G, slice(0, n), 1, 5, PAD, 'cpu', 32)
+    last = [int(r.nonzero().max()) + 1 if r.any() else 1 for r in tb.mask]              # (N,) sorted rows' widths
+    assert last == sorted(last, reverse=True)
+    assert [w for _, w, _ in tb.micro] == [max(last[sl]) for sl, _, _ in tb.micro]
+    assert min(w for _, w, _ in tb.micro) < L                                           # something was cut
+    norm = dict(batch_rows=n * G, batch_tokens=trained.sum(), global_tokens=trained.sum(), max_len=L)
+    model.zero_grad()
+    total = 0
+    for sl, width, w in tb.micro:
+        out = tb.response(model, sl, width, impl == 'chunked') / 0.7
+        loss, _ = fused_loss.response_loss(out, model.lm_head.weight, tb.resp[sl, :width], None, None, tb.A[sl],
+                                           tb.mask[sl, :width], impl, loss_type=loss_type, **norm)
+        (loss * w).backward()
+        total = total + loss.detach() * w
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    idx, pos, amask, P = sequences_for_training(contexts, gen, PAD, 'cpu', 32)          # the rows as they came
+    lp = grpo.token_logprobs(model(idx, pos=pos, mask=amask)[0][:, P - 1:P - 1 + L] / 0.7, tokens)
+    ref = grpo.policy_loss(lp, None, None, A, trained, loss_type=loss_type, **norm)[0]
+    ref.backward()
+    torch.testing.assert_close(total, ref.detach(), atol=1e-6, rtol=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(got[k], p.grad, atol=1e-6, rtol=1e-4, msg=k)
 
 
 def test_compiled_update_forward_equals_eager_and_compiles_once_for_all_lengths():
