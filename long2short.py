@@ -7,6 +7,7 @@ Kimi k1.5's long2short (Kimi Team 2025, sec 2.4): four ways to keep a long-CoT m
     python long2short.py rl       --from out/tiny/grpo/ckpt.pt --length-weight 0.2
     python long2short.py all      --from out/tiny/grpo/ckpt.pt --out-dir out/tiny/long2short
     torchrun --nproc_per_node=2 long2short.py dpo --from out/tiny/grpo/ckpt.pt   # any method, on N ranks
+    torchrun --nproc_per_node=8 long2short.py all --from CKPT --fsdp             # the trained models sharded (FSDP2)
 
 1. merge: weight averaging, theta = alpha * theta_long + (1 - alpha) * theta_short, tensor by tensor.
 2. shortest: shortest rejection sampling: n = 8 samples per train problem, keep the shortest correct one, SFT the
@@ -20,7 +21,10 @@ Kimi k1.5's long2short (Kimi Team 2025, sec 2.4): four ways to keep a long-CoT m
 
 Under torchrun every rank samples its shard of the problems (distill.sample_scored), trains its slice of each
 global batch with its loss normalised by the global batch, and the ranks' gradients are summed (as distill.sft,
-whose SFT shortest uses); rank 0 alone writes. rl is train.py's grpo stage, which does the same.
+whose SFT shortest uses); rank 0 alone writes. rl is train.py's grpo stage, which does the same. With --fsdp the
+policies shortest and dpo train and dpo's frozen reference are sharded as train.py's (shard.load_model: each rank
+holds 1/N of the weights, gradients and AdamW state; generation runs on the gathered model) and their checkpoints
+are sharded ones; rl passes --fsdp on; merge trains nothing and averages whole weights on every rank.
 
 Every method writes <out-dir>/<method>/summary.json (held-out greedy countdown pass@1, mean response tokens, wall
 seconds), report.md and a checkpoint in train.py's format (train.py --init-from accepts it); `all` runs the four
@@ -47,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import distill
@@ -57,6 +62,7 @@ import hf
 import train
 from distill import sample_scored  # n checked samples per problem: DPO's pairs come from them
 from sample import Generation, sequences_for_training
+from shard import load_model
 from tasks import TaskConfig, problems
 
 METHODS = ('merge', 'shortest', 'dpo', 'rl')
@@ -95,6 +101,10 @@ class L2SConfig:
     rl_adv_scale: str = 'batch'              # advantage scale (train.py --adv-scale); see run_rl for why not 'group'
     rl_n_eval: int = 100                     # held-out problems for the grpo stage's own evaluations
     preset: str = ''                         # train.py preset for the rl run (default: the source's)
+    # torchrun: train.py's sharding flags, for shortest, dpo and rl
+    fsdp: bool = False                       # shard the trained models (and dpo's reference) over ranks (FSDP2)
+    hsdp: int = 0                            # --fsdp on a 2-D mesh: this many replicas, each sharding over world/hsdp
+    activation_checkpointing: bool = False   # with --fsdp: recompute each block's activations in backward
 
 
 def parse_args(argv=None):
@@ -108,6 +118,11 @@ def parse_args(argv=None):
     if not (os.path.isfile(cfg.source) or hf.is_hf_folder(cfg.source)):
         sys.exit(f"long2short.py: error: no source checkpoint at {cfg.source} (nor a Hugging Face folder; train "
                  "one: python train.py --preset tiny)")
+    if cfg.fsdp and 'RANK' not in os.environ:
+        sys.exit("long2short.py: error: --fsdp shards over the ranks of torchrun: torchrun --nproc_per_node=N "
+                 "long2short.py ... --fsdp")
+    if (cfg.hsdp or cfg.activation_checkpointing) and not cfg.fsdp:
+        sys.exit("long2short.py: error: --hsdp and --activation-checkpointing go with --fsdp")
     stage_dir = cfg.source if os.path.isdir(cfg.source) else os.path.dirname(cfg.source)
     run_dir = os.path.dirname(os.path.abspath(stage_dir))
     cfg.out_dir = cfg.out_dir or os.path.join(run_dir, 'long2short')
@@ -130,7 +145,7 @@ class Source:
 
 
 def load_source(cfg):
-    model, tok, ck = harness.load_policy(cfg.source, cfg.device)
+    model, tok, ck = load_model(cfg.source, cfg.device, cfg, frozen=True)   # --fsdp: sharded
     tc = ck.get('train_config', {})
     names = {f.name for f in dataclasses.fields(TaskConfig)}
     task_cfg = TaskConfig(**{k: v for k, v in ck.get('task_config', {}).items() if k in names})
@@ -148,10 +163,11 @@ def held_out(model, src):
 
 
 def save(path, model, src, cfg, **extra):
-    """The one checkpoint format (harness.checkpoint), so train.py --init-from takes it; rank 0 writes it."""
-    if harness.rank_world()[0] == 0:
-        harness.save_checkpoint(path, harness.checkpoint(model, src.tok, src.ck.get('train_config', {}), src.task_cfg,
-                                                         0, long2short_config=dataclasses.asdict(cfg), **extra))
+    """The one checkpoint format (harness.checkpoint), so train.py --init-from takes it: rank 0's file, or under
+    --fsdp every rank's shards (harness.save_stage); every rank calls it."""
+    harness.save_stage(path, model, None, harness.checkpoint(model, src.tok, src.ck.get('train_config', {}),
+                                                             src.task_cfg, 0, long2short_config=dataclasses.asdict(cfg),
+                                                             **extra))
 
 
 def finish(method, out, model, src, cfg, t0, extra=None, notes=()):
@@ -217,12 +233,20 @@ def run_merge(cfg, src, out):
     if os.path.realpath(short) == os.path.realpath(cfg.source):
         sys.exit(f"long2short.py: error: --from {cfg.source} is its own short model (a base, not an RL checkpoint?): "
                  "merging it with itself changes nothing; pass the long-CoT RL checkpoint or --short CKPT")
-    ck_short = (harness.load_policy(short, 'cpu')[2] if hf.is_hf_folder(short)   # a folder: its weights as a dict
-                else torch.load(short, map_location='cpu', weights_only=True))
+    # the configs before the weights (a sharded checkpoint's file is a manifest: configs, no weights); whole weights
+    # on every rank, also under --fsdp (nothing here trains): load_policy reads a folder, a file and shards alike
+    short_model, ck_short = None, None if hf.is_hf_folder(short) else harness.load_checkpoint(short)
+    if ck_short is None:
+        short_model, _, ck_short = harness.load_policy(short, 'cpu')
     check_mergeable(cfg.source, src.ck, short, ck_short)
+    if short_model is None:
+        short_model = harness.load_policy(short, 'cpu')[0]
+    if cfg.fsdp:
+        harness.print0("merge: averages whole weights on every rank (it trains nothing: --fsdp does not apply)")
     model, _, _ = harness.load_policy(cfg.source, cfg.device)
-    long_sd = {k: v.to(cfg.device) for k, v in src.ck['model'].items()}
-    short_sd = {k: v.to(cfg.device) for k, v in ck_short['model'].items()}
+    long_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    short_sd = {k: v.to(cfg.device) for k, v in short_model.state_dict().items()}
+    del short_model
     sweep = []
     for a in [float(x) for x in cfg.alphas.split(',') if x.strip()]:
         model.load_state_dict(merge_state_dicts(long_sd, short_sd, a))
@@ -242,7 +266,7 @@ def run_merge(cfg, src, out):
 
 def run_shortest(cfg, src, out):
     t0 = time.time()
-    model, tok, _ = harness.load_policy(cfg.source, cfg.device)
+    model, tok, _ = load_model(cfg.source, cfg.device, cfg)   # --fsdp: sharded
     examples = distill.rejection_sample(model, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
                                         template=src.task_cfg.template, keep='shortest', seed=src.seed + 21)
     harness.print0(f"shortest: {len(examples)} of {len(src.train)} problems have a correct sample in {cfg.n_samples}")
@@ -308,9 +332,8 @@ def response_logprobs(model, prompts, responses, pad_id):
 
 def run_dpo(cfg, src, out):
     t0 = time.time()
-    model, tok, _ = harness.load_policy(cfg.source, cfg.device)
-    ref, _, _ = harness.load_policy(cfg.source, cfg.device)
-    ref.requires_grad_(False).eval()
+    model, tok, _ = load_model(cfg.source, cfg.device, cfg)                 # --fsdp: both sharded
+    ref, _, _ = load_model(cfg.source, cfg.device, cfg, frozen=True)
     groups = sample_scored(ref, tok, src.train, cfg.n_samples, cfg.temperature, src.max_new_tokens,
                            src.task_cfg.template, src.seed + 31)
     pairs = [pr for grp in groups for pr in dpo_pairs(grp, cfg.dpo_ratio)]
@@ -346,6 +369,7 @@ def run_dpo(cfg, src, out):
             loss.backward()
             harness.sum_gradients(model)   # the global batch's gradient: the sum of the ranks' shares
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            gnorm = gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm   # --fsdp: a DTensor
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -399,11 +423,13 @@ def run_rl(cfg, src, out):
             f'--adv-scale={cfg.rl_adv_scale}',
             f'--seed={src.seed}', f'--n-train-problems={tc.get("n_train_problems", train.TrainConfig.n_train_problems)}',
             f'--threads={cfg.threads}', f'--device={cfg.device}']
+    argv += ['--fsdp', f'--hsdp={cfg.hsdp}'] if cfg.fsdp else []
+    argv += ['--activation-checkpointing'] if cfg.activation_checkpointing else []
     # the source's task world, so RL draws from the same train split it was trained on
     argv += [f'--{k.replace("_", "-")}={v}' for k, v in dataclasses.asdict(src.task_cfg).items()]
     train.main(argv)
     ckpt = os.path.join(out, 'grpo', 'ckpt.pt')
-    model, _, _ = harness.load_policy(ckpt, cfg.device)
+    model, _, _ = load_model(ckpt, cfg.device, cfg, frozen=True)   # --fsdp: its shards, sharded again
     grpo_summary = json.load(open(os.path.join(out, 'grpo', 'summary.json')))
     return finish('rl', out, model, src, cfg, t0,
                   {'length_weight': cfg.length_weight, 'rl_steps': cfg.rl_steps, 'rl_max_new_tokens': budget,

@@ -11,7 +11,8 @@ for the 2-rank checks: python -m torch.distributed.run --nproc_per_node=2 tests/
   uninterrupted 2-rank run
 - grpo --fsdp at 2 ranks (policy and reference sharded, from a sharded pretrain checkpoint; rollouts whose
   lengths and batch sizes differ between ranks; resumed from its sharded checkpoint after step 2) ends with the
-  weights and metrics of one process on the same global batch, and of DDP; so does distill (logits) --fsdp
+  weights and metrics of one process on the same global batch, and of DDP; so does distill (logits) --fsdp, and
+  so does long2short.py all --fsdp (merge, shortest, dpo and rl, from that sharded grpo checkpoint)
 - the plan's weight, gradient, AdamW, KV-cache and logits bytes equal those of real tensors (one process, and
   rank 0 of 2 under FSDP); Qwen2.5-3B's shape has its published 3,085,938,688 parameters, and its plan prints
   under a 2 GiB address-space cap (the model is only built on the meta device)
@@ -31,6 +32,7 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import distill  # noqa: E402
+import long2short  # noqa: E402
 import report  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -190,6 +192,12 @@ def varied():
         sample.generate, report.generate, train.rl_rewards, report.plot_curves, distill.is_correct = saved
 
 
+# long2short's four methods, small: 6 problems x 4 samples, 3 SFT and 3 DPO steps of 3, 2 RL steps
+L2S = ['--n-problems', '6', '--n-samples', '4', '--sft-steps', '3', '--sft-batch-size', '3', '--dpo-steps', '3',
+       '--dpo-batch-size', '3', '--rl-steps', '2', '--rl-n-eval', '4', '--n-eval', '4', '--alphas', '0.5',
+       '--threads', '1', '--device', 'cpu']
+
+
 # pretraining under --fsdp: 2 ranks x 1 micro-batch of 2 (a global batch of 4), a checkpoint at step 3 and 6
 PRETRAIN = ['--preset', 'test', '--stage', 'pretrain', '--log-interval', '1', '--pt-steps', '6', '--ckpt-interval',
             '3', '--pt-batch-size', '2']
@@ -199,7 +207,8 @@ def train_runs(d):
     """The 2-rank train.py runs, in this launch (a launch costs seconds): pretraining under --fsdp (whole/:
     test_fsdp_checkpoint_resumes_at_another_world_size, and the grpo runs' base, a sharded checkpoint); grpo
     under --fsdp for 2 steps, then resumed for the third; grpo under DDP (test_grpo_fsdp_matches_...); distill
-    under --fsdp (test_distill_fsdp_matches_one_process)."""
+    under --fsdp (test_distill_fsdp_matches_one_process); long2short all --fsdp from the sharded grpo checkpoint
+    (test_long2short_fsdp_matches_one_process)."""
     train.main(PRETRAIN + ['--out-dir', f'{d}/whole', '--fsdp'])
     with varied():
         grpo = GRPO + ['--init-from', f'{d}/whole/pretrain/ckpt.pt']
@@ -208,6 +217,7 @@ def train_runs(d):
         train.main(grpo + ['--out-dir', f'{d}/ddp', '--loss-impl', 'torch'])
         base = f'{d}/whole/pretrain/ckpt.pt'
         train.main(DISTILL + ['--init-from', base, '--teacher-from', base, '--out-dir', f'{d}/distill', '--fsdp'])
+        long2short.main(['all', '--from', f'{d}/fsdp/grpo/ckpt.pt', '--out-dir', f'{d}/l2s', '--fsdp'] + L2S)
 
 
 @pytest.fixture(scope='module')
@@ -321,6 +331,30 @@ def test_distill_fsdp_matches_one_process(ranks):
     for k in ('n_examples', 'n_correct_samples', 'countdown_pass@1', 'mean_response_tokens', 'final_sft_loss',
               'teacher_countdown_pass@1', 'init_countdown_pass@1'):
         assert sa[k] == pytest.approx(sb[k], rel=1e-5), k
+
+
+def test_long2short_fsdp_matches_one_process(ranks):
+    """long2short.py all at 2 ranks under --fsdp (source: the sharded grpo checkpoint; its base, the merge's short
+    model, a sharded pretrain checkpoint): shortest's and dpo's policies (and dpo's reference) sharded, rl the grpo
+    stage under --fsdp, merge whole on every rank. Every method's weights, data and evaluations are one process's."""
+    d = ranks['dir']
+    with varied():
+        long2short.main(['all', '--from', f'{d}/fsdp/grpo/ckpt.pt', '--out-dir', f'{d}/l2s1'] + L2S)
+    for m in long2short.METHODS:
+        ckpt = f'{m}/grpo/ckpt.pt' if m == 'rl' else f'{m}/ckpt.pt'
+        (a, _, ck), (b, _, _) = (load_policy(f'{d}/{run}/{ckpt}', 'cpu') for run in ('l2s', 'l2s1'))
+        assert bool(ck.get('sharded')) == (m != 'merge'), m   # merge's model is whole: rank 0's file
+        assert max_diff(a, b) < 1e-5, m
+        sa, sb = (json.load(open(f'{d}/{run}/{m}/summary.json')) for run in ('l2s', 'l2s1'))
+        keys = {'countdown_pass@1', 'mean_response_tokens', 'n_examples', 'example_mean_tokens', 'n_pairs',
+                'final_loss'} & set(sb)
+        for k in keys:
+            assert sa[k] == pytest.approx(sb[k], rel=1e-5), (m, k)
+        for x, y in zip(sa.get('sweep', []), sb.get('sweep', [])):   # merge's alphas
+            assert x == pytest.approx(y, rel=1e-5), (m, x, y)
+    s = json.load(open(f'{d}/l2s/dpo/summary.json'))
+    assert s['n_pairs'] > 0 and s['dpo_steps'] == 3
+    assert json.load(open(f'{d}/l2s/shortest/summary.json'))['n_examples'] > 0
 
 
 def metrics(stage_dir):

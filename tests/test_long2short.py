@@ -204,3 +204,8 @@ def test_clear_errors(source, tmp_path):
     # a base model is its own default short model: merging it with itself would silently change nothing
     with pytest.raises(SystemExit, match='is its own short model'):
         l2s('merge', source[1], str(tmp_path))
+    # sharding needs ranks: refused before any work, with the command that gives them
+    with pytest.raises(SystemExit, match='--fsdp shards over the ranks of torchrun: torchrun --nproc_per_node=N'):
+        l2s('dpo', source[0], str(tmp_path), '--fsdp')
+    with pytest.raises(SystemExit, match='--hsdp and --activation-checkpointing go with --fsdp'):
+        l2s('dpo', source[0], str(tmp_path), '--hsdp', '2')
