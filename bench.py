@@ -8,6 +8,7 @@ Benchmarks, one function per name, each with its own flags:
     python bench.py loss_hidden [--n-tokens 2048] [--vocab 32768] [--hidden 512] [--dtype fp32] ...
     python bench.py rollout [--dims tiny-dense,small] [--temps 0.7,0] [--threads 1] ...
     python bench.py grpo_step [--dims tiny-dense] [--threads 1] ...
+    python bench.py rl_update [--preset tiny] [--min-len 28] [--max-len 176] [--threads 2] ...
     python bench.py gpu [--preset small] [--pt-steps 200]     # the one-GPU suite: everything below that needs a GPU
 
 The kernels' benchmarks (grpo_loss, loss_hidden, mla_decode) and the measuring tools are in bench_kernels.py;
@@ -16,6 +17,9 @@ here, what a training run costs end to end.
 model: what a preset's model costs end to end, with random weights: pretraining tokens/s (forward + backward +
 AdamW on pt_batch_size x block_size) and rollout tokens/s (sample.generate, 128 rows, a 24-token prompt, 160 new
 tokens at temperature 0.7, no early stop), one line per preset: the figures behind the tiny presets' choices.
+rl_update: RL's update (forward, the loss from the hidden states, backward, AdamW) on responses whose lengths
+spread as the tiny run's do, in micro-batches as wide as the batch against rollouts.training_shard's plan (rows
+longest first, each micro-batch cut to its own longest row), interleaved, s/update.
 
 Against the peers, each in one run with ours, timed in interleaved rounds (medians) so a shared machine's load
 falls on both, each skipped when the peer is not installed:
@@ -52,8 +56,8 @@ from harness import load_policy
 from hf import save_pretrained
 from model import GPT, ModelConfig
 from report import write_json
-from rollouts import TrainShard
-from sample import generate, group_rollouts, sequences_for_training
+from rollouts import RolloutBatch, TrainShard, training_shard
+from sample import Generation, generate, group_rollouts, sequences_for_training
 from shard import memory_plan, prompt_bound
 from train import PRESETS, TrainConfig, resolve
 
@@ -311,6 +315,62 @@ def grpo_step(argv):
           (f"; TRL / ours = {med['trl'] / med['ours']:.2f}" if 'trl' in med else ''))
 
 
+def rl_update(argv):
+    """RL's update on spread response lengths: micro-batches as wide as the batch vs longest first, each cut"""
+    p = argparse.ArgumentParser(prog='bench.py rl_update', description=rl_update.__doc__)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda or cpu")
+    p.add_argument('--preset', default='tiny', help="train.py preset: its model, rl_prompts, rl_group, rl_micro")
+    p.add_argument('--vocab', type=int, default=1024, help="vocabulary size")
+    p.add_argument('--prompt-len', type=int, default=16, help="prompt tokens (the tiny world's)")
+    p.add_argument('--min-len', type=int, default=28, help="shortest response (uniform in [min, max] per row)")
+    p.add_argument('--max-len', type=int, default=176, help="longest response (the tiny run's budget)")
+    p.add_argument('--threads', type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument('--iters', type=int, default=5, help="timed updates of each (interleaved), median reported")
+    args = p.parse_args(argv)
+    device, _ = device_of(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.preset not in PRESETS:
+        sys.exit(f"error: unknown preset {args.preset!r}, expected one of {sorted(PRESETS)}")
+    tc, _, mc = resolve({**PRESETS[args.preset], 'preset': args.preset, 'vocab_size': args.vocab})
+    if not 1 <= args.min_len <= args.max_len or args.prompt_len + args.max_len > mc.block_size:
+        sys.exit(f"error: need 1 <= --min-len <= --max-len and --prompt-len + --max-len <= {mc.block_size}")
+    print(json.dumps(dict(vars(args), torch_threads=torch.get_num_threads(), rl_micro=tc.rl_micro)))
+    torch.manual_seed(0)
+    m = GPT(mc).to(device).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
+    G, N, L = tc.rl_group, tc.rl_prompts * tc.rl_group, args.max_len
+    prompts = [q for q in torch.randint(2, args.vocab, (tc.rl_prompts, args.prompt_len)).tolist() for _ in range(G)]
+    lengths = torch.randint(args.min_len, L + 1, (N,))
+    mask = (torch.arange(L) < lengths[:, None]).float()                                  # (N, L)
+    gen = Generation(torch.randint(2, args.vocab, (N, L)) * mask.long(), torch.zeros(N, L), mask, lengths,
+                     lengths < L)
+    batch = RolloutBatch(list(range(tc.rl_prompts)), prompts, gen, [[]] * N, lengths, torch.zeros(N, dtype=torch.bool),
+                         [], 0, 0)
+    A = torch.randn(N)
+    plans = {'full width': TrainShard(*sequences_for_training(prompts, gen, 0, device), gen.tokens.to(device),
+                                      mask.to(device), A.to(device),
+                                      [(slice(i, i + tc.rl_micro), L, 1.0) for i in range(0, N, tc.rl_micro)]),
+             'longest first, cut': training_shard(batch, mask, A, G, slice(0, tc.rl_prompts), 1, tc.rl_micro, 0,
+                                                  device, mc.block_size)}
+
+    def update(tb):
+        for sl, width, w in tb.micro:
+            h = tb.response(m, sl, width, True)                                            # (micro, width, C)
+            loss, _ = loss_from_hidden(h / tc.temperature, m.lm_head.weight, tb.resp[sl, :width], None, None,
+                                       tb.A[sl], tb.mask[sl, :width], loss_type='grpo', batch_rows=N)
+            (loss * w).backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ms = time_interleaved({k: (lambda tb=tb: update(tb)) for k, tb in plans.items()}, device, 1, args.iters)
+    cut = plans['longest first, cut']
+    print(f"{args.preset}: {N} rows, responses {args.min_len}-{L} tokens after {args.prompt_len}, micro-batches of "
+          f"{tc.rl_micro} (widths {[w for _, w, _ in cut.micro]}); s/update, median of {args.iters}: " +
+          ', '.join(f"{k} {v / 1e3:.3f}" for k, v in ms.items()) +
+          f"; ratio {ms['full width'] / ms['longest first, cut']:.2f}")
+
+
 # -----------------------------------------------------------------------------
 # the one-GPU suite: what only a GPU can show, in one command that runs in a few minutes
 
@@ -410,7 +470,7 @@ def gpu(argv):
 
 
 BENCHMARKS = {'grpo_loss': grpo_loss, 'loss_hidden': loss_hidden, 'mla_decode': mla_decode, 'model': model,
-              'rollout': rollout, 'grpo_step': grpo_step, 'gpu': gpu}
+              'rollout': rollout, 'grpo_step': grpo_step, 'rl_update': rl_update, 'gpu': gpu}
 
 
 def main():
