@@ -100,7 +100,7 @@ class TrainConfig:
     rl_warmup: int = 10               # linear warmup iterations
     rl_min_lr_frac: float = 1.0       # cosine floor of the RL rate as a fraction of the peak (1: constant, as R1)
     rl_mu: int = 1                    # optimisation epochs over each batch (1: on-policy, rho == 1)
-    rl_micro: int = 64                # rows per forward/backward micro-batch (longest rows first, each cut to its longest)
+    rl_micro: int = 64                # rows per forward/backward micro-batch (longest rows first, each cut to fit)
     loss_type: str = 'grpo'           # grpo | bnpo | dapo | dr_grpo | kimi (grpo.py)
     loss_impl: str = 'auto'           # auto (Triton over the response logits on CUDA, chunked elsewhere) | chunked | triton | torch
     adv_scale: str = 'auto'           # auto | group | batch | none; auto: none for kimi and dr_grpo, group otherwise
