@@ -218,6 +218,19 @@ def rollout(argv):
         print("transformers not installed: its generate is skipped (pip install transformers)")
 
 
+def update(m, opt, tb, temperature, compiled=None):
+    """train.py's policy update (mu = 1, beta = 0, loss 'grpo') over a TrainShard's micro-batches, from the hidden
+    states: each micro-batch's share of the mean over the shard's rows, summed into one gradient, clip, AdamW."""
+    for sl, width, w in tb.micro:
+        h = tb.response(m, sl, width, True, compiled)                                      # (micro, width, C)
+        loss, _ = loss_from_hidden(h / temperature, m.lm_head.weight, tb.resp[sl, :width], None, None, tb.A[sl],
+                                   tb.mask[sl, :width], loss_type='grpo', batch_rows=len(tb.A))
+        (loss * w).backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def grpo_step(argv):
     """one GRPO step (rollouts, rewards, loss, AdamW) vs TRL's GRPOTrainer on the same weights, s/step"""
     p = argparse.ArgumentParser(prog='bench.py grpo_step', description=grpo_step.__doc__)
@@ -262,17 +275,10 @@ def grpo_step(argv):
         g = group_rollouts(m, prompts, G, args.new_tokens, set(), 0, temperature=T, generator=gen)
         texts = [' '.join(f't{i}' for i in r[:int(n)]) for r, n in zip(g.tokens.tolist(), g.lengths)]
         A = group_advantages(torch.tensor([reward(t) for t in texts]), G)
-        tb = TrainShard(*sequences_for_training(rows, g, 0, device), g.tokens, g.mask, A, [])
+        tb = TrainShard(*sequences_for_training(rows, g, 0, device), g.tokens, g.mask, A,
+                        [(slice(a, a + args.micro), args.new_tokens, 1.0) for a in range(0, len(rows), args.micro)])
         m.train()
-        for a in range(0, len(rows), args.micro):   # micro-batches, each its share of the mean over rows
-            sl = slice(a, a + args.micro)
-            h = tb.response(m, sl, args.new_tokens, True, compiled)                            # (micro, L, C)
-            loss, _ = loss_from_hidden(h / T, m.lm_head.weight, g.tokens[sl], None, None, A[sl], g.mask[sl],
-                                       loss_type='grpo')
-            (loss * h.shape[0] / len(rows)).backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(m, opt, tb, T, compiled)
 
     times = {'ours': [], 'trl': []}
     try:
@@ -354,16 +360,8 @@ def rl_update(argv):
              'longest first, cut': training_shard(batch, mask, A, G, slice(0, tc.rl_prompts), 1, tc.rl_micro, 0,
                                                   device, mc.block_size)}
 
-    def update(tb):
-        for sl, width, w in tb.micro:
-            h = tb.response(m, sl, width, True)                                            # (micro, width, C)
-            loss, _ = loss_from_hidden(h / tc.temperature, m.lm_head.weight, tb.resp[sl, :width], None, None,
-                                       tb.A[sl], tb.mask[sl, :width], loss_type='grpo', batch_rows=N)
-            (loss * w).backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    ms = time_interleaved({k: (lambda tb=tb: update(tb)) for k, tb in plans.items()}, device, 1, args.iters)
+    ms = time_interleaved({k: (lambda tb=tb: update(m, opt, tb, tc.temperature)) for k, tb in plans.items()},
+                          device, 1, args.iters)
     cut = plans['longest first, cut']
     print(f"{args.preset}: {N} rows, responses {args.min_len}-{L} tokens after {args.prompt_len}, micro-batches of "
           f"{tc.rl_micro} (widths {[w for _, w, _ in cut.micro]}); s/update, median of {args.iters}: " +

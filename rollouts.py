@@ -382,11 +382,14 @@ def training_shard(batch, trained, A, G, part, world, micro_rows, pad_id, device
     idx, pos, amask, P = sequences_for_training(mine.contexts, mine.gen, pad_id, device, block_size)  # (n, P + L)
     resp = mine.gen.tokens.to(device)                                                             # (n, L)
     local = [g * G + j for g in groups or [0] for j in range(G)]                                 # rows of the batch
-    mask, A = trained[local, :resp.shape[1]].to(device), A[local].to(device)                     # (n, L), (n,)
     L = resp.shape[1]
+    mask, A = trained[local, :L].cpu(), A[local].cpu()                                           # (n, L), (n,)
+    # the sort on the host, where the widths are needed as ints (no device sync)
     width = torch.where(mask.any(1), L - (mask.flip(1) != 0).int().argmax(1), 1)                # (n,) >= 1
     order = width.argsort(descending=True, stable=True)                                          # (n,)
-    idx, resp, mask, A, width = idx[order], resp[order], mask[order], A[order], width[order].tolist()
+    mask, A, width = mask[order].to(device), A[order].to(device), width[order].tolist()
+    order = order.to(device)
+    idx, resp = idx[order], resp[order]                                                          # (n, P + L), (n, L)
     pos, amask = (None if t is None else t[order] for t in (pos, amask))
     n_micro = math.ceil(G * math.ceil(len(batch.ids) / world) / micro_rows)
     micro = [(slice(i, i + micro_rows), width[i], 1.0) for i in range(0, len(local) if groups else 0, micro_rows)]
