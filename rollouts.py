@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from harness import gather_list, shard
 from rewards import is_repeating
 from sample import Generation, generate, group_rollouts, row_seed, sequences_for_training
 
@@ -161,18 +162,19 @@ class PartialRollouts:
         # 'seg' (where its newest segment starts), 'done', 'finished'}
         self.groups = []
 
-    def step(self, model, draw, encode, stop_ids, pad_id, temperature=1.0, seed=0, version=0, n_groups=None,
-             part=None):
+    def step(self, model, draw, encode, stop_ids, pad_id, temperature=1.0, seed=0, version=0, n_groups=None):
         """draw(n) -> n problem ids, encode(id) -> prompt ids. Returns the RolloutBatch of the ended groups.
         seed: this call's key (the trainer's row_seed(run seed, step, round)); row j of the call's i-th new group
         samples from row_seed(seed, i * G + j, its tokens so far), whatever else shares its batch.
         version: the policy's optimizer step; a segment generated under an older version is not trained.
         n_groups: most new prompts to draw (default batch_groups): dynamic sampling's refills draw fewer.
-        part: under torchrun, the slice of the drawn groups this rank generates (plain group rollouts only)."""
+        Under torchrun every rank calls this alike (the same draw, the same buffer): each generates its contiguous
+        share of the rows (harness.shard) and every rank gets the whole result (harness.gather_list), so the
+        returned batch, and the buffer, are one process's on every rank."""
         n_groups = self.batch_groups if n_groups is None else n_groups
         if self.direct:
             ids = draw(n_groups)
-            mine = range(len(ids))[part or slice(None)]   # the seeds name each row's place in the whole draw
+            mine = range(len(ids))[shard(len(ids))]   # the seeds name each row's place in the whole draw
             ids = [ids[i] for i in mine]
             prompts = [encode(i) for i in ids]
             if prompts:
@@ -184,10 +186,9 @@ class PartialRollouts:
                                  torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
             contexts = [p for p in prompts for _ in range(self.G)]
             responses = [gen.tokens[r, :int(gen.lengths[r])].tolist() for r in range(len(contexts))]
-            return RolloutBatch(ids, contexts, gen, responses, gen.lengths,
-                                torch.zeros(len(contexts), dtype=torch.bool), ids, 0, 0)
-        if part is not None and range(n_groups)[part] != range(n_groups):
-            raise ValueError("partial rollouts keep a buffer per process: they cannot split a draw across ranks")
+            return cat_batches(gather_list([RolloutBatch(ids, contexts, gen, responses, gen.lengths,
+                                                         torch.zeros(len(contexts), dtype=torch.bool), ids, 0, 0)]),
+                               pad_id)
         drawn, repeats = [], 0
         while not any(self._ended(g) for g in self.groups):
             n_open = sum(not r['done'] for g in self.groups for r in g['rows'])
@@ -219,14 +220,20 @@ class PartialRollouts:
         # of the longest row, so every pass makes progress); whoever has not ended waits for the next pass
         limit = min(self.budget, max(self.max_new - len(r['tokens']) for _, r in todo),
                     model.config.block_size - max(map(len, inputs)))
-        gen = generate(model, inputs, limit, stop_ids, pad_id, temperature=temperature, seeds=seeds)
-        lengths, finished = gen.lengths.tolist(), gen.finished.tolist()
+        # under torchrun each rank generates its share of the open rows (the pass's limit is the whole pass's),
+        # then every rank takes every row's segment and updates the whole buffer alike
+        mine = shard(len(todo))
+        out = []
+        if inputs[mine]:
+            gen = generate(model, inputs[mine], limit, stop_ids, pad_id, temperature=temperature, seeds=seeds[mine])
+            out = [(gen.tokens[k, :n].tolist(), gen.logprobs[k, :n].tolist(), f)
+                   for k, (n, f) in enumerate(zip(gen.lengths.tolist(), gen.finished.tolist()))]
+        out = gather_list(out)   # [(tokens, logprobs, finished)] for every row of todo, in order
         repeats = 0
-        for k, (_, r) in enumerate(todo):
+        for (_, r), (seg, logp, finished) in zip(todo, out):
             room = self.max_new - len(r['tokens'])   # the call's limit is for the longest room: cut each row's own
-            n = min(lengths[k], room)
-            seg, logp = gen.tokens[k, :n].tolist(), gen.logprobs[k, :n].tolist()
-            stopped = finished[k] and lengths[k] <= room
+            stopped = finished and len(seg) <= room
+            seg, logp = seg[:room], logp[:room]
             full = r['tokens'] + seg
             if self.repeat_stop:
                 first = (len(r['tokens']) // self.check_every + 1) * self.check_every

@@ -43,7 +43,7 @@ import distill
 import fused_loss
 import grpo
 from harness import (add_flags, all_reduce_sum, autocast, barrier, check_fields, check_finite, checkpoint, die,
-                     encode_prompt, flags_named, gather_list, load_checkpoint, load_policy, load_stage, meta_model,
+                     encode_prompt, flags_named, load_checkpoint, load_policy, load_stage, meta_model,
                      open_stage, Parser, pick_device, print0, rank_world, rng_state, save_stage, set_rng_state,
                      setup_distributed, shard, sum_gradients)
 from report import (MetricsLog, finish_grpo, finish_pretrain, rl_eval, rl_metrics, run_summary, sampled_eval,
@@ -52,7 +52,7 @@ from hf import ARCH_FIELDS, check_hf_config, is_hf_folder, save_hf
 from model import ModelConfig, document_mask, fourier_number_init, lr_at
 from moe import moe_load_stats, update_moe_biases
 from rewards import rl_rewards
-from rollouts import PartialRollouts, PromptSampler, cat_batches, dynamic_batch, training_shard
+from rollouts import PartialRollouts, PromptSampler, dynamic_batch, training_shard
 from sample import row_seed
 from shard import build_model, check_fits, dry_run, gathered, load_model
 from corpus import build_world, corpus_tokens
@@ -437,10 +437,9 @@ def grpo_stage(tc, task_cfg, device, name='grpo', init=''):
 
         def roll(n):   # gathered: under --fsdp every rank may decode a different number of tokens
             with autocast(device), gathered(model):
-                b = rollouts.step(model, lambda k: sampler.draw(k, step), encode, tok.stop_ids, tok.pad,
-                                  temperature=tc.temperature, seed=row_seed(tc.seed + 7, step, next(rounds)),
-                                  version=step, n_groups=n, part=shard(n))
-            return cat_batches(gather_list([b]), tok.pad)
+                return rollouts.step(model, lambda k: sampler.draw(k, step), encode, tok.stop_ids, tok.pad,
+                                     temperature=tc.temperature, seed=row_seed(tc.seed + 7, step, next(rounds)),
+                                     version=step, n_groups=n)
 
         def score(b):
             texts = [tok.decode(r) for r in b.responses]
@@ -559,9 +558,6 @@ def main(argv=None):
         torch.set_float32_matmul_precision('high')   # TF32 for what runs outside bf16 autocast
     t0 = time.time()
     pipeline = parse_stages(tc.stage)
-    if world > 1 and (tc.rollout_budget or tc.repeat_stop) and any(s == 'grpo' for s, _ in pipeline):
-        die("--rollout-budget and --repeat-stop (partial rollouts) run in one process: their buffer of unfinished "
-            "groups is not split across ranks; drop them under torchrun")
     if tc.fsdp and not dist.is_initialized():
         die("--fsdp shards over the ranks of torchrun: torchrun --nproc_per_node=N train.py --fsdp ...")
     if tc.fsdp and tc.loss_impl == 'chunked':
