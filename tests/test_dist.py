@@ -10,7 +10,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest tests/test_dist.py -q
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -121,10 +120,8 @@ def worker(out, base, kill=False, resume=False):
 
 
 def torchrun(*args):
-    with socket.socket() as s:   # a free port: other test runs may hold the default one
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+    # --standalone: the rendezvous binds a free port itself (a port picked here could be taken before it binds)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            os.path.abspath(__file__), *args]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -57,7 +57,7 @@ QWEN25_3B_FLAGS = ['--vocab-size', '151936', '--n-embd', '2048', '--n-layer', '3
 
 
 def torchrun(args, n=2, check=True):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', '--master_port=29547'] + args
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}'] + args
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

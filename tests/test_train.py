@@ -23,7 +23,7 @@ import train  # noqa: E402
 
 
 def run(args, check=True, torchrun=False):
-    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533']
+    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
            if torchrun else [sys.executable]) + [os.path.join(ROOT, 'train.py')] + args
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
