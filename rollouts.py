@@ -6,7 +6,7 @@ The rollouts GRPO trains on, from the draw of prompts to this rank's micro-batch
 - Groups (DeepSeekMath sec 4.1): G samples per prompt from sample.group_rollouts, rows ordered group by group.
 - `PartialRollouts`: Kimi k1.5's partial rollouts (sec 2.6.2): a token budget per iteration, unfinished
   trajectories carried over in a bounded buffer, segments of earlier policies kept out of the loss, and its
-  repeat detection. Greedy continuation from the buffer equals one uninterrupted generation
+  repeat detection. Under torchrun every rank holds the whole buffer and generates its share of each pass. Greedy continuation from the buffer equals one uninterrupted generation
   (tests/test_sampling.py).
 - `dynamic_batch`: DAPO's dynamic sampling (Yu et al. 2025, sec 3.2): groups whose rewards are all equal carry
   no signal; they are dropped and the batch refilled.
@@ -226,7 +226,8 @@ class PartialRollouts:
         out = []
         if inputs[mine]:
             gen = generate(model, inputs[mine], limit, stop_ids, pad_id, temperature=temperature, seeds=seeds[mine])
-            out = [(gen.tokens[k, :n].tolist(), gen.logprobs[k, :n].tolist(), f)
+            tokens, logp = gen.tokens.cpu(), gen.logprobs.cpu()   # one copy off the device, not one per row
+            out = [(tokens[k, :n].tolist(), logp[k, :n].tolist(), f)
                    for k, (n, f) in enumerate(zip(gen.lengths.tolist(), gen.finished.tolist()))]
         out = gather_list(out)   # [(tokens, logprobs, finished)] for every row of todo, in order
         repeats = 0
