@@ -183,8 +183,9 @@ CHOICES = {'loss_type': grpo.LOSS_TYPES, 'adv_scale': grpo.ADVANTAGE_SCALE_CHOIC
 
 DENSE = dict(attn='gqa', ffn='dense')
 # the tiny world (issue 15): under-thinking writers who re-check (RL lengthens the search, as in R1-Zero), DAPO's refill
-# (most groups of a 9% base say nothing), 25 steps with the rate falling to a tenth, all 500 problems every 5 steps
-TINY_WORLD = dict(**UNDER_THINKER, dynamic_sampling=True, rl_steps=25, rl_warmup=5, rl_min_lr_frac=0.1,
+# (most groups of a 9% base say nothing), 25 steps with the rate falling to a tenth, all 500 problems every 5 steps;
+# 1,080 pretraining steps: after 720 the MLA bases still miscopied the prompt's numbers (EXPERIMENTS.md cp, pt1080)
+TINY_WORLD = dict(**UNDER_THINKER, dynamic_sampling=True, pt_steps=1080, rl_steps=25, rl_warmup=5, rl_min_lr_frac=0.1,
                   rl_eval_interval=5, pass_k=4)
 PRESETS = {
     # every model default: DeepSeek-V3's architecture at ~0.9M active params, MLA (latent cache in rollouts) +
