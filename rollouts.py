@@ -6,8 +6,8 @@ The rollouts GRPO trains on, from the draw of prompts to this rank's micro-batch
 - Groups (DeepSeekMath sec 4.1): G samples per prompt from sample.group_rollouts, rows ordered group by group.
 - `PartialRollouts`: Kimi k1.5's partial rollouts (sec 2.6.2): a token budget per iteration, unfinished
   trajectories carried over in a bounded buffer, segments of earlier policies kept out of the loss, and its
-  repeat detection. Under torchrun every rank holds the whole buffer and generates its share of each pass. Greedy continuation from the buffer equals one uninterrupted generation
-  (tests/test_sampling.py).
+  repeat detection. Under torchrun every rank holds the whole buffer and generates its share of each pass.
+  Greedy continuation from the buffer equals one uninterrupted generation (tests/test_sampling.py).
 - `dynamic_batch`: DAPO's dynamic sampling (Yu et al. 2025, sec 3.2): groups whose rewards are all equal carry
   no signal; they are dropped and the batch refilled.
 - `training_shard`: this rank's whole groups of the kept batch as prompt + response sequences, and a micro-batch

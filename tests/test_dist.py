@@ -1,8 +1,8 @@
 """
 Every stage under torchrun: 2 gloo ranks on CPU end with the weights of one process on the same global batch.
 pretrain (DDP: one process's micro-batches split over the ranks); grpo for every loss type, with and without DAPO's
-dynamic sampling, with Kimi's partial rollouts; sharded evaluation; sft, rs, distill (logits) and long2short dpo; a killed 2-rank grpo run
-resumed. The reference is one process running the same `worker` here, in this process; the 2 ranks run it as one
+dynamic sampling, with Kimi's partial rollouts; sharded evaluation; sft, rs, distill (logits) and long2short dpo;
+a killed 2-rank partial-rollout grpo run resumed. The reference is one process running the same `worker` here, in this process; the 2 ranks run it as one
 torchrun launch of this file (starting python and torch is most of a run's cost on CPU), then a second launch
 resumes the run the first one killed.
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_dist.py -q
@@ -113,8 +113,7 @@ def worker(out, base, kill=False, resume=False):
                          '--n-samples', '4', '--dpo-steps', '3', '--dpo-batch-size', '3', '--n-eval', '4',
                          '--threads', '1', '--device', 'cpu'])
         if harness.rank_world()[0] == 0:
-            report.write_json(f'{out}/worker.json', {'evals': evals,
-                                                      'world': harness.rank_world()[1]})
+            report.write_json(f'{out}/worker.json', {'evals': evals, 'world': harness.rank_world()[1]})
         if kill:
             train.main(killed + ['--exit-after', '2'])
 
